@@ -1,0 +1,105 @@
+"""Polynomial component: the kept hidden neurons of the dense MLP, with a Chebyshev activation.
+
+    h = W_in x + b_in                       (W_in = W1[S], the m kept rows of the dense c_fc)
+    t = clamp(h / s, -1, 1)                 (bounded domain: the polynomial never sees |t| > 1)
+    a = sum_{i in A} c_i T_i(t) + relu(h - s)   (T_0 = 1, T_1 = t, T_{i+1} = 2 t T_i - T_{i-1})
+    y = W_out a                             (W_out = W2[:, S], refitted by least squares)
+
+``A`` is the set of non-zero ("sparse") coefficients (``poly_num_terms`` of them, the largest of
+the fit: GELU is T_1 plus even terms, so the odd ones above T_1 vanish). The fused elementwise
+kernel still runs the whole recurrence to ``deg``, and the count below says so. Beyond ``+s`` the activation continues
+linearly (as GELU does) instead of growing as a polynomial, so no dtype overflows for large inputs.
+
+FLOPs per token: matmul 4·d·m; elementwise m·(3·(deg-1) + 2·(deg+1) + 6).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .component_base import FFNContext, GemmComponent
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's activation (tanh approximation of GELU)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def chebyshev_fit(fn, degree: int, domain: float, weights_x: torch.Tensor | None = None) -> torch.Tensor:
+    """Coefficients c_0..c_degree of sum c_i T_i(x / domain) approximating ``fn`` on [-domain, domain].
+
+    Without ``weights_x``: interpolation at Chebyshev nodes (near-minimax). With samples
+    ``weights_x`` (observed pre-activations): least squares on those samples, so the fit is best
+    where the data is.
+    """
+    if weights_x is None:
+        n = max(4 * (degree + 1), 64)
+        k = torch.arange(n, dtype=torch.float64)
+        t = torch.cos(math.pi * (k + 0.5) / n)
+    else:
+        t = (weights_x.double().flatten() / domain).clamp(-1, 1)
+    basis = chebyshev_basis(t, degree)  # (n, degree+1)
+    target = fn(t * domain)
+    lam = 1e-8 * basis.shape[0]
+    gram = basis.T @ basis + lam * torch.eye(degree + 1, dtype=torch.float64)
+    return torch.linalg.solve(gram, basis.T @ target)
+
+
+def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """Stack T_0(t)..T_degree(t) on a new last dimension."""
+    terms = [torch.ones_like(t), t]
+    for _ in range(2, degree + 1):
+        terms.append(2 * t * terms[-1] - terms[-2])
+    return torch.stack(terms[: degree + 1], dim=-1)
+
+
+def chebyshev_activation(h, coeffs, mask, domain: float, degree: int):
+    """a = sum_i (c_i * mask_i) T_i(clamp(h / s)) + relu(h - s); the polynomial sees only [-1, 1]."""
+    c = (coeffs * mask).to(h.dtype)
+    t = (h / domain).clamp(-1.0, 1.0)
+    t_prev, t_cur = torch.ones_like(t), t
+    out = c[0] + c[1] * t if degree >= 1 else c[0] * t_prev
+    two_t = 2 * t
+    for i in range(2, degree + 1):
+        t_prev, t_cur = t_cur, two_t * t_cur - t_prev
+        out = out + c[i] * t_cur
+    return out + F.relu(h - domain)
+
+
+class PolynomialComponent(GemmComponent):
+    name = "polynomial"
+
+    def __init__(self, spec):
+        super().__init__()
+        d, m, deg = spec.d, spec.poly_neurons, spec.poly_degree
+        self.degree = deg
+        self.num_terms = spec.poly_num_terms
+        self.domain = spec.poly_domain
+        self.w_in = nn.Parameter(torch.empty(m, d))
+        self.b_in = nn.Parameter(torch.empty(m))
+        self.w_out = nn.Parameter(torch.empty(d, m))
+        self.coeffs = nn.Parameter(torch.empty(deg + 1))
+        # Which coefficients are non-zero, and which dense neurons were kept (provenance, -1 if none).
+        self.register_buffer("coeff_mask", torch.ones(deg + 1))
+        self.register_buffer("neuron_index", torch.full((m,), -1, dtype=torch.long))
+
+    def down(self):
+        return self.w_in, self.b_in
+
+    def activate(self, h, ctx: FFNContext):
+        return chebyshev_activation(h, self.coeffs, self.coeff_mask, self.domain, self.degree)
+
+    def fit_activation(self, fn=gelu_new, samples: torch.Tensor | None = None):
+        """Fit the coefficients to ``fn`` on [-s, s] and keep the ``num_terms`` largest."""
+        c = chebyshev_fit(fn, self.degree, self.domain, samples)
+        keep = torch.zeros_like(c)
+        keep[torch.argsort(c.abs(), descending=True)[: self.num_terms]] = 1.0
+        with torch.no_grad():
+            self.coeffs.copy_((c * keep).to(self.coeffs))
+            self.coeff_mask.copy_(keep.to(self.coeff_mask))
+
+    def elementwise_flops_per_token(self) -> int:
+        m, deg = self.w_in.shape[0], self.degree
+        return m * (3 * max(deg - 1, 0) + 2 * (deg + 1) + 6)

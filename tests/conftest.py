@@ -1,0 +1,68 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from modeling_sparse_gpt2 import SparseGPT2Config, SparseGPT2LMHeadModel  # noqa: E402
+
+ALL = ["polynomial", "spectral", "micro", "feedback", "tensor"]
+
+
+def tiny_config(**overrides) -> SparseGPT2Config:
+    """A tiny GPT-2 with every sparse component on (the default of the test suite)."""
+    kwargs = dict(
+        vocab_size=97,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        sparse_components=ALL,
+        poly_keep_ratio=0.5,
+        k_freq=6,
+        feedback_rank=4,
+        feedback_window=3,
+        micro_group_size=8,
+        micro_keep_ratio=0.5,
+        tensor_blocks=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return SparseGPT2Config(**kwargs)
+
+
+def make_nonzero(model, seed: int = 0):
+    """Give the components that start at zero output (feedback, micro) random weights, so tests
+    exercise every component's contribution rather than a zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("micro.blocks"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            if name.endswith("feedback.w_in"):  # strong enough that a wrong decode state changes tokens
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if name.endswith("feedback.w_out"):
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+            if name.endswith("gates.channel"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = SparseGPT2LMHeadModel(tiny_config(**overrides))
+    return make_nonzero(model, seed).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()

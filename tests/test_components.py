@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from modeling_sparse_gpt2.polynomial import chebyshev_activation, chebyshev_fit, gelu_new
+from modeling_sparse_gpt2.spectral import dct_rows
+from modeling_sparse_gpt2.tensor import TensorComponent
+from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
+
+from conftest import make_nonzero, tiny_config, tiny_model
+
+
+def test_dct_rows_are_orthonormal():
+    basis = dct_rows(torch.arange(32), 32)
+    assert torch.allclose(basis @ basis.T, torch.eye(32, dtype=basis.dtype), atol=1e-10)
+
+
+def test_chebyshev_fit_approximates_gelu_on_its_domain():
+    c = chebyshev_fit(gelu_new, 8, 4.0)
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    approx = chebyshev_activation(x, c, torch.ones_like(c), 4.0, 8)
+    assert (approx - gelu_new(x)).abs().max() < 0.03
+    # GELU = x/2 + even function: the odd Chebyshev coefficients above T_1 vanish
+    assert c[3::2].abs().max() < 1e-9
+
+
+def test_chebyshev_activation_is_finite_for_huge_inputs_in_every_dtype():
+    c = chebyshev_fit(gelu_new, 12, 4.0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.tensor([-1e4, -300.0, 0.0, 300.0, 1e4], dtype=dtype)
+        y = chebyshev_activation(x, c, torch.ones_like(c), 4.0, 12)
+        assert torch.isfinite(y).all(), dtype
+        assert y[-1].float().item() == pytest.approx(1e4, rel=0.01)  # continues linearly, as GELU does
+
+
+def test_monarch_projection_recovers_a_monarch_matrix_exactly():
+    spec = tiny_config(tensor_blocks=4).layer_spec(0)
+    a, b = TensorComponent(spec), TensorComponent(spec)
+    torch.nn.init.normal_(a.left)
+    torch.nn.init.normal_(a.right)
+    b.project_dense(a.dense().detach())
+    assert torch.allclose(b.dense(), a.dense(), atol=1e-5)
+    x = torch.randn(5, 32)
+    assert torch.allclose(a(x), x @ a.dense().T, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_kind", ["channel", "token"])
+@pytest.mark.parametrize("selection", ["static", "topk"])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_path_equals_reference_path(gate_kind, selection, training):
+    model = tiny_model(gate_kind=gate_kind, spectral_selection=selection)
+    if gate_kind == "token":
+        with torch.no_grad():
+            for ffn in model.modules():
+                if isinstance(ffn, UltraEfficientSparseFFN):
+                    ffn.gates.token_weight.normal_(std=0.3)
+    model.train(training)  # dropout is 0 in the tiny config, so train mode is deterministic
+    ids = torch.randint(0, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    fused = model(ids, attention_mask=mask).logits
+    model.set_fused_ffn(False)
+    reference = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=0)
+    if training:
+        fused_ffn_out = model.transformer.h[0].mlp
+        x = torch.randn(2, 5, 32, requires_grad=True)
+        ffn_ref = fused_ffn_out(x)
+        fused_ffn_out.use_fused = True
+        ffn_fused = fused_ffn_out(x)
+        g_ref = torch.autograd.grad(ffn_ref.sum(), x)[0]
+        g_fused = torch.autograd.grad(ffn_fused.sum(), x)[0]
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-6)
+
+
+def test_every_component_contributes_to_the_output():
+    model = tiny_model()
+    ffn = model.transformer.h[0].mlp
+    x = torch.randn(2, 6, 32)
+    base = ffn(x)
+    for i, name in enumerate(ffn.components):
+        with torch.no_grad():
+            saved = ffn.gates.channel[i].clone()
+            ffn.gates.channel[i].zero_()
+        assert not torch.allclose(ffn(x), base), name
+        with torch.no_grad():
+            ffn.gates.channel[i].copy_(saved)
+
+
+def test_feedback_is_causal():
+    model = tiny_model(sparse_components=["polynomial", "feedback"])
+    ffn = model.transformer.h[0].mlp
+    x = torch.randn(1, 10, 32)
+    y = ffn(x)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0
+    y2 = ffn(x2)
+    torch.testing.assert_close(y[:, :6], y2[:, :6])
+    assert not torch.allclose(y[:, 6:], y2[:, 6:])
+
+
+def test_fused_weights_cache_follows_weight_changes():
+    model = tiny_model()
+    ffn = model.transformer.h[0].mlp
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        before = ffn(x)
+        ffn.components["polynomial"].w_out.mul_(2)
+        after = ffn(x)
+    assert not torch.allclose(before, after)
+    ffn.use_fused = False
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), after, atol=1e-5, rtol=0)

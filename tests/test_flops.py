@@ -1,0 +1,95 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, Trainer, TrainingArguments
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from modeling_sparse_gpt2.callbacks import attach_flops_callback
+from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
+
+from conftest import ALL, tiny_config, tiny_model
+
+CONFIGS = {
+    "all_components": dict(n_embd=128, n_head=4, poly_keep_ratio=0.3, k_freq=16, feedback_rank=8, tensor_blocks=8, micro_group_size=16),
+    "token_gates_topk": dict(n_embd=96, n_head=4, gate_kind="token", spectral_selection="topk", k_freq=12, tensor_blocks=6, micro_group_size=8),
+    "polynomial_only": dict(n_embd=64, sparse_components=["polynomial"], poly_keep_ratio=0.5),
+    "per_layer_budgets": dict(n_embd=64, poly_keep_ratio=[0.6, 0.2], sparse_components=[["polynomial", "spectral"], ALL], tensor_blocks=8),
+}
+
+
+def counted_ffn_flops(model, batch, seq):
+    """FlopCounterMode's count of every FFN forward, run inside the model."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    counts = []
+    hooks = []
+    for ffn in sparse_ffns(model):
+        counter = FlopCounterMode(display=False)
+        hooks.append(ffn.register_forward_pre_hook(lambda m, a, c=counter: c.__enter__() and None))
+        hooks.append(ffn.register_forward_hook(lambda m, a, o, c=counter: c.__exit__(None, None, None) and None))
+        counts.append(counter)
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return [c.get_total_flops() for c in counts]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_analytic_ffn_flops_match_flop_counter_mode(name):
+    model = tiny_model(**CONFIGS[name])
+    batch, seq = 2, 48
+    counted = counted_ffn_flops(model, batch, seq)
+    report = model.flops_report(batch_size=batch, seq_len=seq)
+    for i, c in enumerate(counted):
+        assert report[f"FLOPs/block_{i}_ffn"] == pytest.approx(c, rel=0.02), (i, c)
+    assert report["FLOPs/ffn_total"] == pytest.approx(sum(counted), rel=0.02)
+    for i in range(model.config.n_layer):
+        parts = [v for k, v in report.items() if k.startswith(f"FLOPs/block_{i}_") and not k.endswith("_ffn")]
+        assert sum(parts) == report[f"FLOPs/block_{i}_ffn"]
+        for comp in model.config.layer_spec(i).components:
+            assert f"FLOPs/block_{i}_{comp}" in report
+
+
+def test_dense_equivalent_is_the_gpt2_mlp_flops():
+    model = tiny_model(n_embd=64)
+    dense = GPT2MLP(4 * 64, GPT2Config(n_embd=64))
+    with FlopCounterMode(display=False) as counter:
+        dense(torch.randn(3, 10, 64))
+    report = model.flops_report(batch_size=3, seq_len=10)
+    assert report["FLOPs/ffn_dense_equivalent"] == model.config.n_layer * counter.get_total_flops()
+    assert report["FLOPs/ffn_ratio"] == report["FLOPs/ffn_total"] / report["FLOPs/ffn_dense_equivalent"]
+
+
+def test_smaller_keep_ratio_gives_fewer_flops():
+    ratios = [tiny_model(poly_keep_ratio=r).flops_report(1, 32)["FLOPs/ffn_ratio"] for r in (0.8, 0.5, 0.2)]
+    assert ratios[0] > ratios[1] > ratios[2]
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n, seq, vocab):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, vocab, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_flops_callback_reaches_trainer_log_history(tmp_path):
+    model = tiny_model().train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(16, 16, 97))
+    attach_flops_callback(trainer, seq_len=16)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "FLOPs/ffn_total" in entry]
+    assert len(logged) >= 2
+    expected = model.flops_report(batch_size=2, seq_len=16)
+    assert logged[-1]["FLOPs/ffn_total"] == expected["FLOPs/ffn_total"]
+    assert logged[-1]["FLOPs/block_1_spectral"] == expected["FLOPs/block_1_spectral"]
+    assert "Gates/block_0_polynomial" in logged[-1]

@@ -1,0 +1,224 @@
+"""SparseGPT2 behaves like GPT-2 inside transformers (tiny CPU configs, every component on)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+from modeling_sparse_gpt2 import (
+    SparseGPT2ForSequenceClassification,
+    SparseGPT2LMHeadModel,
+    SparseGPT2Model,
+    UltraEfficientSparseFFN,
+)
+
+from conftest import make_nonzero, tiny_config, tiny_model
+from test_flops import TokenDataset
+
+
+def ids(batch=2, seq=12, seed=0, vocab=97):
+    return torch.randint(1, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_block_mlp_is_the_sparse_ffn(model):
+    assert all(isinstance(b.mlp, UltraEfficientSparseFFN) for b in model.transformer.h)
+    assert not any(n.endswith(("c_fc.weight", "mlp.c_proj.weight")) for n, _ in model.named_parameters())
+
+
+def test_auto_classes_resolve_sparse_gpt2(tmp_path):
+    config = tiny_config()
+    assert type(AutoModel.from_config(config)) is SparseGPT2Model
+    assert type(AutoModelForCausalLM.from_config(config)) is SparseGPT2LMHeadModel
+    assert type(AutoModelForSequenceClassification.from_config(config)) is SparseGPT2ForSequenceClassification
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "sparse_gpt2"
+
+
+def test_save_and_load_give_identical_logits(model, tmp_path):
+    x = ids()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is SparseGPT2LMHeadModel
+    torch.testing.assert_close(loaded(x).logits, expected, atol=0, rtol=0)
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_save_pretrained_writes_auto_map_and_model_code(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    for cls in ("AutoConfig", "AutoModel\"", "AutoModelForCausalLM", "AutoModelForSequenceClassification"):
+        assert cls in config
+    for f in ("modeling_sparse_gpt2.py", "configuration_sparse_gpt2.py", "sparse_ffn.py", "polynomial.py",
+              "spectral.py", "feedback.py", "tensor.py", "micro.py", "gates.py", "component_base.py"):
+        assert (tmp_path / f).exists(), f
+
+
+def test_remote_code_loads_without_the_package_installed(model, tmp_path):
+    """A user without this package: trust_remote_code, in a fresh process that cannot import it."""
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    x = ids()
+    torch.save({"ids": x, "logits": model(x).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import builtins, sys, torch
+        real_import = builtins.__import__
+        def guarded(name, *a, **k):
+            if name == "modeling_sparse_gpt2" or name.startswith("modeling_sparse_gpt2."):
+                raise ImportError("package not installed: " + name)
+            return real_import(name, *a, **k)
+        builtins.__import__ = guarded
+        sys.path = [p for p in sys.path if p not in ("", {repr(os.getcwd())})]
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        exp = torch.load({str(tmp_path / "expected.pt")!r})
+        torch.testing.assert_close(model(exp["ids"]).logits, exp["logits"], atol=1e-6, rtol=0)
+        print("REMOTE_OK", type(model).__name__)
+        """
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "REMOTE_OK SparseGPT2LMHeadModel" in out.stdout, out.stderr[-3000:]
+
+
+def test_input_and_output_embeddings_are_tied(model):
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_resize_token_embeddings(model):
+    model.resize_token_embeddings(120)
+    assert model.transformer.wte.weight.shape[0] == 120
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model(ids(vocab=120)).logits.shape[-1] == 120
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_cache_equals_without(model, num_beams):
+    x = ids(batch=2, seq=7)
+    kw = dict(max_new_tokens=16, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    if num_beams > 1:
+        kw["num_return_sequences"] = 2
+    with_cache = model.generate(x, use_cache=True, **kw)
+    without = model.generate(x, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)
+
+
+def test_left_padded_batch_equals_one_by_one(model):
+    prompts = [ids(1, 5, seed=1)[0], ids(1, 9, seed=2)[0], ids(1, 2, seed=3)[0]]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, p in enumerate(prompts):
+        batch[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        single = model.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[i, width:], single[0, len(p):]), i
+
+
+def test_eager_and_sdpa_attention_agree():
+    x = ids()
+    eager = tiny_model()
+    eager.set_attn_implementation("eager")
+    sdpa = tiny_model()
+    sdpa.set_attn_implementation("sdpa")
+    torch.testing.assert_close(eager(x).logits, sdpa(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = ids()
+    grads = []
+    for checkpointing in (False, True):
+        m = tiny_model().train()
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        m(x, labels=x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_every_parameter_gets_a_gradient():
+    m = tiny_model().train()
+    x = ids()
+    m(x, labels=x).loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_torch_compile_forward_and_training_step():
+    x = ids()
+    m = tiny_model()
+    expected = m(x).logits
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x).logits, expected, atol=1e-5, rtol=1e-5)
+
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    step = torch.compile(lambda: m(x, labels=x).loss, backend="aot_eager")
+    losses = []
+    for _ in range(3):
+        loss = step()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_is_finite(dtype):
+    m = tiny_model().to(dtype)
+    logits = m(ids()).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_text_generation_pipeline(model):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(ord("a") + i): i + 1 for i in range(26)}
+    vocab["<eos>"] = 0
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    out = pipe("abc", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("abc")
+
+
+def test_sequence_classification_head():
+    m = SparseGPT2ForSequenceClassification(tiny_config(num_labels=3))
+    out = m(ids(), labels=torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+
+
+def test_trainer_loss_falls(tmp_path):
+    model = tiny_model().train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=5, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    data = TokenDataset(24, 32, 20)  # 768 tokens drawn from 19 ids: learnable unigram statistics
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5
