@@ -27,24 +27,27 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def chebyshev_fit(fn, degree: int, domain: float, weights_x: torch.Tensor | None = None) -> torch.Tensor:
-    """Coefficients c_0..c_degree of sum c_i T_i(x / domain) approximating ``fn`` on [-domain, domain].
+def chebyshev_fit(fn, degree: int, domain: float, samples: torch.Tensor | None = None, active=None) -> torch.Tensor:
+    """Coefficients c_0..c_degree so that ``chebyshev_activation`` approximates ``fn``.
 
-    Without ``weights_x``: interpolation at Chebyshev nodes (near-minimax). With samples
-    ``weights_x`` (observed pre-activations): least squares on those samples, so the fit is best
-    where the data is.
+    Without ``samples``: least squares at Chebyshev nodes of [-s, s] (near-minimax). With observed
+    pre-activations ``samples``: least squares on them, the linear tail beyond ``+s`` included, so
+    the fit is best where the data is. ``active`` restricts the fit to those coefficient indices.
     """
-    if weights_x is None:
+    if samples is None:
         n = max(4 * (degree + 1), 64)
         k = torch.arange(n, dtype=torch.float64)
-        t = torch.cos(math.pi * (k + 0.5) / n)
+        h = torch.cos(math.pi * (k + 0.5) / n) * domain
     else:
-        t = (weights_x.double().flatten() / domain).clamp(-1, 1)
-    basis = chebyshev_basis(t, degree)  # (n, degree+1)
-    target = fn(t * domain)
-    lam = 1e-8 * basis.shape[0]
-    gram = basis.T @ basis + lam * torch.eye(degree + 1, dtype=torch.float64)
-    return torch.linalg.solve(gram, basis.T @ target)
+        h = samples.double().flatten()
+    basis = chebyshev_basis((h / domain).clamp(-1, 1), degree)  # (n, degree+1)
+    target = fn(h) - F.relu(h - domain)
+    cols = torch.arange(degree + 1) if active is None else torch.as_tensor(active)
+    b = basis[:, cols]
+    gram = b.T @ b + 1e-9 * b.shape[0] * torch.eye(len(cols), dtype=torch.float64)
+    c = torch.zeros(degree + 1, dtype=torch.float64)
+    c[cols] = torch.linalg.solve(gram, b.T @ target)
+    return c
 
 
 def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
@@ -92,12 +95,15 @@ class PolynomialComponent(GemmComponent):
         return chebyshev_activation(h, self.coeffs, self.coeff_mask, self.domain, self.degree)
 
     def fit_activation(self, fn=gelu_new, samples: torch.Tensor | None = None):
-        """Fit the coefficients to ``fn`` on [-s, s] and keep the ``num_terms`` largest."""
+        """Fit the coefficients to ``fn`` (on ``samples`` if given), then refit on the
+        ``num_terms`` largest of them so the others are exactly zero."""
         c = chebyshev_fit(fn, self.degree, self.domain, samples)
+        active = torch.argsort(c.abs(), descending=True)[: self.num_terms].sort().values
+        c = chebyshev_fit(fn, self.degree, self.domain, samples, active=active)
         keep = torch.zeros_like(c)
-        keep[torch.argsort(c.abs(), descending=True)[: self.num_terms]] = 1.0
+        keep[active] = 1.0
         with torch.no_grad():
-            self.coeffs.copy_((c * keep).to(self.coeffs))
+            self.coeffs.copy_(c.to(self.coeffs))
             self.coeff_mask.copy_(keep.to(self.coeff_mask))
 
     def elementwise_flops_per_token(self) -> int:

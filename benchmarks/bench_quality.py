@@ -1,0 +1,172 @@
+"""Quality table: this project's conversion against pruning, low-rank and no-conversion baselines.
+
+One command (H200, ~9 minutes, reference pre-training included):
+
+    python benchmarks/bench_quality.py --train_tokens tokens/gpt2/train.npy --validation_tokens tokens/gpt2/validation.npy \
+        --tokenizer_name_or_path path/to/gpt2-tokenizer --work_dir /tmp/ref512 --output docs/benchmarks/results/quality.json
+
+Steps: (1) train the dense reference (GPT-2, n_embd 512, 8 layers, 512 positions, the real GPT-2
+tokenizer) until validation loss stops improving or the time cap, unless --dense_model is given;
+(2) for every FFN FLOPs ratio, build each method from the same calibration tokens, measure its
+validation perplexity, heal it with the same distillation budget (same steps, batch, tokens, lr)
+and measure again. Perplexity: exp(mean NLL) over the whole validation split in non-overlapping
+windows of 512 tokens (stride 512). Results are written after every row.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from modeling_sparse_gpt2 import baselines
+from modeling_sparse_gpt2.conversion import ConversionArguments, convert_gpt2_to_sparse
+from modeling_sparse_gpt2.distillation import DistillationArguments, build_healing_trainer
+from modeling_sparse_gpt2.evaluation import perplexity
+from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
+from modeling_sparse_gpt2.pretraining import PretrainArguments, train_dense_reference
+
+
+def windows(tokens, block, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - block, (n,), generator=g)
+    return torch.stack([tokens[s : s + block] for s in starts])
+
+
+def heal(model, dense, train_blocks, steps, batch, lr, seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+            lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 5),
+            save_strategy="no", report_to=[], bf16=torch.cuda.is_available(), seed=seed, disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = build_healing_trainer(model.float().train(), dense, train_blocks, None, args, DistillationArguments())
+        t = time.time()
+        trainer.train()
+        return model.float().eval(), round(time.time() - t, 1)
+
+
+def flop_agreement(model, seq_len):
+    """Per component, analytic FLOPs of one sequence against FlopCounterMode (block 0)."""
+    ffn = sparse_ffns(model)[0]
+    x = torch.randn(1, seq_len, model.config.n_embd, device=model.device)
+    out = {}
+    per_tok = ffn.flops_per_token()
+    for name, comp in ffn.components.items():
+        with FlopCounterMode(display=False) as counter:
+            comp(x) if name in ("tensor", "micro") else comp(x, None)
+        out[name] = {"analytic": per_tok[name][0] * seq_len, "flop_counter": counter.get_total_flops()}
+    with FlopCounterMode(display=False) as counter:
+        ffn(x)
+    out["ffn_fused_total"] = {"analytic": sum(v[0] for v in per_tok.values()) * seq_len, "flop_counter": counter.get_total_flops()}
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--train_tokens", required=True)
+    p.add_argument("--validation_tokens", required=True)
+    p.add_argument("--tokenizer_name_or_path", required=True)
+    p.add_argument("--dense_model", default=None, help="skip pre-training and use this dense GPT-2")
+    p.add_argument("--work_dir", default="/tmp/ref512")
+    p.add_argument("--output", default="docs/benchmarks/results/quality.json")
+    p.add_argument("--ratios", default="0.5,0.4,0.3,0.2")
+    p.add_argument("--methods", default="sparse_gpt2,prune,prune_ls,svd,random_sparse")
+    p.add_argument("--calibration_samples", type=int, default=128)
+    p.add_argument("--heal_steps", type=int, default=200)
+    p.add_argument("--heal_batch", type=int, default=16)
+    p.add_argument("--heal_lr", type=float, default=5e-4)
+    p.add_argument("--pretrain_minutes", type=float, default=4.5)
+    p.add_argument("--pretrain_max_steps", type=int, default=2500)
+    p.add_argument("--max_eval_tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {
+        "machine": platform.node(), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": vars(args), "rows": [],
+    }
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+
+    if args.dense_model is None:
+        summary = train_dense_reference(PretrainArguments(
+            output_dir=args.work_dir, train_tokens=args.train_tokens, validation_tokens=args.validation_tokens,
+            tokenizer_name_or_path=args.tokenizer_name_or_path, max_minutes=args.pretrain_minutes,
+            max_steps=args.pretrain_max_steps, save_dtype="float32",
+        ))
+        result["reference_training"] = summary
+        save()
+        args.dense_model = args.work_dir
+    dense = AutoModelForCausalLM.from_pretrained(args.dense_model, dtype=torch.float32).to(device).eval()
+    train = torch.from_numpy(np.load(args.train_tokens).astype(np.int64))
+    val = torch.from_numpy(np.load(args.validation_tokens).astype(np.int64))
+    if args.max_eval_tokens:
+        val = val[: args.max_eval_tokens]
+    block = dense.config.n_positions
+    calib = windows(train, block, args.calibration_samples, args.seed)
+    heal_blocks = windows(train, block, args.heal_steps * args.heal_batch, args.seed + 1)
+    result["windowing"] = f"validation split, {len(val)} tokens, non-overlapping windows of {block} (stride {block})"
+    result["healing_budget"] = {"steps": args.heal_steps, "batch": args.heal_batch, "block": block,
+                                "tokens": args.heal_steps * args.heal_batch * block, "lr": args.heal_lr,
+                                "objective": "0.7 * T^2 KL(T=2) + 0.3 * CE, teacher = dense reference"}
+    t = time.time()
+    dense_ppl = perplexity(dense, val, block, batch_size=16)
+    result["dense"] = {"perplexity": dense_ppl["perplexity"], "eval_s": round(time.time() - t, 1)}
+    print("dense", dense_ppl["perplexity"], flush=True)
+    save()
+    f = dense.config.n_inner or 4 * dense.config.n_embd
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for method in args.methods.split(","):
+            t = time.time()
+            torch.manual_seed(args.seed)
+            model = None
+            row = {"ffn_flops_ratio_target": ratio, "method": method}
+            try:
+                if method == "sparse_gpt2":
+                    model, report = convert_gpt2_to_sparse(dense, calib, ConversionArguments(ffn_flops_ratio=ratio))
+                    row["layers"] = report["layers"]
+                    if ratio == 0.4:
+                        result["flop_agreement"] = flop_agreement(model, block)
+                elif method == "prune":
+                    model = baselines.prune_neurons(dense, calib, ratio, refit=False)
+                elif method == "prune_ls":
+                    model = baselines.prune_neurons(dense, calib, ratio, refit=True)
+                elif method == "svd":
+                    model = baselines.svd_low_rank(dense, ratio)
+                elif method == "random_sparse":
+                    model = baselines.random_sparse(dense, ratio)
+                else:
+                    raise ValueError(f"unknown method {method}")
+                row["ffn_flops_ratio"] = baselines.ffn_flops_ratio_of(model, f)
+                row["build_s"] = round(time.time() - t, 1)
+                row["ppl_calibration_only"] = perplexity(model, val, block, batch_size=16)["perplexity"]
+                model, row["heal_s"] = heal(model, dense, heal_blocks, args.heal_steps, args.heal_batch, args.heal_lr, args.seed)
+                row["ppl_healed"] = perplexity(model, val, block, batch_size=16)["perplexity"]
+                row["params_ffn"] = sum(p.numel() for b in model.transformer.h for p in b.mlp.parameters())
+            except Exception as err:  # record and go on: one failure must not hide the other rows
+                row["error"] = repr(err)[:1000]
+            result["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+            save()
+            del model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    save()
+
+
+if __name__ == "__main__":
+    main()

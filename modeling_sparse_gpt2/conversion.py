@@ -1,0 +1,502 @@
+"""Dense GPT-2 -> SparseGPT2, as a pipeline of named steps.
+
+    1. check_dense_gpt2          the input is a GPT2LMHeadModel (any size: distilgpt2 .. gpt2-xl)
+    2. sparse_config_for_budget  knobs from --ffn_flops_ratio (uniform, or by layer sensitivity)
+    3. copy_shared_weights       attention, embeddings, norms, head: bit for bit
+    4. per layer, in order, on the outputs of the already converted layers (as SparseGPT does):
+       a. capture              the MLP input x and the dense MLP output y on calibration tokens
+       b. select_neurons       keep S = top-m neurons by E|gelu(h_j)| * ||W2[j]||
+       c. fit_polynomial       the Chebyshev activation, fitted to GELU where h_S actually lies
+       d. accumulate_gram      streamed statistics of [a_S, x, 1] and y (never all activations)
+       e. fit_output_side      ridge regression of the layer output: the Monarch (tensor) factor
+                               from the linear residual, the DCT frequencies with the most residual
+                               energy (spectral), then W2[:, S], the spectral map and the bias
+                               jointly (the mean residual lands in the bias)
+       f. place_micro          micro groups on the channels with the largest remaining error;
+                               micro and feedback start at zero output behind gates of 1
+    5. report                   achieved FLOPs ratio and per-layer reconstruction error
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+from .configuration_sparse_gpt2 import COMPONENTS, SparseGPT2Config
+from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel, sparse_ffns
+from .sparse_ffn import UltraEfficientSparseFFN
+from .spectral import dct_rows
+
+
+@dataclass
+class ConversionArguments:
+    """Knobs of the conversion (the script exposes each as ``--name``)."""
+
+    ffn_flops_ratio: float = field(default=0.4, metadata={"help": "Target FFN FLOPs as a fraction of the dense MLP."})
+    sparse_components: list[str] = field(default_factory=lambda: list(COMPONENTS), metadata={"help": "Components to use."})
+    poly_keep_ratio: float | None = field(default=None, metadata={"help": "Kept neurons; overrides the budget if set."})
+    poly_degree: int = field(default=8, metadata={"help": "Chebyshev degree."})
+    poly_num_terms: int | None = field(default=6, metadata={"help": "Non-zero Chebyshev coefficients (None: all)."})
+    k_freq: int | None = field(default=None, metadata={"help": "DCT frequencies (default n_embd // 16)."})
+    spectral_selection: str = field(default="static", metadata={"help": "static or topk."})
+    feedback_rank: int | None = field(default=None, metadata={"help": "Token-feedback rank (default n_embd // 48)."})
+    feedback_window: int = field(default=4, metadata={"help": "Token-feedback causal window."})
+    tensor_blocks: int | None = field(default=None, metadata={"help": "Monarch blocks (default ~sqrt(n_embd))."})
+    micro_steps: int = field(default=2, metadata={"help": "Micro refinement steps."})
+    micro_keep_ratio: float = field(default=0.125, metadata={"help": "Fraction of channel groups refined."})
+    micro_group_size: int | None = field(default=None, metadata={"help": "Channels per micro group."})
+    gate_kind: str = field(default="channel", metadata={"help": "channel or token gates."})
+    neuron_selection: str = field(default="obs", metadata={"help": "obs (least-squares-aware, Optimal Brain Surgeon on neurons) or importance (E|gelu(h)| * ||W2||)."})
+    budget_mode: str = field(default="uniform", metadata={"help": "uniform, or sensitivity (more for layers with larger reconstruction error)."})
+    ridge: float = field(default=1e-3, metadata={"help": "Ridge strength, relative to each feature's energy."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration forward."})
+
+    def __post_init__(self):
+        if not (isinstance(self.ffn_flops_ratio, (int, float)) and 0 < self.ffn_flops_ratio <= 1.5):
+            raise ValueError(f"ffn_flops_ratio must be in (0, 1.5], got {self.ffn_flops_ratio!r}")
+        if self.neuron_selection not in ("obs", "importance"):
+            raise ValueError(f"neuron_selection must be 'obs' or 'importance', got {self.neuron_selection!r}")
+        if self.budget_mode not in ("uniform", "sensitivity"):
+            raise ValueError(f"budget_mode must be 'uniform' or 'sensitivity', got {self.budget_mode!r}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        if self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size!r}")
+
+
+# ---------------------------------------------------------------------------- 1. check
+def check_dense_gpt2(model) -> GPT2LMHeadModel:
+    """The dense model must be a GPT2LMHeadModel whose blocks hold GPT2MLPs."""
+    if isinstance(model, SparseGPT2LMHeadModel):
+        raise ValueError("the model is already a SparseGPT2 model; conversion takes a dense GPT2LMHeadModel")
+    if not isinstance(model, GPT2LMHeadModel):
+        raise ValueError(
+            f"expected a dense GPT-2 (GPT2LMHeadModel, model_type 'gpt2'), got {type(model).__name__} "
+            f"(model_type {getattr(model.config, 'model_type', '?')!r})"
+        )
+    if not all(isinstance(b.mlp, GPT2MLP) for b in model.transformer.h):
+        raise ValueError("every block of the dense model must hold a GPT2MLP")
+    if model.config.add_cross_attention:
+        raise ValueError("GPT-2 with cross-attention is not supported")
+    return model
+
+
+# ---------------------------------------------------------------------------- 2. budget
+def _sparse_config(dense_config, args: ConversionArguments, keep_ratios) -> SparseGPT2Config:
+    kwargs = dense_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        kwargs.pop(key, None)
+    kwargs.update(
+        sparse_components=list(args.sparse_components),
+        poly_keep_ratio=list(keep_ratios),
+        poly_degree=args.poly_degree,
+        poly_num_terms=args.poly_num_terms,
+        k_freq=args.k_freq,
+        spectral_selection=args.spectral_selection,
+        feedback_rank=args.feedback_rank,
+        feedback_window=args.feedback_window,
+        tensor_blocks=args.tensor_blocks,
+        micro_steps=args.micro_steps,
+        micro_keep_ratio=args.micro_keep_ratio,
+        micro_group_size=args.micro_group_size,
+        gate_kind=args.gate_kind,
+        architectures=["SparseGPT2LMHeadModel"],
+    )
+    return SparseGPT2Config(**kwargs)
+
+
+def _layer_flops_ratio(config: SparseGPT2Config, layer: int) -> float:
+    with torch.device("meta"):
+        ffn = UltraEfficientSparseFFN(config, layer)
+    return sum(mm for mm, _ in ffn.flops_per_token().values()) / ffn.dense_flops_per_token()
+
+
+def _max_neurons_within(config_for, layer: int, target: float, f: int) -> int:
+    """The most kept neurons m whose layer FLOPs ratio is <= target (FLOPs grow linearly in m)."""
+    base = _layer_flops_ratio(config_for(1 / f), layer)  # m = 1
+    per_neuron = _layer_flops_ratio(config_for(2 / f), layer) - base
+    m = 1 + math.floor((target - base) / per_neuron + 1e-9)
+    if m < 1:
+        raise ValueError(
+            f"ffn_flops_ratio={target} cannot be met: with one kept neuron the other components already cost "
+            f"{base:.3f} of the dense FFN FLOPs in layer {layer}; raise --ffn_flops_ratio or shrink/switch off "
+            "components (--k_freq, --feedback_rank, --tensor_blocks, --micro_keep_ratio, --sparse_components)"
+        )
+    return min(m, f)
+
+
+def sparse_config_for_budget(dense_config, args: ConversionArguments, layer_weights=None) -> SparseGPT2Config:
+    """The SparseGPT2 config whose FFNs meet ``args.ffn_flops_ratio`` (or use ``args.poly_keep_ratio``).
+
+    ``layer_weights`` (sensitivity mode) scales each layer's share of the kept neurons while the
+    total FFN FLOPs stay within the budget.
+    """
+    n_layer = dense_config.n_layer
+    f = dense_config.n_inner if dense_config.n_inner is not None else 4 * dense_config.n_embd
+    if args.poly_keep_ratio is not None:
+        return _sparse_config(dense_config, args, [args.poly_keep_ratio] * n_layer)
+
+    def config_for(ratio):
+        return _sparse_config(dense_config, args, [min(1.0, max(ratio, 1e-9))] * n_layer)
+
+    m_uniform = [_max_neurons_within(config_for, i, args.ffn_flops_ratio, f) for i in range(n_layer)]
+    if layer_weights is None:
+        return _sparse_config(dense_config, args, [m / f for m in m_uniform])
+    w = torch.as_tensor(layer_weights, dtype=torch.float64)
+    w = w / w.mean()
+    total = sum(m_uniform)
+    m = torch.clamp((torch.tensor(m_uniform, dtype=torch.float64) * w).round(), 1, f)
+    for _ in range(20):  # rescale the free layers until the total neuron count matches the uniform one
+        free = (m > 1) & (m < f)
+        if not free.any() or abs(m.sum().item() - total) < 1:
+            break
+        m[free] = torch.clamp((m[free] * (total - m[~free].sum()) / m[free].sum()).floor(), 1, f)
+    return _sparse_config(dense_config, args, [float(v) / f for v in m.tolist()])
+
+
+# ---------------------------------------------------------------------------- 3. copy
+def copy_shared_weights(dense: GPT2LMHeadModel, sparse: SparseGPT2LMHeadModel):
+    """Copy every non-MLP tensor bit for bit; returns the copied names."""
+    sparse_sd = sparse.state_dict()
+    copied = []
+    with torch.no_grad():
+        for name, tensor in dense.state_dict().items():
+            if ".mlp." in name or name not in sparse_sd:
+                continue
+            if sparse_sd[name].shape != tensor.shape:
+                raise ValueError(f"shape mismatch for {name}: dense {tuple(tensor.shape)} vs sparse {tuple(sparse_sd[name].shape)}")
+            sparse_sd[name].copy_(tensor)
+            copied.append(name)
+    return copied
+
+
+# ---------------------------------------------------------------------------- 4. per layer
+class _StopForward(Exception):
+    pass
+
+
+def _block_inputs(model: GPT2LMHeadModel, calibration_ids: torch.Tensor, batch_size: int):
+    """Per calibration batch: the hidden states entering block 0 and the args GPT2Model gives blocks."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args[0].detach(), args[1:], dict(kwargs)))
+        raise _StopForward
+
+    handle = model.transformer.h[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, len(calibration_ids), batch_size):
+            try:
+                model(calibration_ids[start : start + batch_size].to(model.device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block_capturing_mlp(block, hidden, args, kwargs):
+    """Run a block; return (block output, MLP input x, MLP output y)."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["x"], seen["y"] = inputs[0].detach(), output.detach()
+
+    handle = block.mlp.register_forward_hook(hook)
+    try:
+        out = block(hidden, *args, **kwargs)
+    finally:
+        handle.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    return out, seen["x"], seen["y"]
+
+
+def select_neurons(mlp: GPT2MLP, xs: list[torch.Tensor], m: int):
+    """Importance E|act(h_j)| * ||W2[j]||; returns (top-m neuron indices sorted, importance)."""
+    w1, b1 = mlp.c_fc.weight.double(), mlp.c_fc.bias.double()
+    score, n = torch.zeros(w1.shape[1], dtype=torch.float64, device=w1.device), 0
+    for x in xs:
+        a = mlp.act(x.reshape(-1, x.shape[-1]).double() @ w1 + b1)
+        score += a.abs().sum(0)
+        n += a.shape[0]
+    importance = score / n * mlp.c_proj.weight.double().norm(dim=1)
+    return torch.topk(importance, m).indices.sort().values, importance
+
+
+def select_neurons_obs(mlp: GPT2MLP, xs: list[torch.Tensor], ys: list[torch.Tensor], m: int, ridge: float):
+    """Least-squares-aware selection (Optimal Brain Surgeon on whole neurons).
+
+    With G = [a, 1]^T [a, 1] over all f neurons, H = (G + ridge)^-1 and the LS output map
+    W = H [a, 1]^T y, removing neuron j raises the reconstruction error by ||W_j||^2 / H_jj.
+    Neurons are removed in rounds (the cheapest ~5% of those left to remove), each followed by the
+    exact Schur-complement update of H and W, until m remain. The bias column is never removed.
+    """
+    w1, b1 = mlp.c_fc.weight.double(), mlp.c_fc.bias.double()
+    f = w1.shape[1]
+    gram = torch.zeros(f + 1, f + 1, dtype=torch.float64, device=w1.device)
+    cross = torch.zeros(f + 1, ys[0].shape[-1], dtype=torch.float64, device=w1.device)
+    for x, y in zip(xs, ys):
+        a = mlp.act(x.reshape(-1, x.shape[-1]).double() @ w1 + b1)
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        gram += a.T @ a
+        cross += a.T @ y.reshape(-1, y.shape[-1]).double()
+    diag = gram.diagonal().clamp_min(1e-12)
+    h = torch.linalg.inv(gram + torch.diag(ridge * diag + 1e-10 * diag.mean()))
+    w = h @ cross
+    alive = torch.arange(f + 1, device=w1.device)  # positions into the current h / w
+    while len(alive) - 1 > m:
+        n_remove = max(1, min(len(alive) - 1 - m, int(0.05 * (len(alive) - 1 - m)) + 1))
+        hd = h.diagonal()[:-1]
+        cost = w[:-1].pow(2).sum(1) / hd
+        drop = torch.topk(cost, n_remove, largest=False).indices
+        keep = torch.ones(len(alive), dtype=torch.bool, device=w1.device)
+        keep[drop] = False
+        h_rr_inv = torch.linalg.inv(h[drop][:, drop])
+        h_kr = h[keep][:, drop]
+        w = w[keep] - h_kr @ (h_rr_inv @ w[drop])
+        h = h[keep][:, keep] - h_kr @ h_rr_inv @ h_kr.T
+        alive = alive[keep]
+    return alive[:-1].sort().values
+
+
+def _sample_rows(xs, max_rows: int, seed: int = 0):
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randperm(flat.shape[0], generator=g)[:max_rows].to(flat.device)
+    return flat[idx]
+
+
+def fit_polynomial(poly, mlp: GPT2MLP, xs, neurons):
+    """Set the kept rows of c_fc, choose the domain s and fit the Chebyshev activation on h_S."""
+    w1 = mlp.c_fc.weight[:, neurons].T
+    b1 = mlp.c_fc.bias[neurons]
+    h = (_sample_rows(xs, 4096).double() @ w1.double().T + b1.double()).flatten()
+    domain = float(torch.quantile(h.abs()[: 1_000_000].float(), 0.99).clamp(3.0, 8.0))
+    with torch.no_grad():
+        poly.w_in.copy_(w1)
+        poly.b_in.copy_(b1)
+        poly.neuron_index.copy_(neurons)
+    poly.domain = domain
+    poly.fit_activation(samples=h.cpu())
+    return domain
+
+
+class GramStats:
+    """Streamed second moments of the base features B = [a_S (m), x (d), 1] and the target y."""
+
+    def __init__(self, m: int, d: int, device):
+        k = m + d + 1
+        self.m, self.d = m, d
+        self.bb = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.by = torch.zeros(k, d, dtype=torch.float64, device=device)
+        self.yy = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, a, x, y):
+        a, x, y = (t.reshape(-1, t.shape[-1]).double() for t in (a, x, y))
+        base = torch.cat([a, x, torch.ones_like(x[:, :1])], dim=1)
+        self.bb += base.T @ base
+        self.by += base.T @ y
+        self.yy += y.T @ y
+        self.n += base.shape[0]
+
+
+def _ridge(gram, cross, ridge):
+    diag = gram.diagonal().clamp_min(1e-12)
+    reg = ridge * diag + 1e-10 * diag.mean()
+    return torch.linalg.solve(gram + torch.diag(reg), cross)
+
+
+def _residual_energy(stats: GramStats, w_base):
+    """diag of R^T R for the prediction base @ w_base (per output channel), from the statistics."""
+    cross = w_base.T @ stats.by
+    return (stats.yy - cross - cross.T + w_base.T @ stats.bb @ w_base).diagonal()
+
+
+def fit_output_side(ffn: UltraEfficientSparseFFN, stats: GramStats, ridge: float):
+    """Ridge fits of the output side.
+
+    Returns the per-output-channel residual energy of the fitted FFN and of the kept neurons with
+    a refit alone (the training-free baseline this conversion must beat).
+    """
+    m, d = stats.m, stats.d
+    comps = ffn.components
+    dev = stats.bb.device
+    ia = torch.arange(m, device=dev)
+    ix = torch.arange(m, m + d, device=dev)
+    i1 = torch.tensor([m + d], device=dev)
+    a1 = torch.cat([ia, i1])
+
+    # (A) kept neurons + bias alone, then the best linear map from x to what they leave out
+    w_a1 = _ridge(stats.bb[a1][:, a1], stats.by[a1], ridge)
+    resid_cross = stats.by[ix] - stats.bb[ix][:, a1] @ w_a1  # X^T R
+    linear = _ridge(stats.bb[ix][:, ix], resid_cross, ridge)  # R ~ X @ linear
+    tensor_map = torch.zeros(d, d, dtype=torch.float64, device=dev)  # y_tensor = x @ tensor_map
+    if "tensor" in comps:
+        comps["tensor"].project_dense(linear.T.float())
+        tensor_map = comps["tensor"].dense().double().T.detach()
+
+    # (B) spectral frequencies: most residual energy once the tensor part is in
+    transform_cols = [torch.eye(m + d + 1, dtype=torch.float64, device=dev)[:, ia]]
+    if "spectral" in comps:
+        spectral = comps["spectral"]
+        basis_all = dct_rows(torch.arange(d), d).to(dev)
+        left = basis_all @ (linear - tensor_map)  # residual map in frequency coordinates
+        zz = (basis_all @ stats.bb[ix][:, ix] @ basis_all.T).diagonal()
+        energy = zz * left.pow(2).sum(1)
+        kc = spectral.freq_index.shape[0]
+        spectral.set_frequencies(torch.topk(energy, kc).indices.sort().values.cpu())
+        to_z = torch.zeros(m + d + 1, kc, dtype=torch.float64, device=dev)
+        to_z[ix] = spectral.basis.double().T.to(dev)
+        transform_cols.append(to_z)
+    transform_cols.append(torch.eye(m + d + 1, dtype=torch.float64, device=dev)[:, i1])
+    t = torch.cat(transform_cols, dim=1)  # features = base @ t  ([a, z, 1])
+
+    # (C) joint ridge of [a, z, 1] against y minus the tensor part
+    tensor_base = torch.zeros(m + d + 1, d, dtype=torch.float64, device=dev)
+    tensor_base[ix] = tensor_map
+    gram_f = t.T @ stats.bb @ t
+    cross_f = t.T @ (stats.by - stats.bb @ tensor_base)
+    w_f = _ridge(gram_f, cross_f, ridge)
+    with torch.no_grad():
+        comps["polynomial"].w_out.copy_(w_f[:m].T)
+        if "spectral" in comps:
+            comps["spectral"].w_out.copy_(w_f[m:-1].T)
+        ffn.bias.copy_(w_f[-1])
+    pruned_only = torch.zeros(m + d + 1, d, dtype=torch.float64, device=dev)
+    pruned_only[a1] = w_a1
+    return _residual_energy(stats, t @ w_f + tensor_base), _residual_energy(stats, pruned_only)
+
+
+def place_micro(micro, residual_energy: torch.Tensor):
+    """Refine the channel groups with the largest remaining error (blocks stay zero until healing)."""
+    b = micro.group_size
+    groups = residual_energy.reshape(-1, b).sum(1)
+    micro.set_groups(torch.topk(groups, micro.groups).indices.sort().values.cpu())
+
+
+# ---------------------------------------------------------------------------- pipeline
+@torch.no_grad()
+def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, args: ConversionArguments | None = None, progress=None):
+    """Convert ``dense`` into a SparseGPT2LMHeadModel using ``calibration_ids`` (N x T tokens).
+
+    Returns ``(sparse_model, report)``; ``report`` has the achieved FLOPs ratio and, per layer, the
+    relative reconstruction error of the FFN output (residual energy / energy of the centred dense
+    output) of the pruned+refit polynomial alone and of the whole fitted sparse FFN.
+    """
+    args = args or ConversionArguments()
+    check_dense_gpt2(dense)
+    if calibration_ids.dim() != 2 or calibration_ids.numel() == 0:
+        raise ValueError("calibration_ids must be a non-empty (num_sequences, block_size) tensor")
+    if calibration_ids.shape[1] > dense.config.n_positions:
+        raise ValueError(f"calibration block_size {calibration_ids.shape[1]} exceeds the model's n_positions {dense.config.n_positions}")
+    dense = dense.eval()
+    device = dense.device
+    log = progress or (lambda msg: None)
+
+    layer_weights = None
+    if args.budget_mode == "sensitivity" and args.poly_keep_ratio is None:
+        layer_weights = layer_sensitivity(dense, calibration_ids, args)
+        log(f"layer sensitivity (relative error at the uniform budget): {[round(v, 4) for v in layer_weights]}")
+        layer_weights = [math.sqrt(max(v, 1e-6)) for v in layer_weights]
+    config = sparse_config_for_budget(dense.config, args, layer_weights)
+    sparse = SparseGPT2LMHeadModel(config).to(device=device, dtype=torch.float32).eval()
+    copy_shared_weights(dense, sparse)
+
+    batches = _block_inputs(dense, calibration_ids, args.calibration_batch_size)
+    hidden = [h.float() for h, _, _ in batches]
+    layers = []
+    domains = []
+    for i, (dense_block, sparse_block) in enumerate(zip(dense.transformer.h, sparse.transformer.h)):
+        mlp, ffn = dense_block.mlp, sparse_block.mlp
+        xs, ys, resid = [], [], []
+        for h, (_, bargs, bkwargs) in zip(hidden, batches):
+            out, x, y = _run_block_capturing_mlp(dense_block, h.to(dense.dtype), bargs, bkwargs)
+            xs.append(x.float())
+            ys.append(y.float())
+            resid.append(out.float() - y.float())
+        poly = ffn.components["polynomial"]
+        if args.neuron_selection == "obs":
+            neurons = select_neurons_obs(mlp, xs, ys, poly.w_in.shape[0], args.ridge)
+        else:
+            neurons, _ = select_neurons(mlp, xs, poly.w_in.shape[0])
+        domains.append(fit_polynomial(poly, mlp, xs, neurons))
+        stats = GramStats(poly.w_in.shape[0], config.n_embd, device)
+        for x, y in zip(xs, ys):
+            a = poly.activate(F.linear(x, poly.w_in, poly.b_in), None)
+            stats.add(a, x, y)
+        residual, residual_pruned = fit_output_side(ffn, stats, args.ridge)
+        if "micro" in ffn.components:
+            place_micro(ffn.components["micro"], residual)
+        centred = (stats.yy.diagonal() - stats.by[-1] ** 2 / stats.n).sum()
+        err = {
+            "layer": i,
+            "kept_neurons": int(poly.w_in.shape[0]),
+            "poly_domain": domains[-1],
+            "rel_error_pruned_refit": float(residual_pruned.sum() / centred),
+            "rel_error_sparse_ffn": float(residual.sum() / centred),
+        }
+        layers.append(err)
+        log(
+            f"layer {i}: kept {err['kept_neurons']} neurons, relative error {err['rel_error_sparse_ffn']:.4f} "
+            f"(pruned+refit alone {err['rel_error_pruned_refit']:.4f})"
+        )
+        hidden = [r + ffn(x) for r, x in zip(resid, xs)]
+    config.poly_domain = domains
+    report = sparse.flops_report(batch_size=1, seq_len=calibration_ids.shape[1])
+    return sparse, {
+        "ffn_flops_ratio": report["FLOPs/ffn_ratio"],
+        "requested_ffn_flops_ratio": args.ffn_flops_ratio if args.poly_keep_ratio is None else None,
+        "calibration_tokens": int(calibration_ids.numel()),
+        "layers": layers,
+        "arguments": asdict(args),
+    }
+
+
+@torch.no_grad()
+def layer_sensitivity(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, args: ConversionArguments) -> list[float]:
+    """Relative reconstruction error of each dense layer pruned to the uniform budget with an LS
+    refit (measured on the dense model's own activations): larger means more sensitive."""
+    uniform = sparse_config_for_budget(dense.config, ConversionArguments(**{**asdict(args), "budget_mode": "uniform"}))
+    xs = {i: [] for i in range(dense.config.n_layer)}
+    ys = {i: [] for i in range(dense.config.n_layer)}
+    def keep(i):
+        def hook(module, inputs, output):
+            xs[i].append(inputs[0].float())
+            ys[i].append(output.float())
+
+        return hook
+
+    hooks = [b.mlp.register_forward_hook(keep(i)) for i, b in enumerate(dense.transformer.h)]
+    try:
+        for start in range(0, len(calibration_ids), args.calibration_batch_size):
+            dense(calibration_ids[start : start + args.calibration_batch_size].to(dense.device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    errors = []
+    for i, block in enumerate(dense.transformer.h):
+        m = uniform.layer_spec(i).poly_neurons
+        neurons, _ = select_neurons(block.mlp, xs[i], m)
+        w1, b1 = block.mlp.c_fc.weight[:, neurons].double(), block.mlp.c_fc.bias[neurons].double()
+        gram = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=dense.device)
+        cross = torch.zeros(m + 1, dense.config.n_embd, dtype=torch.float64, device=dense.device)
+        yy, ysum, n = 0.0, 0.0, 0
+        for x, y in zip(xs[i], ys[i]):
+            a = block.mlp.act(x.reshape(-1, x.shape[-1]).double() @ w1 + b1)
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            y = y.reshape(-1, y.shape[-1]).double()
+            gram += a.T @ a
+            cross += a.T @ y
+            yy += (y * y).sum()
+            ysum = ysum + y.sum(0)
+            n += y.shape[0]
+        w = _ridge(gram, cross, args.ridge)
+        resid = yy - 2 * (w * cross).sum() + (w * (gram @ w)).sum()
+        errors.append(float(resid / (yy - (ysum**2).sum() / n)))
+        xs[i], ys[i] = None, None
+    return errors
+

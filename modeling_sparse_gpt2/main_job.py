@@ -1,0 +1,180 @@
+"""The main job: dense GPT-2 -> sparse GPT-2, healed briefly, measured, saved with its model card.
+
+    sparse-gpt2                      # offline, on the small dense GPT-2 embedded in the package
+    sparse-gpt2 --model_name_or_path gpt2 --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1
+
+Steps: load dense -> perplexity -> convert (calibration) -> perplexity -> heal (distillation) ->
+perplexity -> print the FLOPs and perplexity table -> save checkpoint + model card (atomically).
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.utils import logging as hf_logging
+
+from .conversion import ConversionArguments, convert_gpt2_to_sparse
+from .data import load_texts, token_stream, tokenize_blocks
+from .distillation import DistillationArguments, build_healing_trainer
+from .evaluation import perplexity
+from .model_card import make_model_card
+from .pipeline import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_MODEL,
+    DEFAULT_VALIDATION,
+    DataArguments,
+    atomic_output_dir,
+    load_causal_lm,
+    load_tokenizer,
+    save_json,
+)
+
+
+@dataclass
+class MainJobArguments:
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Dense GPT-2: hub id or folder (default: the embedded one)."})
+    output_dir: str = field(default="sparse-gpt2-out", metadata={"help": "Where the sparse checkpoint goes."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    heal_steps: int = field(default=150, metadata={"help": "Distillation steps (0: no healing)."})
+    heal_batch_size: int = field(default=8, metadata={"help": "Sequences per healing step."})
+    heal_learning_rate: float = field(default=1e-3, metadata={"help": "Healing learning rate."})
+    eval_stride: int | None = field(default=None, metadata={"help": "Perplexity window stride (default: block_size)."})
+    max_eval_tokens: int | None = field(default=None, metadata={"help": "Cap on held-out tokens scored."})
+    seed: int = 0
+
+
+def _fmt_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def summary_tables(report: dict, ppl: dict) -> str:
+    dense = report["FLOPs/ffn_dense_equivalent"]
+    per_comp = {}
+    for k, v in report.items():
+        if k.startswith("FLOPs/block_") and not k.endswith("_ffn"):
+            per_comp[k.split("_", 2)[2]] = per_comp.get(k.split("_", 2)[2], 0) + v
+    rows = [(c, f"{v:,}", f"{v / dense:.4f}") for c, v in per_comp.items()]
+    rows += [("sparse FFN total", f"{report['FLOPs/ffn_total']:,}", f"{report['FLOPs/ffn_ratio']:.4f}"), ("dense MLP", f"{dense:,}", "1.0000")]
+    flops = _fmt_table(("FFN FLOPs per sequence", "FLOPs", "/ dense"), rows)
+    base = ppl["dense"]["perplexity"]
+    prow = [(k, f"{v['perplexity']:.3f}", f"{v['perplexity'] / base:.3f}") for k, v in ppl.items()]
+    return flops + "\n\n" + _fmt_table(("model", "perplexity", "/ dense"), prow)
+
+
+def run_main_job(job: MainJobArguments, data: DataArguments, conv: ConversionArguments, distill: DistillationArguments, log=print) -> dict:
+    start = time.time()
+    set_seed(job.seed)
+    local_default = data.dataset_name is None and data.calibration_file is None
+    if local_default:
+        data.calibration_file = DEFAULT_CALIBRATION
+        data.validation_file = data.validation_file or DEFAULT_VALIDATION
+    # fail on a bad output folder before any work
+    if os.path.exists(job.output_dir) and os.listdir(job.output_dir) and not job.overwrite_output_dir:
+        raise FileExistsError(f"output folder {job.output_dir} exists and is not empty; pass --overwrite_output_dir to replace it")
+
+    log(f"[1/6] loading dense model {job.model_name_or_path}")
+    dense = load_causal_lm(job.model_name_or_path, expect="gpt2").eval()
+    tokenizer = load_tokenizer(job.model_name_or_path)
+    block = data.block_size or min(dense.config.n_positions, 512)
+    if block > dense.config.n_positions:
+        raise ValueError(f"block_size {block} exceeds the model's n_positions {dense.config.n_positions}")
+
+    log("[2/6] reading calibration, healing and held-out text")
+    if data.dataset_name:
+        calib_texts = load_texts(dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name, split="train", text_column=data.text_column)
+        val_texts = load_texts(dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name, split="validation", text_column=data.text_column)
+        train_texts = calib_texts
+    else:
+        calib_texts = load_texts(data.calibration_file, text_column=data.text_column)
+        train_texts = load_texts(data.train_file, text_column=data.text_column) if data.train_file else calib_texts
+        if not data.validation_file:
+            raise ValueError("give --validation_file (held-out text for perplexity) or --dataset_name")
+        val_texts = load_texts(data.validation_file, text_column=data.text_column)
+    calib = tokenize_blocks(calib_texts, tokenizer, block, data.num_calibration_samples, source=data.calibration_file or data.dataset_name)
+    if len(calib) < data.num_calibration_samples:
+        log(f"  note: only {len(calib)} calibration sequences of {block} tokens available (asked {data.num_calibration_samples})")
+    train_blocks = tokenize_blocks(train_texts, tokenizer, block, max(job.heal_steps * job.heal_batch_size, 1), source="healing text")
+    val = token_stream(val_texts, tokenizer)
+    if job.max_eval_tokens:
+        val = val[: job.max_eval_tokens]
+
+    stride = job.eval_stride or block
+    ppl = {"dense": perplexity(dense, val, block, stride)}
+    log(f"  dense perplexity {ppl['dense']['perplexity']:.3f} ({ppl['dense']['tokens_scored']} tokens, {ppl['dense']['windowing']})")
+
+    log(f"[3/6] converting at ffn_flops_ratio={conv.ffn_flops_ratio} on {calib.numel()} calibration tokens")
+    sparse, conversion_report = convert_gpt2_to_sparse(dense, calib, conv, progress=lambda m: log("  " + m))
+    ppl["converted"] = perplexity(sparse, val, block, stride)
+    log(f"  converted perplexity {ppl['converted']['perplexity']:.3f}")
+
+    if job.heal_steps > 0:
+        log(f"[4/6] healing: {job.heal_steps} distillation steps of {job.heal_batch_size} x {block} tokens")
+        with tempfile.TemporaryDirectory() as work:  # the Trainer's scratch folder; nothing is saved there
+            args = TrainingArguments(
+                output_dir=work, max_steps=job.heal_steps, per_device_train_batch_size=job.heal_batch_size,
+                learning_rate=job.heal_learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, job.heal_steps // 10),
+                weight_decay=0.0, logging_steps=max(1, job.heal_steps // 10), save_strategy="no", report_to=[],
+                bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), seed=job.seed,
+                disable_tqdm=not sys.stderr.isatty(), dataloader_num_workers=0,
+            )
+            trainer = build_healing_trainer(sparse.train(), dense, train_blocks, None, args, distill)
+            trainer.train()
+            heal_log = trainer.state.log_history
+        sparse = sparse.float().eval()
+        ppl["healed"] = perplexity(sparse, val, block, stride)
+        log(f"  healed perplexity {ppl['healed']['perplexity']:.3f}")
+    else:
+        heal_log = []
+
+    log("[5/6] results")
+    report = sparse.flops_report(batch_size=1, seq_len=block)
+    table = summary_tables(report, ppl)
+    log(table)
+
+    log(f"[6/6] saving the sparse checkpoint to {job.output_dir}")
+    results = {
+        "base_model": job.model_name_or_path, "block_size": block, "perplexity": ppl, "flops": report,
+        "conversion": conversion_report, "healing_log": heal_log, "wall_s": round(time.time() - start, 1),
+    }
+    dataset_label = data.dataset_name or os.path.basename(data.validation_file or "")
+    with atomic_output_dir(job.output_dir, job.overwrite_output_dir) as tmp:
+        sparse.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        card = make_model_card(
+            sparse, base_model=job.model_name_or_path if not local_default else "sparse-gpt2 embedded dense GPT-2 (Python docs)",
+            perplexities={k: v["perplexity"] for k, v in ppl.items()}, seq_len=block, dataset=data.dataset_name,
+            perplexity_note=f"Held-out text: {dataset_label}; {ppl['dense']['windowing']}; {ppl['dense']['tokens_scored']} tokens scored.",
+            provenance=(
+                f"Converted with `convert_gpt2_to_sparse` at `ffn_flops_ratio={conv.ffn_flops_ratio}` on "
+                f"{conversion_report['calibration_tokens']} calibration tokens, then healed for {job.heal_steps} "
+                f"distillation steps of {job.heal_batch_size} x {block} tokens (T={distill.temperature}, alpha_kl={distill.alpha_kl})."
+            ),
+        )
+        card.save(os.path.join(tmp, "README.md"))
+        save_json(os.path.join(tmp, "sparse_gpt2_results.json"), results)
+    results["wall_s"] = round(time.time() - start, 1)
+    log(f"done in {results['wall_s']} s")
+    return results
+
+
+def main(argv=None):
+    hf_logging.set_verbosity_error()
+    parser = HfArgumentParser((MainJobArguments, DataArguments, ConversionArguments, DistillationArguments))
+    job, data, conv, distill = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        run_main_job(job, data, conv, distill)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Model cards for converted / healed checkpoints, generated with `huggingface_hub.ModelCard`."""
+
+import os
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
+KNOBS = (
+    "sparse_components", "poly_keep_ratio", "poly_degree", "poly_num_terms", "poly_domain", "k_freq",
+    "spectral_selection", "micro_steps", "micro_keep_ratio", "micro_group_size", "feedback_rank",
+    "feedback_window", "tensor_blocks", "gate_kind",
+)
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def flops_table(report: dict) -> str:
+    """Per component, summed over blocks: FLOPs and share of the dense MLP."""
+    dense = report["FLOPs/ffn_dense_equivalent"]
+    totals = {}
+    for key, value in report.items():
+        if key.startswith("FLOPs/block_") and not key.endswith("_ffn"):
+            comp = key.split("_", 2)[2]
+            totals[comp] = totals.get(comp, 0) + value
+    rows = [(c, f"{v:,}", f"{v / dense:.4f}") for c, v in totals.items()]
+    rows.append(("**sparse FFN total**", f"{report['FLOPs/ffn_total']:,}", f"{report['FLOPs/ffn_ratio']:.4f}"))
+    rows.append(("dense GPT-2 MLP", f"{dense:,}", "1.0000"))
+    rows.append(("elementwise (apart)", f"{report['ElementwiseFLOPs/ffn_total']:,}", f"{report['ElementwiseFLOPs/ffn_total'] / dense:.4f}"))
+    return _table(["component", "FLOPs", "ratio to dense MLP"], rows)
+
+
+def make_model_card(model, base_model: str, perplexities: dict, seq_len: int, dataset: str | None = None,
+                    repo_id: str | None = None, provenance: str = "", perplexity_note: str = "") -> ModelCard:
+    """``perplexities``: {"dense": ppl, "converted": ppl, "healed": ppl} (missing ones are skipped)."""
+    config = model.config
+    report = model.flops_report(batch_size=1, seq_len=seq_len)
+    name = repo_id or "sparse-gpt2"
+    own = perplexities.get("healed", perplexities.get("converted"))
+    eval_results = None
+    if own is not None:
+        eval_results = [EvalResult(task_type="text-generation", dataset_type=dataset or "custom", dataset_name=dataset or "held-out text",
+                                   metric_type="perplexity", metric_value=round(float(own), 4))]
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        tags=["sparse-gpt2", "gpt2", "sparse", "ultra-efficient-sparse-ffn", "distillation"],
+        datasets=[dataset] if dataset and not os.path.exists(dataset) else None,
+        license="apache-2.0",
+        model_name=name,
+        eval_results=eval_results,
+    )
+    ppl_rows = [(k, f"{v:.3f}") for k, v in perplexities.items() if v is not None]
+    knob_rows = [(k, f"`{getattr(config, k)}`") for k in KNOBS]
+    comps = sorted({c for i in range(config.n_layer) for c in config.layer_spec(i).components})
+    return ModelCard.from_template(
+        card_data,
+        template_path=TEMPLATE,
+        model_name=name,
+        base_model=base_model,
+        components=", ".join(comps),
+        ffn_ratio_pct=f"{100 * report['FLOPs/ffn_ratio']:.1f}%",
+        perplexity_table=_table(["model", "perplexity"], ppl_rows) if ppl_rows else "not measured",
+        perplexity_note=perplexity_note,
+        seq_len=seq_len,
+        flops_table=flops_table(report),
+        knobs_table=_table(["knob", "value"], knob_rows),
+        repo_id=repo_id or "path/to/this/folder",
+        provenance=provenance,
+    )
