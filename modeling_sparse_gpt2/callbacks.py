@@ -29,7 +29,11 @@ class SparseFLOPsCallback(TrainerCallback):
             return control
         steps = getattr(state, "logging_steps", None) or args.logging_steps
         if state.global_step == 1 or (steps and state.global_step % max(1, int(steps)) == 0):
+            should_log = control.should_log
             self.trainer.log(self.stats(model, args))
+            # trainer.log runs the on_log event, which clears should_log: the Trainer's own loss
+            # logging for this step must still happen
+            control.should_log = should_log
         return control
 
 

@@ -75,7 +75,7 @@ def check_dense_gpt2(model) -> GPT2LMHeadModel:
     if not isinstance(model, GPT2LMHeadModel):
         raise ValueError(
             f"expected a dense GPT-2 (GPT2LMHeadModel, model_type 'gpt2'), got {type(model).__name__} "
-            f"(model_type {getattr(model.config, 'model_type', '?')!r})"
+            f"(model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
         )
     if not all(isinstance(b.mlp, GPT2MLP) for b in model.transformer.h):
         raise ValueError("every block of the dense model must hold a GPT2MLP")

@@ -2,7 +2,9 @@
 
     u_t = U x_t                                  (rank r; U rides in the fused down GEMM)
     u_t = 0 where token t is padding
-    s_t = gelu(sum_{j<w} K[:, j] * u_{t-w+1+j})  (depthwise causal convolution, window w)
+    s_t = gelu(sum_{j<w} K[:, j] * u_{t-w+1+j})  (depthwise causal convolution, window w, written as
+                                                  w shifted multiply-adds that compile fuses into one
+                                                  kernel; cuDNN's grouped conv1d is slow at rank r)
     y_t = V s_t                                  (V rides in the fused up GEMM; zero at conversion,
                                                   so a converted block starts at the dense output)
 
@@ -10,7 +12,7 @@ At decode time the last ``w - 1`` values of ``u`` are the state; they live on th
 ``Cache`` (``cache.sparse_ffn_feedback[layer]``), are reordered with it in beam search, and make
 generation with a cache equal generation without one.
 
-FLOPs per token: matmul 4·d·r + conv 2·r·w.
+FLOPs per token: matmul 4·d·r; elementwise 2·r·w (the convolution) + ~8·r (mask, gelu).
 """
 
 import torch
@@ -32,9 +34,26 @@ def feedback_states(cache) -> dict:
 
 
 def reorder_feedback_states(cache, beam_idx: torch.Tensor):
-    """Follow a beam-search reordering of the cache (``Cache.reorder_cache``)."""
-    for layer, state in feedback_states(cache).items():
-        feedback_states(cache)[layer] = state.index_select(0, beam_idx.to(state.device))
+    """Follow a beam-search reordering of the cache (``Cache.reorder_cache``), in place."""
+    for state in feedback_states(cache).values():
+        state.copy_(state.index_select(0, beam_idx.to(state.device)))
+
+
+def _state_buffer(cache, layer_idx: int, like: torch.Tensor, length: int):
+    """The layer's persistent (batch, w-1, r) state buffer; zeros when new (before the first token).
+
+    It is allocated once and then only updated in place, so CUDA graphs (static cache + compile)
+    can replay over a fixed address.
+    """
+    states = feedback_states(cache)
+    buf = states.get(layer_idx)
+    shape = (like.shape[0], length, like.shape[2])
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = like.new_zeros(shape)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(buf)
+        states[layer_idx] = buf
+    return buf
 
 
 class FeedbackComponent(GemmComponent):
@@ -58,20 +77,20 @@ class FeedbackComponent(GemmComponent):
         if ctx.token_mask is not None:
             u = u * ctx.token_mask[:, -u.shape[1] :, None].to(u.dtype)
         w = self.window
-        state = None
         if ctx.cache is not None and w > 1:
-            state = feedback_states(ctx.cache).get(ctx.layer_idx)
-        if state is None:
-            state = u.new_zeros(u.shape[0], w - 1, u.shape[2])
-        full = torch.cat([state.to(u.dtype), u], dim=1)  # (batch, w-1+T, r)
-        if ctx.cache is not None and w > 1:
-            feedback_states(ctx.cache)[ctx.layer_idx] = full[:, -(w - 1) :].detach()
-        s = F.conv1d(full.transpose(1, 2), self.kernel[:, None, :].to(u.dtype), groups=u.shape[2])
-        s = F.gelu(s.transpose(1, 2), approximate="tanh")
+            state = _state_buffer(ctx.cache, ctx.layer_idx, u, w - 1)
+            full = torch.cat([state, u], dim=1)  # (batch, w-1+T, r)
+            with torch.no_grad():
+                state.copy_(full[:, -(w - 1) :])
+        else:
+            full = torch.cat([u.new_zeros(u.shape[0], w - 1, u.shape[2]), u], dim=1)
+        kernel = self.kernel.to(u.dtype)
+        t = u.shape[1]
+        s = full[:, w - 1 :] * kernel[:, w - 1]
+        for j in range(w - 1):
+            s = s + full[:, j : j + t] * kernel[:, j]
+        s = F.gelu(s, approximate="tanh")
         return s[0] if squeeze else s
 
-    def matmul_flops_per_token(self) -> int:
-        return super().matmul_flops_per_token() + 2 * self.rows * self.window
-
     def elementwise_flops_per_token(self) -> int:
-        return 8 * self.rows  # mask + gelu
+        return 2 * self.rows * self.window + 8 * self.rows  # convolution, mask, gelu

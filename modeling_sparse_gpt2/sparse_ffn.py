@@ -49,6 +49,17 @@ class UltraEfficientSparseFFN(nn.Module):
         self.use_fused = True
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
         self._fused_cache = None
+        self._frozen = None  # fused weights fixed by freeze_fused_weights() for inference
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._frozen = None
+        return super().train(mode)
+
+    @torch.no_grad()
+    def freeze_fused_weights(self):
+        self._frozen = None
+        self._frozen = tuple(t.detach().clone() if torch.is_tensor(t) else t for t in self.fused_weights())
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None) -> torch.Tensor:
@@ -76,6 +87,8 @@ class UltraEfficientSparseFFN(nn.Module):
 
         Cached while the model is used without gradients and the weights are unchanged.
         """
+        if self._frozen is not None and not self.training:
+            return self._frozen
         params = list(self.parameters()) + [self.components[n].basis for n in ("spectral",) if n in self.components]
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if cacheable else None

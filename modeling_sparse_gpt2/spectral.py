@@ -22,7 +22,7 @@ from .component_base import FFNContext, GemmComponent
 
 def dct_rows(freqs: torch.Tensor, d: int) -> torch.Tensor:
     """Rows ``freqs`` of the orthonormal DCT-II matrix: C[k, n] = a_k cos(pi (n + 1/2) k / d)."""
-    n = torch.arange(d, dtype=torch.float64)
+    n = torch.arange(d, dtype=torch.float64, device=freqs.device)
     k = freqs.to(torch.float64)[:, None]
     rows = torch.cos(math.pi * (n[None, :] + 0.5) * k / d) * math.sqrt(2.0 / d)
     rows[freqs == 0] = 1.0 / math.sqrt(d)

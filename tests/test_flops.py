@@ -93,3 +93,5 @@ def test_flops_callback_reaches_trainer_log_history(tmp_path):
     assert logged[-1]["FLOPs/ffn_total"] == expected["FLOPs/ffn_total"]
     assert logged[-1]["FLOPs/block_1_spectral"] == expected["FLOPs/block_1_spectral"]
     assert "Gates/block_0_polynomial" in logged[-1]
+    # the Trainer's own logging still happens at the same steps
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]

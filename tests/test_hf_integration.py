@@ -222,3 +222,21 @@ def test_trainer_loss_falls(tmp_path):
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_static_cache_generation_equals_generation_without_cache(model):
+    x = ids(batch=2, seq=6)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    static = model.generate(x, cache_implementation="static", **kw)
+    assert torch.equal(static, model.generate(x, use_cache=False, **kw))
+
+
+def test_frozen_inference_weights_give_the_same_logits_and_drop_in_train_mode(model):
+    x = ids()
+    with torch.no_grad():
+        expected = model(x).logits
+        model.freeze_ffn_for_inference()
+        torch.testing.assert_close(model(x).logits, expected, atol=0, rtol=0)
+    assert all(b.mlp._frozen is not None for b in model.transformer.h)
+    model.train()
+    assert all(b.mlp._frozen is None for b in model.transformer.h)

@@ -1,0 +1,189 @@
+"""Dense -> sparse conversion (issue: conversion, healing, main job)."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from modeling_sparse_gpt2.conversion import (
+    ConversionArguments,
+    convert_gpt2_to_sparse,
+    select_neurons,
+    select_neurons_obs,
+    sparse_config_for_budget,
+)
+from modeling_sparse_gpt2.data import load_texts, token_stream, tokenize_blocks
+from modeling_sparse_gpt2.evaluation import perplexity
+from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
+
+
+def tiny_dense(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg.update(kw)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def calib(n=16, t=32, vocab=97, seed=0):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The small dense GPT-2 shipped with the package, with real calibration and held-out text."""
+    dense = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    tok = load_tokenizer(DEFAULT_MODEL)
+    cal = tokenize_blocks(load_texts(DEFAULT_CALIBRATION), tok, 128, 16)
+    val = token_stream(load_texts(DEFAULT_VALIDATION), tok)[:4096]
+    return dense, cal, val
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.4, 0.2])
+@pytest.mark.parametrize("mode", ["uniform", "sensitivity"])
+def test_achieved_ffn_flops_ratio_is_at_or_under_the_request(ratio, mode):
+    dense = tiny_dense(n_embd=64)
+    sparse, report = convert_gpt2_to_sparse(dense, calib(), ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode))
+    assert report["ffn_flops_ratio"] <= ratio + 1e-9
+    assert report["ffn_flops_ratio"] > ratio - 0.05  # and it spends the budget
+    assert sparse.flops_report(1, 32)["FLOPs/ffn_ratio"] == pytest.approx(report["ffn_flops_ratio"])
+
+
+def test_sensitivity_mode_gives_layers_different_budgets_within_the_total():
+    dense = tiny_dense(n_embd=64)
+    cfg = sparse_config_for_budget(dense.config, ConversionArguments(ffn_flops_ratio=0.4), layer_weights=[1.0, 3.0])
+    keep = cfg.poly_keep_ratio
+    assert keep[1] > keep[0]
+    uniform = sparse_config_for_budget(dense.config, ConversionArguments(ffn_flops_ratio=0.4))
+    assert sum(keep) <= sum(uniform.poly_keep_ratio) + 1e-9
+
+
+def test_non_mlp_weights_are_bit_identical_to_the_dense_model():
+    dense = tiny_dense()
+    sparse, _ = convert_gpt2_to_sparse(dense, calib(), ConversionArguments(ffn_flops_ratio=0.5))
+    sd = sparse.state_dict()
+    compared = 0
+    for name, tensor in dense.state_dict().items():
+        if ".mlp." in name:
+            continue
+        assert torch.equal(sd[name], tensor), name
+        compared += 1
+    assert compared >= 2 + 2 * 8  # wte, wpe, ln_f + per block ln_1/2, attn weights and biases
+
+
+def test_mlp_is_initialised_from_the_dense_c_fc_rows():
+    dense = tiny_dense()
+    sparse, _ = convert_gpt2_to_sparse(dense, calib(), ConversionArguments(ffn_flops_ratio=0.5))
+    for db, sb in zip(dense.transformer.h, sparse.transformer.h):
+        poly = sb.mlp.components["polynomial"]
+        idx = poly.neuron_index
+        assert (idx >= 0).all() and len(set(idx.tolist())) == len(idx)
+        assert torch.equal(poly.w_in, db.mlp.c_fc.weight[:, idx].T)
+        assert torch.equal(poly.b_in, db.mlp.c_fc.bias[idx])
+        assert int(poly.coeff_mask.sum()) == 6  # sparse Chebyshev coefficients
+        assert torch.count_nonzero(poly.coeffs) == 6
+
+
+def test_all_neurons_and_high_degree_reproduce_the_dense_logits():
+    """Tolerance: max |logit difference| < 2e-2 (Chebyshev degree 16 vs GELU, ridge 1e-6)."""
+    dense = tiny_dense()
+    args = ConversionArguments(poly_keep_ratio=1.0, poly_degree=16, poly_num_terms=None, sparse_components=["polynomial"], ridge=1e-6)
+    sparse, report = convert_gpt2_to_sparse(dense, calib(), args)
+    x = calib(3, 32, seed=5)
+    with torch.no_grad():
+        diff = (sparse(x).logits - dense(x).logits).abs().max().item()
+    assert diff < 2e-2
+    assert all(layer["rel_error_sparse_ffn"] < 1e-3 for layer in report["layers"])
+
+
+def test_obs_selection_reconstructs_better_than_importance(trained):
+    dense, cal, _ = trained
+    mlp = dense.transformer.h[1].mlp
+    xs, ys = [], []
+    h = mlp.register_forward_hook(lambda mod, i, o: (xs.append(i[0].reshape(-1, i[0].shape[-1])), ys.append(o.reshape(-1, o.shape[-1]))) and None)
+    with torch.no_grad():
+        dense(cal[:8])
+    h.remove()
+    x, y = torch.cat(xs), torch.cat(ys)
+
+    def refit_error(neurons):
+        a = mlp.act(x @ mlp.c_fc.weight[:, neurons] + mlp.c_fc.bias[neurons]).double()
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        w = torch.linalg.lstsq(a, y.double()).solution
+        return ((a @ w - y.double()) ** 2).sum().item()
+
+    m = 300
+    obs = select_neurons_obs(mlp, [x], [y], m, ridge=1e-3)
+    imp, _ = select_neurons(mlp, [x], m)
+    assert len(obs) == m
+    assert refit_error(obs) < refit_error(imp)
+
+
+def test_perplexity_rises_monotonically_as_the_budget_shrinks(trained):
+    dense, cal, val = trained
+    ppl = [perplexity(dense, val, 128)["perplexity"]]
+    for ratio in (0.7, 0.4, 0.15):
+        sparse, _ = convert_gpt2_to_sparse(dense, cal, ConversionArguments(ffn_flops_ratio=ratio))
+        ppl.append(perplexity(sparse, val, 128)["perplexity"])
+    assert all(a < b for a, b in zip(ppl, ppl[1:])), ppl
+    assert ppl[1] < 1.5 * ppl[0], ppl  # a generous budget stays close to dense
+
+
+def test_conversion_refuses_a_model_that_is_not_gpt2():
+    sparse = SparseGPT2LMHeadModel(sparse_config_for_budget(tiny_dense().config, ConversionArguments()))
+    with pytest.raises(ValueError, match="already a SparseGPT2"):
+        convert_gpt2_to_sparse(sparse, calib())
+    with pytest.raises(ValueError, match="expected a dense GPT-2"):
+        convert_gpt2_to_sparse(torch.nn.Linear(2, 2), calib())
+
+
+def test_budget_that_cannot_be_met_names_the_knobs():
+    with pytest.raises(ValueError, match="ffn_flops_ratio=0.01 cannot be met"):
+        convert_gpt2_to_sparse(tiny_dense(), calib(), ConversionArguments(ffn_flops_ratio=0.01))
+
+
+def test_empty_or_too_long_calibration_is_refused():
+    with pytest.raises(ValueError, match="non-empty"):
+        convert_gpt2_to_sparse(tiny_dense(), torch.zeros(0, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the model's n_positions"):
+        convert_gpt2_to_sparse(tiny_dense(), calib(2, 100))
+
+
+@pytest.mark.parametrize("bad", [dict(ffn_flops_ratio=0), dict(budget_mode="greedy"), dict(neuron_selection="random"), dict(ridge=-1)])
+def test_conversion_arguments_validate_themselves(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ConversionArguments(**bad)
+
+
+def test_perplexity_matches_a_hand_computation():
+    model = tiny_dense()
+    tokens = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # stride == block: windows [0,64), [64,128), [128,150); every target after a window's first token
+        nll, n = 0.0, 0
+        for b in range(0, 150, 64):
+            w = tokens[b : b + 64]
+            logp = torch.log_softmax(model(w[None]).logits[0, :-1], -1)
+            nll -= logp.gather(1, w[1:, None]).sum().item()
+            n += len(w) - 1
+        res = perplexity(model, tokens, 64)
+        assert res["tokens_scored"] == n
+        assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        # stride 32 < block 64: every token from the 2nd on is scored exactly once
+        nll, n = 0.0, 0
+        prev_end = 0
+        for b in range(0, 149, 32):
+            e = min(b + 64, 150)
+            w = tokens[b:e]
+            logp = torch.log_softmax(model(w[None]).logits[0, :-1], -1)
+            targets = list(range(max(prev_end, b + 1), e))
+            for t in targets:
+                nll -= logp[t - b - 1, tokens[t]].item()
+            n += len(targets)
+            prev_end = e
+            if e == 150:
+                break
+        res = perplexity(model, tokens, 64, stride=32)
+        assert res["tokens_scored"] == n == 149
+        assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
