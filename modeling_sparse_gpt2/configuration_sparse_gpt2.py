@@ -5,17 +5,27 @@ conversion can give sensitive layers a larger budget. The config checks itself w
 and when it is loaded; a bad value raises ``ValueError`` naming the knob and its allowed range.
 """
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import GPT2Config
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 COMPONENTS = ("polynomial", "spectral", "feedback", "tensor", "micro")
 """Canonical component order (it is also the order of segments inside the fused GEMMs)."""
 
 GATE_KINDS = ("channel", "token")
 SPECTRAL_SELECTIONS = ("static", "topk")
+POLY_DOMAIN_RANGE = (1e-6, 1e4)  # below ~1e-45 the domain underflows to 0 in float32 and h / s gives 0 / 0 = NaN
+SPARSE_KNOBS = (
+    "sparse_components", "poly_keep_ratio", "poly_degree", "poly_num_terms", "poly_domain", "k_freq",
+    "spectral_selection", "micro_steps", "micro_keep_ratio", "micro_group_size", "feedback_rank",
+    "feedback_window", "tensor_blocks", "gate_kind",
+)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_sparse_gpt2.SparseGPT2Config",
@@ -70,7 +80,7 @@ class SparseGPT2Config(GPT2Config):
         poly_keep_ratio (`float`, (0, 1]): fraction of the dense MLP's hidden neurons kept.
         poly_degree (`int`, >= 1): degree of the Chebyshev activation.
         poly_num_terms (`int`, 1..poly_degree+1, or None for all): non-zero Chebyshev coefficients.
-        poly_domain (`float`, > 0): half-width ``s`` of the polynomial's input domain ``[-s, s]``.
+        poly_domain (`float`, [1e-6, 1e4]): half-width ``s`` of the polynomial's input domain ``[-s, s]``.
         k_freq (`int`, 1..n_embd, or None for n_embd // 16): DCT frequencies kept by the spectral part.
         spectral_selection (`str`): ``"static"`` (fixed frequency set) or ``"topk"`` (per token, the
             k_freq largest of 2 * k_freq analysed frequencies).
@@ -102,6 +112,10 @@ class SparseGPT2Config(GPT2Config):
     gate_kind: Any = "channel"
 
     def __post_init__(self, **kwargs):
+        for key in kwargs:  # unknown keys are kept as attributes without a word; a misspelt knob deserves one
+            close = difflib.get_close_matches(key, SPARSE_KNOBS, n=1, cutoff=0.8)
+            if close:
+                logger.warning(f"SparseGPT2Config: unknown key {key!r} has no effect; did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
         if self.sparse_components is None:
             self.sparse_components = list(COMPONENTS)
@@ -205,13 +219,14 @@ class SparseGPT2Config(GPT2Config):
         for v in degrees:
             _check_int("poly_degree", v, 1, 64)
         terms = values("poly_num_terms")
-        for i, v in enumerate(terms):
+        per_layer_degrees = degrees * n_layer if len(degrees) == 1 else degrees
+        for v, deg in zip(terms * n_layer if len(terms) == 1 else terms, per_layer_degrees):  # every layer's degree
             if v is not None:
-                deg = degrees[i] if len(degrees) > 1 else degrees[0]
                 _check_int("poly_num_terms", v, 1, deg + 1, extra=f" (poly_degree + 1 = {deg + 1}) or None")
+        lo, hi = POLY_DOMAIN_RANGE
         for v in values("poly_domain"):
-            if not _is_number(v) or not (0 < v <= 1e4) or v != v:
-                raise ValueError(f"poly_domain must be a number in (0, 1e4], got {v!r}")
+            if not _is_number(v) or not (lo <= v <= hi):
+                raise ValueError(f"poly_domain must be a number in [{lo:g}, {hi:g}], got {v!r}")
         for v in values("k_freq"):
             if v is not None:
                 _check_int("k_freq", v, 1, d, extra=" (n_embd) or None")

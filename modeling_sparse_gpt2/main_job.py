@@ -40,7 +40,7 @@ class MainJobArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Dense GPT-2: hub id or folder (default: the embedded one)."})
     output_dir: str = field(default="sparse-gpt2-out", metadata={"help": "Where the sparse checkpoint goes."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
-    heal_steps: int = field(default=150, metadata={"help": "Distillation steps (0: no healing)."})
+    heal_steps: int = field(default=60, metadata={"help": "Distillation steps (0: no healing)."})
     heal_batch_size: int = field(default=8, metadata={"help": "Sequences per healing step."})
     heal_learning_rate: float = field(default=1e-3, metadata={"help": "Healing learning rate."})
     eval_stride: int | None = field(default=None, metadata={"help": "Perplexity window stride (default: block_size)."})

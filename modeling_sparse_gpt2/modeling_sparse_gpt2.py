@@ -17,6 +17,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Model,
     GPT2PreTrainedModel,
 )
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .component_base import FFNContext
 from .configuration_sparse_gpt2 import SparseGPT2Config
@@ -43,7 +44,10 @@ class SparseGPT2Block(GPT2Block):
         cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
         if cache is None and args and not isinstance(args[0], torch.Tensor):
             cache = args[0]  # GPT2Model passes the cache positionally
-        self.mlp.context = FFNContext(cache=cache, token_mask=token_mask, layer_idx=self.mlp.layer_idx)
+        # layer_idx only matters with a cache; reading it otherwise would make compile specialise
+        # (and recompile) every block on its index
+        layer_idx = self.mlp.layer_idx if cache is not None else 0
+        self.mlp.context = FFNContext(cache=cache, token_mask=token_mask, layer_idx=layer_idx)
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
@@ -55,6 +59,32 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
     config: SparseGPT2Config
     _no_split_modules = ["SparseGPT2Block"]
     _can_record_outputs = {**GPT2PreTrainedModel._can_record_outputs, "hidden_states": SparseGPT2Block}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` with errors that name what is wrong. transformers 5.24 reports an
+        unreadable safetensors file without its name and a wrong-shape tensor as "look at the above report"."""
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, ignore_mismatched_sizes=True, output_loading_info=True,
+                **kwargs,
+            )  # fmt: skip
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            where = "/".join(str(p) for p in (pretrained_model_name_or_path, kwargs.get("subfolder")) if p)
+            message = f"Unable to read the weights file {SAFE_WEIGHTS_NAME} (or a shard) in {where}: {err}"
+            raise OSError(message) from err
+        mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])
+        if mismatched and not ignore_mismatched:  # raise, as transformers does, but name the tensors
+            shapes = "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched)
+            raise RuntimeError(
+                f"Weights of {pretrained_model_name_or_path} with the wrong shape: {shapes}. "
+                "Pass ignore_mismatched_sizes=True to re-initialise them instead."
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -126,6 +156,16 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
             for i, ffn in enumerate(sparse_ffns(self))
             for name, value in ffn.gates.mean_values().items()
         }
+
+    def freeze_ffn_for_inference(self):
+        """Precompute every FFN's fused GEMM weights (gates folded in) once, for inference.
+
+        Compiled decoding (CUDA graphs) then reads them instead of re-concatenating the weights
+        at every step. ``train()`` drops them; call this again after changing weights in eval mode.
+        """
+        for ffn in sparse_ffns(self):
+            ffn.freeze_fused_weights()
+        return self
 
     def set_fused_ffn(self, enabled: bool = True):
         """Choose the fused fast path (default) or the per-component reference path."""

@@ -102,7 +102,10 @@ class UltraEfficientSparseFFN(nn.Module):
         if self.gates.token:
             w_down.append(self.gates.token_weight)
             b_down.append(self.gates.token_bias)
-        w_up = torch.cat([self.gates.channel[i][:, None] * c.up() for i, c in items], dim=1)
+        # token gates tau = 2 sigmoid(.): the activations are scaled by sigmoid(.) and the 2 is folded
+        # into W_up, so a large activation is not doubled (to inf in fp16) before the GEMM
+        scale = 2.0 if self.gates.token else 1.0
+        w_up = torch.cat([scale * self.gates.channel[i][:, None] * c.up() for i, c in items], dim=1)
         fused = (torch.cat(w_down), torch.cat(b_down), sizes, w_up)
         self._fused_cache = (key, fused) if key is not None else None
         return fused
@@ -110,11 +113,12 @@ class UltraEfficientSparseFFN(nn.Module):
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         w_down, b_down, sizes, w_up = self.fused_weights()
         h = F.linear(x, w_down.to(x.dtype), b_down.to(x.dtype))
-        tau = self.gates.token_factors(h[..., sum(sizes) :]) if self.gates.token else None
+        half_tau = torch.sigmoid(h[..., sum(sizes) :]) if self.gates.token else None
+        tau = 2 * half_tau if half_tau is not None else None
         acts = []
         for (i, comp), seg in zip(self._gemm_items(), torch.split(h[..., : sum(sizes)], sizes, dim=-1)):
             a = comp.activate(seg, ctx)
-            acts.append(a * tau[..., i : i + 1] if tau is not None else a)
+            acts.append(a * half_tau[..., i : i + 1] if half_tau is not None else a)
         y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype), self.bias.to(x.dtype))
         for i, comp in enumerate(self.components.values()):
             if not isinstance(comp, GemmComponent):

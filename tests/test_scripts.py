@@ -188,5 +188,6 @@ def test_main_job_runs_offline_on_the_embedded_default(tmp_path):
     assert set(results["perplexity"]) == {"dense", "converted", "healed"}
     assert results["flops"]["FLOPs/ffn_ratio"] <= 0.4
     card = ModelCard.load(out / "README.md")
-    assert card.data.model_index or card.data.eval_results
+    assert card.data.eval_results[0].metric_type == "perplexity"
+    assert card.data.library_name == "transformers"
     assert main(["--output_dir", str(out), "--heal_steps", "0"]) == 2  # exists, no --overwrite_output_dir
