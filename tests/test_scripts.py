@@ -191,3 +191,30 @@ def test_main_job_runs_offline_on_the_embedded_default(tmp_path):
     assert card.data.eval_results[0].metric_type == "perplexity"
     assert card.data.library_name == "transformers"
     assert main(["--output_dir", str(out), "--heal_steps", "0"]) == 2  # exists, no --overwrite_output_dir
+
+
+SAVE_KILLER = """
+import os, runpy, signal, sys
+from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+
+save = SparseGPT2LMHeadModel.save_pretrained
+def save_then_die(self, path, *a, **k):
+    save(self, path, *a, **k)  # the weights are half of what the folder will hold
+    os.kill(os.getpid(), signal.SIGKILL)
+SparseGPT2LMHeadModel.save_pretrained = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_conversion_killed_while_writing_leaves_no_output_folder(dense_dir, tmp_path):
+    killer = tmp_path / "killer.py"
+    killer.write_text(SAVE_KILLER)
+    out = tmp_path / "sparse"
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, killer, os.path.join(ROOT, "scripts", "convert_gpt2_to_sparse.py"),
+                          "--model_name_or_path", dense_dir, "--output_dir", out, "--calibration_file", DEFAULT_CALIBRATION,
+                          "--num_calibration_samples", "2", "--block_size", "32"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not out.exists()  # only the hidden temporary folder beside it holds the partial write
+    assert leftovers(tmp_path, "sparse")
