@@ -1,0 +1,60 @@
+"""Healing under `accelerate launch` on the CPU (gloo): DDP matches one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny dense GPT-2 (no dropout, so runs are comparable) and its conversions."""
+    base = tmp_path_factory.mktemp("ddp")
+    tok = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=64, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
+    dense.save_pretrained(base / "dense")
+    tok.save_pretrained(base / "dense")
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
+    out = {"dense": base / "dense"}
+    for name, comps in (("all", "polynomial spectral feedback tensor micro"), ("poly_tensor", "polynomial tensor")):
+        out[name] = base / name
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_gpt2_to_sparse.py"), "--model_name_or_path", str(base / "dense"),
+                        "--output_dir", str(out[name]), "--ffn_flops_ratio", "0.6", "--calibration_file", DEFAULT_CALIBRATION,
+                        "--num_calibration_samples", "4", "--block_size", "32", "--sparse_components", *comps.split()],
+                       check=True, env=env, capture_output=True)
+    return out
+
+
+def heal(models, student, out, launcher, per_device_batch):
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = [os.path.join(ROOT, "scripts", "heal_sparse_gpt2.py"), "--model_name_or_path", str(models[student]),
+            "--teacher_model_name_or_path", str(models["dense"]), "--train_file", DEFAULT_CALIBRATION, "--block_size", "32",
+            "--max_train_samples", "64", "--per_device_train_batch_size", str(per_device_batch), "--max_steps", "5",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+            "--seed", "0", "--disable_tqdm", "true", "--output_dir", str(out), "--use_cpu"]
+    res = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [e["loss"] for e in json.loads((out / "healing_log.json").read_text()) if "loss" in e]
+
+
+@pytest.mark.parametrize("student", ["all", "poly_tensor"])
+def test_ddp_on_two_cpu_processes_matches_one_process(models, tmp_path, student):
+    single = heal(models, student, tmp_path / "single", [sys.executable], per_device_batch=4)
+    ddp = heal(models, student, tmp_path / "ddp",
+               [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"], per_device_batch=2)
+    # same global batch of 4 sequences per step. Tolerance: 1% relative per step. Measured: 4e-4 at
+    # the first step and up to 3e-3 after four updates (the cause of the drift is not established).
+    assert len(single) == len(ddp) == 5
+    assert ddp[0] == pytest.approx(single[0], rel=2e-3)
+    assert ddp == pytest.approx(single, rel=1e-2)
