@@ -148,7 +148,8 @@ def run_main_job(job: MainJobArguments, data: DataArguments, conv: ConversionArg
         sparse.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         card = make_model_card(
-            sparse, base_model=job.model_name_or_path if not local_default else "sparse-gpt2 embedded dense GPT-2 (Python docs)",
+            sparse, base_model=job.model_name_or_path,
+            base_model_name="the small dense GPT-2 embedded in the package (trained on the Python docs)" if local_default else None,
             perplexities={k: v["perplexity"] for k, v in ppl.items()}, seq_len=block, dataset=data.dataset_name,
             perplexity_note=f"Held-out text: {dataset_label}; {ppl['dense']['windowing']}; {ppl['dense']['tokens_scored']} tokens scored.",
             provenance=(

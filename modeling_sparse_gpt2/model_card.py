@@ -34,8 +34,13 @@ def flops_table(report: dict) -> str:
 
 
 def make_model_card(model, base_model: str, perplexities: dict, seq_len: int, dataset: str | None = None,
-                    repo_id: str | None = None, provenance: str = "", perplexity_note: str = "") -> ModelCard:
-    """``perplexities``: {"dense": ppl, "converted": ppl, "healed": ppl} (missing ones are skipped)."""
+                    repo_id: str | None = None, provenance: str = "", perplexity_note: str = "",
+                    base_model_name: str | None = None) -> ModelCard:
+    """``perplexities``: {"dense": ppl, "converted": ppl, "healed": ppl} (missing ones are skipped).
+
+    ``base_model`` goes into the metadata only when it is a Hub id (not a local folder);
+    ``base_model_name`` is how the text names it (default: ``base_model``).
+    """
     config = model.config
     report = model.flops_report(batch_size=1, seq_len=seq_len)
     name = repo_id or "sparse-gpt2"
@@ -61,7 +66,7 @@ def make_model_card(model, base_model: str, perplexities: dict, seq_len: int, da
         card_data,
         template_path=TEMPLATE,
         model_name=name,
-        base_model=base_model,
+        base_model=base_model_name or f"`{base_model}`",
         components=", ".join(comps),
         ffn_ratio_pct=f"{100 * report['FLOPs/ffn_ratio']:.1f}%",
         perplexity_table=_table(["model", "perplexity"], ppl_rows) if ppl_rows else "not measured",
