@@ -20,6 +20,7 @@ from .conversion import (
     _block_inputs,
     _ridge,
     _run_block_capturing_mlp,
+    activation_gram,
     copy_shared_weights,
     select_neurons,
     sparse_config_for_budget,
@@ -55,13 +56,7 @@ def prune_neurons(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, ffn_flo
         block.mlp.c_proj.weight.copy_(dense_block.mlp.c_proj.weight[neurons])
         block.mlp.c_proj.bias.copy_(dense_block.mlp.c_proj.bias)
         if refit:
-            gram = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=dense.device)
-            cross = torch.zeros(m + 1, config.n_embd, dtype=torch.float64, device=dense.device)
-            for x, y in zip(xs, ys):
-                a = block.mlp.act(block.mlp.c_fc(x)).reshape(-1, m).double()
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-                gram += a.T @ a
-                cross += a.T @ y.reshape(-1, y.shape[-1]).double()
+            gram, cross = activation_gram(block.mlp.act, block.mlp.c_fc.weight, block.mlp.c_fc.bias, xs, ys)
             w = _ridge(gram, cross, ridge)
             block.mlp.c_proj.weight.copy_(w[:m])
             block.mlp.c_proj.bias.copy_(w[m])

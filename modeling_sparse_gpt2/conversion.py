@@ -226,6 +226,19 @@ def select_neurons(mlp: GPT2MLP, xs: list[torch.Tensor], m: int):
     return torch.topk(importance, m).indices.sort().values, importance
 
 
+def activation_gram(act, w1, b1, xs, ys):
+    """Streamed statistics of B = [act(x w1 + b1), 1] against y: (B^T B, B^T y), in float64."""
+    k = w1.shape[1] + 1
+    gram = torch.zeros(k, k, dtype=torch.float64, device=w1.device)
+    cross = torch.zeros(k, ys[0].shape[-1], dtype=torch.float64, device=w1.device)
+    for x, y in zip(xs, ys):
+        a = act(x.reshape(-1, x.shape[-1]).double() @ w1.double() + b1.double())
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        gram += a.T @ a
+        cross += a.T @ y.reshape(-1, y.shape[-1]).double()
+    return gram, cross
+
+
 def select_neurons_obs(mlp: GPT2MLP, xs: list[torch.Tensor], ys: list[torch.Tensor], m: int, ridge: float):
     """Least-squares-aware selection (Optimal Brain Surgeon on whole neurons).
 
@@ -234,15 +247,9 @@ def select_neurons_obs(mlp: GPT2MLP, xs: list[torch.Tensor], ys: list[torch.Tens
     Neurons are removed in rounds (the cheapest ~5% of those left to remove), each followed by the
     exact Schur-complement update of H and W, until m remain. The bias column is never removed.
     """
-    w1, b1 = mlp.c_fc.weight.double(), mlp.c_fc.bias.double()
+    w1 = mlp.c_fc.weight
     f = w1.shape[1]
-    gram = torch.zeros(f + 1, f + 1, dtype=torch.float64, device=w1.device)
-    cross = torch.zeros(f + 1, ys[0].shape[-1], dtype=torch.float64, device=w1.device)
-    for x, y in zip(xs, ys):
-        a = mlp.act(x.reshape(-1, x.shape[-1]).double() @ w1 + b1)
-        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        gram += a.T @ a
-        cross += a.T @ y.reshape(-1, y.shape[-1]).double()
+    gram, cross = activation_gram(mlp.act, w1, mlp.c_fc.bias, xs, ys)
     diag = gram.diagonal().clamp_min(1e-12)
     h = torch.linalg.inv(gram + torch.diag(ridge * diag + 1e-10 * diag.mean()))
     w = h @ cross
@@ -481,19 +488,9 @@ def layer_sensitivity(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, arg
     for i, block in enumerate(dense.transformer.h):
         m = uniform.layer_spec(i).poly_neurons
         neurons, _ = select_neurons(block.mlp, xs[i], m)
-        w1, b1 = block.mlp.c_fc.weight[:, neurons].double(), block.mlp.c_fc.bias[neurons].double()
-        gram = torch.zeros(m + 1, m + 1, dtype=torch.float64, device=dense.device)
-        cross = torch.zeros(m + 1, dense.config.n_embd, dtype=torch.float64, device=dense.device)
-        yy, ysum, n = 0.0, 0.0, 0
-        for x, y in zip(xs[i], ys[i]):
-            a = block.mlp.act(x.reshape(-1, x.shape[-1]).double() @ w1 + b1)
-            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            y = y.reshape(-1, y.shape[-1]).double()
-            gram += a.T @ a
-            cross += a.T @ y
-            yy += (y * y).sum()
-            ysum = ysum + y.sum(0)
-            n += y.shape[0]
+        gram, cross = activation_gram(block.mlp.act, block.mlp.c_fc.weight[:, neurons], block.mlp.c_fc.bias[neurons], xs[i], ys[i])
+        y = torch.cat([t.reshape(-1, t.shape[-1]) for t in ys[i]]).double()
+        yy, ysum, n = (y * y).sum(), y.sum(0), y.shape[0]
         w = _ridge(gram, cross, args.ridge)
         resid = yy - 2 * (w * cross).sum() + (w * (gram @ w)).sum()
         errors.append(float(resid / (yy - (ysum**2).sum() / n)))
