@@ -57,11 +57,6 @@ class FFNLayerSpec:
     tensor_blocks: int  # Monarch: n_embd = tensor_blocks * block size
     gate_kind: str
 
-    @property
-    def gemm_components(self):
-        """Components whose down- and up-projections ride inside the two fused GEMMs."""
-        return tuple(c for c in self.components if c in ("polynomial", "spectral", "feedback"))
-
 
 def _divisor_near(n: int, target: float) -> int:
     divisors = [k for k in range(1, n + 1) if n % k == 0]
