@@ -15,7 +15,6 @@ windows of 512 tokens (stride 512). Results are written after every row.
 
 import argparse
 import json
-import math
 import os
 import platform
 import tempfile

@@ -26,7 +26,7 @@ from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from .configuration_sparse_gpt2 import COMPONENTS, SparseGPT2Config
-from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel, sparse_ffns
+from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 from .sparse_ffn import UltraEfficientSparseFFN
 from .spectral import dct_rows
 

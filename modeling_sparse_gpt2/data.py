@@ -62,6 +62,13 @@ def load_texts(
     return texts
 
 
+def load_split(file, dataset_name, dataset_config_name, split: str, text_column: str = "text") -> list[str]:
+    """Texts of a local file if given, else of ``split`` of the Hub dataset."""
+    if file:
+        return load_texts(file, text_column=text_column)
+    return load_texts(dataset_name=dataset_name, dataset_config_name=dataset_config_name, split=split, text_column=text_column)
+
+
 def tokenize_blocks(
     texts: list[str], tokenizer, block_size: int, max_blocks: int | None = None, source: str = "data"
 ) -> torch.Tensor:

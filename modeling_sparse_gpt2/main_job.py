@@ -7,19 +7,18 @@ Steps: load dense -> perplexity -> convert (calibration) -> perplexity -> heal (
 perplexity -> print the FLOPs and perplexity table -> save checkpoint + model card (atomically).
 """
 
-import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from .conversion import ConversionArguments, convert_gpt2_to_sparse
-from .data import load_texts, token_stream, tokenize_blocks
+from .data import load_split, token_stream, tokenize_blocks
 from .distillation import DistillationArguments, build_healing_trainer
 from .evaluation import perplexity
 from .model_card import make_model_card
@@ -29,6 +28,7 @@ from .pipeline import (
     DEFAULT_VALIDATION,
     DataArguments,
     atomic_output_dir,
+    check_output_dir,
     load_causal_lm,
     load_tokenizer,
     save_json,
@@ -75,9 +75,7 @@ def run_main_job(job: MainJobArguments, data: DataArguments, conv: ConversionArg
     if local_default:
         data.calibration_file = DEFAULT_CALIBRATION
         data.validation_file = data.validation_file or DEFAULT_VALIDATION
-    # fail on a bad output folder before any work
-    if os.path.exists(job.output_dir) and os.listdir(job.output_dir) and not job.overwrite_output_dir:
-        raise FileExistsError(f"output folder {job.output_dir} exists and is not empty; pass --overwrite_output_dir to replace it")
+    check_output_dir(job.output_dir, job.overwrite_output_dir)  # fail before any work
 
     log(f"[1/6] loading dense model {job.model_name_or_path}")
     dense = load_causal_lm(job.model_name_or_path, expect="gpt2").eval()
@@ -87,16 +85,12 @@ def run_main_job(job: MainJobArguments, data: DataArguments, conv: ConversionArg
         raise ValueError(f"block_size {block} exceeds the model's n_positions {dense.config.n_positions}")
 
     log("[2/6] reading calibration, healing and held-out text")
-    if data.dataset_name:
-        calib_texts = load_texts(dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name, split="train", text_column=data.text_column)
-        val_texts = load_texts(dataset_name=data.dataset_name, dataset_config_name=data.dataset_config_name, split="validation", text_column=data.text_column)
-        train_texts = calib_texts
-    else:
-        calib_texts = load_texts(data.calibration_file, text_column=data.text_column)
-        train_texts = load_texts(data.train_file, text_column=data.text_column) if data.train_file else calib_texts
-        if not data.validation_file:
-            raise ValueError("give --validation_file (held-out text for perplexity) or --dataset_name")
-        val_texts = load_texts(data.validation_file, text_column=data.text_column)
+    if not (data.dataset_name or data.validation_file):
+        raise ValueError("give --validation_file (held-out text for perplexity) or --dataset_name")
+    args = (data.dataset_name, data.dataset_config_name)
+    calib_texts = load_split(data.calibration_file, *args, "train", data.text_column)
+    train_texts = load_split(data.train_file, *args, "train", data.text_column) if data.train_file else calib_texts
+    val_texts = load_split(data.validation_file, *args, "validation", data.text_column)
     calib = tokenize_blocks(calib_texts, tokenizer, block, data.num_calibration_samples, source=data.calibration_file or data.dataset_name)
     if len(calib) < data.num_calibration_samples:
         log(f"  note: only {len(calib)} calibration sequences of {block} tokens available (asked {data.num_calibration_samples})")

@@ -58,6 +58,12 @@ def load_causal_lm(name_or_path: str, expect: str | None = None, dtype=torch.flo
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
 
 
+def check_output_dir(output_dir: str, overwrite: bool):
+    """Refuse an existing non-empty output folder unless ``overwrite`` (before any work starts)."""
+    if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(f"output folder {output_dir} exists and is not empty; pass --overwrite_output_dir to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str, overwrite: bool):
     """Yield a temporary folder beside ``output_dir``; it replaces ``output_dir`` only on success.
@@ -66,8 +72,7 @@ def atomic_output_dir(output_dir: str, overwrite: bool):
     an exception (or a kill) leaves no partial ``output_dir`` behind.
     """
     output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"output folder {output_dir} exists and is not empty; pass --overwrite_output_dir to replace it")
+    check_output_dir(output_dir, overwrite)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)

@@ -6,30 +6,23 @@ import os
 import torch
 
 from .conversion import convert_gpt2_to_sparse
-from .data import load_texts, token_stream, tokenize_blocks
+from .data import load_split, token_stream, tokenize_blocks
 from .distillation import build_healing_trainer
 from .evaluation import perplexity
 from .model_card import make_model_card
-from .pipeline import atomic_output_dir, load_causal_lm, load_tokenizer, save_json
-
-
-def _texts(file, dataset_name, dataset_config_name, split, text_column):
-    if file:
-        return load_texts(file, text_column=text_column)
-    return load_texts(dataset_name=dataset_name, dataset_config_name=dataset_config_name, split=split, text_column=text_column)
+from .pipeline import atomic_output_dir, check_output_dir, load_causal_lm, load_tokenizer, save_json
 
 
 def convert_and_save(model_args, data_args, conv_args, log=print):
     """Load the dense model and calibration text, convert, write checkpoint + card + report atomically."""
     out = model_args.output_dir
-    if os.path.exists(out) and os.listdir(out) and not model_args.overwrite_output_dir:
-        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite_output_dir to replace it")
+    check_output_dir(out, model_args.overwrite_output_dir)
     dense = load_causal_lm(model_args.model_name_or_path, expect="gpt2").eval()
     if torch.cuda.is_available():
         dense = dense.cuda()
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
     block = data_args.block_size or min(dense.config.n_positions, 512)
-    texts = _texts(data_args.calibration_file, data_args.dataset_name, data_args.dataset_config_name, "train", data_args.text_column)
+    texts = load_split(data_args.calibration_file, data_args.dataset_name, data_args.dataset_config_name, "train", data_args.text_column)
     calib = tokenize_blocks(texts, tokenizer, block, data_args.num_calibration_samples, source=data_args.calibration_file or data_args.dataset_name)
     sparse, report = convert_gpt2_to_sparse(dense, calib, conv_args, progress=log)
     log(f"achieved FFN FLOPs ratio {report['ffn_flops_ratio']:.4f} (requested {conv_args.ffn_flops_ratio})")
@@ -49,13 +42,13 @@ def heal_and_save(heal_args, distill_args, training_args, log=print):
     tokenizer = load_tokenizer(heal_args.model_name_or_path)
     block = heal_args.block_size or min(student.config.n_positions, 512)
     train = tokenize_blocks(
-        _texts(heal_args.train_file, heal_args.dataset_name, heal_args.dataset_config_name, "train", heal_args.text_column),
+        load_split(heal_args.train_file, heal_args.dataset_name, heal_args.dataset_config_name, "train", heal_args.text_column),
         tokenizer, block, heal_args.max_train_samples, source=heal_args.train_file or heal_args.dataset_name,
     )
     val = None
     if heal_args.validation_file or heal_args.dataset_name:
         val = tokenize_blocks(
-            _texts(heal_args.validation_file, heal_args.dataset_name, heal_args.dataset_config_name, "validation", heal_args.text_column),
+            load_split(heal_args.validation_file, heal_args.dataset_name, heal_args.dataset_config_name, "validation", heal_args.text_column),
             tokenizer, block, None, source=heal_args.validation_file or heal_args.dataset_name,
         )
     trainer = build_healing_trainer(student, teacher, train, val, training_args, distill_args)
@@ -81,7 +74,7 @@ def evaluate_model(args):
         model = model.cuda()
     tokenizer = load_tokenizer(args.model_name_or_path)
     block = args.block_size or min(model.config.n_positions, 512)
-    tokens = token_stream(_texts(args.validation_file, args.dataset_name, args.dataset_config_name, args.split, args.text_column), tokenizer)
+    tokens = token_stream(load_split(args.validation_file, args.dataset_name, args.dataset_config_name, args.split, args.text_column), tokenizer)
     if args.max_eval_tokens:
         tokens = tokens[: args.max_eval_tokens]
     result = perplexity(model, tokens, block, args.stride, args.batch_size)

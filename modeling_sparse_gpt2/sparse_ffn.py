@@ -73,11 +73,14 @@ class UltraEfficientSparseFFN(nn.Module):
             tau = self.gates.token_factors(F.linear(x, self.gates.token_weight, self.gates.token_bias))
         y = self.bias
         for i, comp in enumerate(self.components.values()):
-            y_c = comp(x, ctx) if isinstance(comp, GemmComponent) else comp(x)
-            if tau is not None:
-                y_c = y_c * tau[..., i : i + 1]
-            y = y + self.gates.channel[i] * y_c
+            y = self._add_gated(y, i, comp(x, ctx) if isinstance(comp, GemmComponent) else comp(x), tau)
         return y
+
+    def _add_gated(self, y, i: int, y_c, tau):
+        """y + g_i * tau_i * y_i (tau: token gates or None)."""
+        if tau is not None:
+            y_c = y_c * tau[..., i : i + 1]
+        return y + self.gates.channel[i] * y_c
 
     def _gemm_items(self):
         return [(i, c) for i, c in enumerate(self.components.values()) if isinstance(c, GemmComponent)]
@@ -89,7 +92,7 @@ class UltraEfficientSparseFFN(nn.Module):
         """
         if self._frozen is not None and not self.training:
             return self._frozen
-        params = list(self.parameters()) + [self.components[n].basis for n in ("spectral",) if n in self.components]
+        params = list(self.parameters()) + list(self.buffers())
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if cacheable else None
         if key is not None and self._fused_cache is not None and self._fused_cache[0] == key:
@@ -122,10 +125,7 @@ class UltraEfficientSparseFFN(nn.Module):
         y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype), self.bias.to(x.dtype))
         for i, comp in enumerate(self.components.values()):
             if not isinstance(comp, GemmComponent):
-                y_c = comp(x)
-                if tau is not None:
-                    y_c = y_c * tau[..., i : i + 1]
-                y = y + self.gates.channel[i] * y_c
+                y = self._add_gated(y, i, comp(x), tau)
         return y
 
     # ------------------------------------------------------------------ FLOPs
