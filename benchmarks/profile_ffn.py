@@ -2,99 +2,107 @@
 
     python benchmarks/profile_ffn.py --output docs/benchmarks/results/ffn_profile.json   # on a GPU (bf16)
 
-For d=768 and 8,192 tokens it times (median of 20 after warm-up, CUDA events) the forward and
-forward+backward of: the dense GPT-2 MLP, the sparse FFN with the polynomial only, then with each
-other component added alone, then all of them; eager and under torch.compile. It ends with the
-torch.profiler kernel table of the compiled all-components forward.
+At width d (768) and 8 x 1,024 tokens, FFN FLOPs ratio 0.4 (fused width aligned to 64), it times
+forward and forward+backward (back-to-back calls, CUDA events, the helpers of ``bench_speed.py``)
+of: the dense GPT-2 MLP, the narrower dense MLP of equal FLOPs (the ideal), the sparse FFN with
+the polynomial only, with each other component added alone, and with all five; under
+``torch.compile`` (and eager for dense / polynomial / all). It ends with ``torch.profiler`` tables
+(kernels, and the operators with their input shapes) of the compiled forward+backward of the
+polynomial-only and all-component FFNs.
 """
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
-from transformers import GPT2Config
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from modeling_sparse_gpt2 import SparseGPT2Config, SparseGPT2LMHeadModel
-
-
-def timed(fn, reps=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def sparse_ffn(d, components, dtype, device, keep=0.3):
-    config = SparseGPT2Config(n_embd=d, n_layer=1, n_head=max(1, d // 64), poly_keep_ratio=keep, sparse_components=components, vocab_size=128)
-    model = SparseGPT2LMHeadModel(config).to(device, dtype)
-    return model.transformer.h[0].mlp, model.flops_report(1, 1)["FLOPs/ffn_ratio"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_speed as B  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--d", type=int, default=768)
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", default="8x1024")
+    p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--output", default=None)
+    p.add_argument("--sparse-kwargs", default="{}", help="JSON dict of extra SparseGPT2Config knobs")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    d, n = args.d, args.tokens
-    x = torch.randn(n // 1024 or 1, min(n, 1024), d, device=device, dtype=dtype, requires_grad=True)
-    variants = {"dense": None, "polynomial": ["polynomial"]}
+    S = B.resolve_settings(B.parse_args(["--ffn-tokens", args.tokens, "--sparse-kwargs", args.sparse_kwargs]))
+    B.warm_gpu(S)
+    d, (batch, seq) = args.d, S["ffn_tokens"]
+    dtype = B.DTYPES[S["dtype"]]
+    x = torch.randn(batch, seq, d, device=S["device"], dtype=dtype, requires_grad=True)
+    gy = torch.randn_like(x)
+    variants = {"dense": None, "ideal": "ideal", "polynomial": ["polynomial"]}
     for c in ("spectral", "feedback", "tensor", "micro"):
         variants[f"polynomial+{c}"] = ["polynomial", c]
     variants["all"] = ["polynomial", "spectral", "feedback", "tensor", "micro"]
-    rows = []
+    rows, modules = [], {}
+    ideal_ratio = args.ratio
     for name, comps in variants.items():
+        info = {}
         if comps is None:
-            module, ratio = GPT2MLP(4 * d, GPT2Config(n_embd=d)).to(device, dtype), 1.0
+            module, ratio = B.build_dense_mlp(d, 4 * d, S), 1.0
+        elif comps == "ideal":
+            inner = B.ideal_inner(d, ideal_ratio, S["align"])
+            module, ratio = B.build_dense_mlp(d, inner, S), inner / (4 * d)
         else:
-            module, ratio = sparse_ffn(d, comps, dtype, device)
-        for mode in ("eager", "compile"):
+            kw = B.sparse_config_kwargs(d, S, sparse_components=comps)
+            keep = B.keep_ratio_for_budget(kw, args.ratio, S["align"])
+            info = B.budget_info(kw, keep)
+            module, ratio = B.build_sparse_ffn(kw, keep, S)
+            if name == "all":
+                ideal_ratio = ratio
+        modules[name] = module
+        for mode in ("eager", "compile") if name in ("dense", "polynomial", "all") else ("compile",):
+            B.reset_compiler()
             fn = torch.compile(module) if mode == "compile" else module
+
+            def fwd_bwd():
+                x.grad = None
+                module.zero_grad(set_to_none=True)
+                fn(x).backward(gy)
+
+            row = {"variant": name, "mode": mode, "flops_ratio": ratio, **info}
             try:
-                fwd = timed(lambda: fn(x))
-                fb = timed(lambda: fn(x).sum().backward())
-                rows.append({"variant": name, "mode": mode, "flops_ratio": ratio, "fwd_ms": fwd, "fwd_bwd_ms": fb})
+                row["first_call_s"] = round(B.first_call_s(fwd_bwd, S), 2)
+                row["fwd_ms"] = B.time_fn(lambda: fn(x), S, min_sample_ms=10)["median_ms"]
+                row["fwd_bwd_ms"] = B.time_fn(fwd_bwd, S, min_sample_ms=10)["median_ms"]
             except Exception as err:  # keep going: one failure must not hide the rest
-                rows.append({"variant": name, "mode": mode, "error": repr(err)[:500]})
-            print(json.dumps(rows[-1]), flush=True)
-    module, _ = sparse_ffn(d, variants["all"], dtype, device)
-    fn = torch.compile(module)
-    for _ in range(5):
-        fn(x)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(5):
-            fn(x)
-        if device == "cuda":
+                row["error"] = repr(err)[:500]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    tables = {}
+    for name in ("polynomial", "all"):
+        module = modules[name]
+        B.reset_compiler()
+        fn = torch.compile(module)
+
+        def fwd_bwd():
+            x.grad = None
+            module.zero_grad(set_to_none=True)
+            fn(x).backward(gy)
+
+        for _ in range(3):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            for _ in range(5):
+                fwd_bwd()
             torch.cuda.synchronize()
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=20)
-    print(table)
+        kernels = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=110)
+        ops = prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=30,
+                                                                 max_name_column_width=60, max_shapes_column_width=90)
+        tables[name] = {"kernels": kernels, "ops": ops}
+        print(f"==== {name}: kernels (5 x forward+backward)\n{kernels}\n==== {name}: operators\n{ops}", flush=True)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(), "torch": torch.__version__,
-                       "d": d, "tokens": n, "dtype": str(dtype), "rows": rows, "profile": table}, f, indent=1)
+            json.dump({"environment": B.environment(S), "d": d, "tokens": batch * seq, "ratio": args.ratio,
+                       "rows": rows, "profiles": tables}, f, indent=1)
 
 
 if __name__ == "__main__":
