@@ -1,12 +1,17 @@
 """Quality table: this project's conversion against pruning, low-rank and no-conversion baselines.
 
-One command (H200, ~9 minutes, reference pre-training included):
+One command (H200: the reference's pre-training takes --pretrain_minutes, each row ~20 s):
 
     python benchmarks/bench_quality.py --train_tokens tokens/gpt2/train.npy --validation_tokens tokens/gpt2/validation.npy \
         --tokenizer_name_or_path path/to/gpt2-tokenizer --work_dir /tmp/ref512 --output docs/benchmarks/results/quality.json
 
+Within a per-call time limit, split it: ``--deadline_minutes`` stops starting new rows, and the
+same command with ``--resume`` reuses the reference saved in ``--work_dir`` and the rows already
+in ``--output``.
+
 Steps: (1) train the dense reference (GPT-2, n_embd 512, 8 layers, 512 positions, the real GPT-2
-tokenizer) until validation loss stops improving or the time cap, unless --dense_model is given;
+tokenizer) until validation loss stops improving or the time cap (the cosine schedule is fitted to
+the time cap), unless --dense_model is given or --work_dir already holds one;
 (2) for every FFN FLOPs ratio, build each method from the same calibration tokens, measure its
 validation perplexity, heal it with the same distillation budget (same steps, batch, tokens, lr)
 and measure again. Perplexity: exp(mean NLL) over the whole validation split in non-overlapping
@@ -26,7 +31,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from modeling_sparse_gpt2 import baselines
+from modeling_sparse_gpt2 import COMPONENTS, baselines
 from modeling_sparse_gpt2.conversion import ConversionArguments, convert_gpt2_to_sparse
 from modeling_sparse_gpt2.distillation import DistillationArguments, build_healing_trainer
 from modeling_sparse_gpt2.evaluation import perplexity
@@ -79,35 +84,61 @@ def main():
     p.add_argument("--work_dir", default="/tmp/ref512")
     p.add_argument("--output", default="docs/benchmarks/results/quality.json")
     p.add_argument("--ratios", default="0.5,0.4,0.3,0.2")
-    p.add_argument("--methods", default="sparse_gpt2,prune,prune_ls,svd,random_sparse")
+    p.add_argument("--methods", default="sparse_gpt2,prune_ls,svd,prune,random_sparse",
+                   help="sparse_gpt2: the conversion's default components (FUSED_COMPONENTS)")
+    p.add_argument("--extra_methods", default="sparse_gpt2_all,sparse_gpt2_poly",
+                   help="run after every ratio's --methods rows: sparse_gpt2_all (all five components), "
+                        "sparse_gpt2_poly (polynomial only)")
+    p.add_argument("--extra_ratios", default="0.4,0.2", help="FFN FLOPs ratios of the --extra_methods rows")
     p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--heal_steps", type=int, default=200)
     p.add_argument("--heal_batch", type=int, default=16)
-    p.add_argument("--heal_lr", type=float, default=5e-4)
-    p.add_argument("--pretrain_minutes", type=float, default=4.5)
-    p.add_argument("--pretrain_max_steps", type=int, default=2500)
+    p.add_argument("--heal_lr", type=float, default=2e-4)
+    p.add_argument("--pretrain_minutes", type=float, default=7.0)
+    p.add_argument("--pretrain_max_steps", type=int, default=20000)
+    p.add_argument("--pretrain_compile", action="store_true")
+    p.add_argument("--deadline_minutes", type=float, default=None, help="start no new row after this many minutes")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --output (those without an error)")
     p.add_argument("--max_eval_tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    t_start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {
         "machine": platform.node(), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
         "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": vars(args), "rows": [],
     }
+    done = {}
+    if args.resume and os.path.isfile(args.output):
+        with open(args.output) as f:
+            previous = json.load(f)
+        for key in ("reference_training", "dense", "flop_agreement"):
+            if key in previous:
+                result[key] = previous[key]
+        result["resumed_from"] = previous.get("date")
+        done = {(r["ffn_flops_ratio_target"], r["method"]): r for r in previous.get("rows", []) if "error" not in r and "ppl_healed" in r}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
 
+    curve_file = os.path.join(args.work_dir, "training_curve.json")
+    if args.dense_model is None and os.path.isfile(curve_file):  # a reference trained by an earlier call
+        with open(curve_file) as f:
+            result["reference_training"] = json.load(f)
+        print(f"reusing the dense reference in {args.work_dir}", flush=True)
+        args.dense_model = args.work_dir
     if args.dense_model is None:
         summary = train_dense_reference(PretrainArguments(
             output_dir=args.work_dir, train_tokens=args.train_tokens, validation_tokens=args.validation_tokens,
             tokenizer_name_or_path=args.tokenizer_name_or_path, max_minutes=args.pretrain_minutes,
-            max_steps=args.pretrain_max_steps, save_dtype="float32",
+            max_steps=args.pretrain_max_steps, save_dtype="float32", compile=args.pretrain_compile,
         ))
         result["reference_training"] = summary
+        result.pop("dense", None)
+        done = {}  # rows of another reference do not belong to this one
         save()
         args.dense_model = args.work_dir
     dense = AutoModelForCausalLM.from_pretrained(args.dense_model, dtype=torch.float32).to(device).eval()
@@ -128,42 +159,56 @@ def main():
     print("dense", dense_ppl["perplexity"], flush=True)
     save()
     f = dense.config.n_inner or 4 * dense.config.n_embd
-    for ratio in [float(r) for r in args.ratios.split(",")]:
-        for method in args.methods.split(","):
-            t = time.time()
-            torch.manual_seed(args.seed)
-            model = None
-            row = {"ffn_flops_ratio_target": ratio, "method": method}
-            try:
-                if method == "sparse_gpt2":
-                    model, report = convert_gpt2_to_sparse(dense, calib, ConversionArguments(ffn_flops_ratio=ratio))
-                    row["layers"] = report["layers"]
-                    if ratio == 0.4:
-                        result["flop_agreement"] = flop_agreement(model, block)
-                elif method == "prune":
-                    model = baselines.prune_neurons(dense, calib, ratio, refit=False)
-                elif method == "prune_ls":
-                    model = baselines.prune_neurons(dense, calib, ratio, refit=True)
-                elif method == "svd":
-                    model = baselines.svd_low_rank(dense, ratio)
-                elif method == "random_sparse":
-                    model = baselines.random_sparse(dense, ratio)
-                else:
-                    raise ValueError(f"unknown method {method}")
-                row["ffn_flops_ratio"] = baselines.ffn_flops_ratio_of(model, f)
-                row["build_s"] = round(time.time() - t, 1)
-                row["ppl_calibration_only"] = perplexity(model, val, block, batch_size=16)["perplexity"]
-                model, row["heal_s"] = heal(model, dense, heal_blocks, args.heal_steps, args.heal_batch, args.heal_lr, args.seed)
-                row["ppl_healed"] = perplexity(model, val, block, batch_size=16)["perplexity"]
-                row["params_ffn"] = sum(p.numel() for b in model.transformer.h for p in b.mlp.parameters())
-            except Exception as err:  # record and go on: one failure must not hide the other rows
-                row["error"] = repr(err)[:1000]
-            result["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-            save()
-            del model
-            if device == "cuda":
-                torch.cuda.empty_cache()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    plan = [(r, m) for r in ratios for m in args.methods.split(",") if m]
+    plan += [(float(r), m) for r in args.extra_ratios.split(",") if r for m in args.extra_methods.split(",") if m]
+    for ratio, method in plan:
+        if (ratio, method) in done:
+            result["rows"].append(done[(ratio, method)])
+            continue
+        if args.deadline_minutes and (time.time() - t_start) / 60 > args.deadline_minutes:
+            print(f"deadline: not starting {method} at {ratio}", flush=True)
+            continue
+        t = time.time()
+        torch.manual_seed(args.seed)
+        model = None
+        row = {"ffn_flops_ratio_target": ratio, "method": method}
+        try:
+            if method in ("sparse_gpt2", "sparse_gpt2_all", "sparse_gpt2_poly"):
+                conv = ConversionArguments(ffn_flops_ratio=ratio)
+                if method == "sparse_gpt2_all":
+                    conv.sparse_components = list(COMPONENTS)
+                elif method == "sparse_gpt2_poly":
+                    conv.sparse_components = ["polynomial"]
+                row["components"] = list(conv.sparse_components)
+                model, report = convert_gpt2_to_sparse(dense, calib, conv)
+                row["layers"] = report["layers"]
+                if ratio == 0.4 and method == "sparse_gpt2_all":
+                    result["flop_agreement"] = flop_agreement(model, block)
+            elif method == "prune":
+                model = baselines.prune_neurons(dense, calib, ratio, refit=False)
+            elif method == "prune_ls":
+                model = baselines.prune_neurons(dense, calib, ratio, refit=True)
+            elif method == "svd":
+                model = baselines.svd_low_rank(dense, ratio)
+            elif method == "random_sparse":
+                model = baselines.random_sparse(dense, ratio)
+            else:
+                raise ValueError(f"unknown method {method}")
+            row["ffn_flops_ratio"] = baselines.ffn_flops_ratio_of(model, f)
+            row["build_s"] = round(time.time() - t, 1)
+            row["ppl_calibration_only"] = perplexity(model, val, block, batch_size=16)["perplexity"]
+            model, row["heal_s"] = heal(model, dense, heal_blocks, args.heal_steps, args.heal_batch, args.heal_lr, args.seed)
+            row["ppl_healed"] = perplexity(model, val, block, batch_size=16)["perplexity"]
+            row["params_ffn"] = sum(p.numel() for b in model.transformer.h for p in b.mlp.parameters())
+        except Exception as err:  # record and go on: one failure must not hide the other rows
+            row["error"] = repr(err)[:1000]
+        result["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
+        save()
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
     save()
 
 

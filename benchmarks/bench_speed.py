@@ -5,26 +5,31 @@ each figure is the median of >= 5 timed repetitions after warm-up; CUDA events o
 ``time.perf_counter`` on CPU):
 
 1. ``ffn``: the FFN alone on ``batch x seq`` tokens (GPU: 8 x 1,024, bf16) at widths
-   d = 768 / 1024 / 1280 / 1600, forward and forward+backward, eager and under ``torch.compile``
-   (default mode), for
+   d = 768 / 1024 / 1280 / 1600, forward and forward+backward, for
      * ``dense``:  GPT-2's MLP (``GPT2MLP``, inner width 4d);
-     * ``sparse``: ``UltraEfficientSparseFFN`` (fused path, every default component on), with
-       ``poly_keep_ratio`` bisected so that ``flops_report()["FLOPs/ffn_ratio"]`` is just at or
-       under each target (0.5, 0.4, 0.2);
+     * ``sparse``: ``UltraEfficientSparseFFN`` on its fused path with the conversion's default
+       components (``FUSED_COMPONENTS``: polynomial, spectral, feedback), ``poly_keep_ratio``
+       bisected so that ``flops_report()["FLOPs/ffn_ratio"]`` is just at or under each target
+       (0.5 / 0.4 / 0.2 at the first width, ``--width-ratios`` (0.4) at the others);
+     * ``sparse_all``: the same with all five components (at ``--all-components-ratios``, 0.4);
      * ``ideal``:  a plain ``GPT2MLP`` of equal FLOPs (inner = round(achieved ratio * 4d)).
+   Modes (``--ffn-modes`` at the first width, ``--width-modes`` (graphs) at the others): ``eager``,
+   ``compile`` (``torch.compile(module)``) and ``graphs``
+   (``torch.compile(mode="reduce-overhead")``: CUDA graphs, so the figure is the GPU's time without
+   the host's launch cost; its "forward" is the no-grad inference forward). In the other modes
+   "forward" is the training forward (autograd on). Each timed sample runs the call back to back
+   for ~10 ms (mean per call); ``gpu_kernel_ms`` beside it is the kernel time under the profiler:
+   wall time well above kernel time means the host, not the GPU, bounds that path.
    By default (``--align 64``) the sparse FFN's fused GEMM width (kept neurons + spectral rows +
    feedback rank) is rounded down, and the ideal inner width to the nearest, multiple of 64, so the
    FLOPs ratio lands a little under the target (the exact achieved ratio is what is reported and used):
    unaligned bf16 GEMM widths (e.g. 1,228) ran ~1.8x slower than aligned ones (1,216) on an H200,
    which would blur the comparison. ``--align 1`` gives the exact bisected budgets.
-   "forward" is the training forward (autograd on), i.e. the first half of forward+backward, so
-   one compiled graph serves both. On GPU each timed sample runs the call back to back for ~10 ms
-   (mean per call), so the GPU's time is measured rather than one call's launch latency (unless
-   the host is slower than the GPU, which is then what the figure shows). Reported: time ratio to
-   dense, and time ratio / FLOPs ratio.
+   Reported: time ratio to dense, and time ratio / FLOPs ratio.
 2. ``e2e``: GPT-2 small (d=768, 12 layers, 12 heads, vocab 50257, 1,024 positions) dense, sparse
-   at FFN FLOPs ratio 0.4 (then 0.5 if the time budget allows) and the ideal narrower dense GPT-2:
-     * training step tokens/s (8 x 1,024 tokens, AdamW, fp32 master weights under bf16 autocast
+   (default components) at FFN FLOPs ratio 0.4 (then 0.5 if the time budget allows) and the ideal
+   narrower dense GPT-2:
+     * training step tokens/s (16 x 1,024 tokens, AdamW, fp32 master weights under bf16 autocast
        by default: ``--train-precision``), eager and ``torch.compile``d (each transformer block,
        i.e. regional compilation, by default: ``--compile-scope model`` compiles the whole model,
        ~6x longer to compile); peak GPU memory of it;
@@ -32,7 +37,8 @@ each figure is the median of >= 5 timed repetitions after warm-up; CUDA events o
        last position only), eager and compiled (same scope);
      * ``generate`` decode tokens/s at batch 1 and 32 (greedy, 16-token prompt, 128 new tokens,
        EOS suppressed), eager (dynamic cache) and with CUDA graphs (static cache +
-       ``CompileConfig(mode="reduce-overhead")``, transformers' own compiled decoding);
+       ``CompileConfig(mode="reduce-overhead")``, transformers' own compiled decoding); the sparse
+       model's fused FFN weights are computed once (``freeze_ffn_for_inference()``);
      * parameter counts (all, FFN only, FFN buffers).
    Random weights: speed does not depend on them. Every sub-benchmark is wrapped: a failure is
    recorded as an error string in the JSON and the rest still runs. Sections run in order of
@@ -90,7 +96,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from modeling_sparse_gpt2 import SparseGPT2Config, SparseGPT2LMHeadModel  # noqa: E402
+from modeling_sparse_gpt2 import COMPONENTS, FUSED_COMPONENTS, SparseGPT2Config, SparseGPT2LMHeadModel  # noqa: E402
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns  # noqa: E402
 
 try:  # transformers 5.x: build models without running (slow, here useless) weight init
@@ -110,7 +116,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="shrink everything (smoke test)")
     p.add_argument("--sections", default=None, help="comma list of ffn,e2e (default: GPU ffn,e2e; CPU ffn; --quick ffn,e2e)")
     p.add_argument("--widths", default=None, help="FFN widths d, e.g. 768,1024,1280,1600")
-    p.add_argument("--ratios", default=None, help="FFN FLOPs-ratio targets, e.g. 0.5,0.4,0.2")
+    p.add_argument("--ratios", default=None, help="FFN FLOPs-ratio targets at the first width, e.g. 0.5,0.4,0.2")
+    p.add_argument("--width-ratios", default=None, help="FFN FLOPs-ratio targets at the other widths (default 0.4)")
+    p.add_argument("--all-components-ratios", default=None,
+                   help="targets at which the FFN with all five components is timed too (default 0.4)")
+    p.add_argument("--ffn-modes", default=None, help="modes at the first width, comma list of eager,compile,graphs "
+                   "(default GPU: all three; CPU: eager)")
+    p.add_argument("--width-modes", default=None, help="modes at the other widths (default GPU: graphs; CPU: eager)")
     p.add_argument("--e2e-ratios", default=None, help="end-to-end FLOPs-ratio targets, in priority order (default 0.4,0.5)")
     p.add_argument("--ffn-tokens", default=None, help="FFN batch x seq, e.g. 8x1024")
     p.add_argument("--reps", type=int, default=None, help=f"timed repetitions (>= {MIN_REPS})")
@@ -147,11 +159,12 @@ def resolve_settings(args) -> dict:
     dtype = args.dtype or ("bf16" if gpu else "fp32")
     if gpu:
         e2e = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
-        shapes = dict(ffn_tokens=(8, 1024), train_tokens=(8, 1024), prefill_tokens=(8, 1024), prompt_len=16,
+        shapes = dict(ffn_tokens=(8, 1024), train_tokens=(16, 1024), prefill_tokens=(8, 1024), prompt_len=16,
                       new_tokens=32 if quick else 128, gen_batches=[1, 32])
         widths = [768] if quick else [768, 1024, 1280, 1600]
         ratios = [0.4] if quick else [0.5, 0.4, 0.2]
         e2e_ratios = [0.4] if quick else [0.4, 0.5]
+        ffn_modes, width_modes = ["eager", "compile", "graphs"], ["graphs"]
         reps, warmup, budget = 10, 3, (150.0 if quick else 330.0)
         sections = ["ffn", "e2e"]
     else:  # CPU: sizes shrink so a run takes seconds to minutes
@@ -161,6 +174,7 @@ def resolve_settings(args) -> dict:
         widths = [768]
         ratios = [0.4] if quick else [0.5, 0.4, 0.2]
         e2e_ratios = [0.4]
+        ffn_modes, width_modes = ["eager"], ["eager"]
         reps, warmup, budget = MIN_REPS, 1, (300.0 if quick else 600.0)
         sections = ["ffn", "e2e"] if quick else ["ffn"]
     if args.ffn_tokens:
@@ -177,6 +191,10 @@ def resolve_settings(args) -> dict:
         sections=_csv(args.sections, str) or sections,
         widths=_csv(args.widths, int) or widths,
         ratios=_csv(args.ratios, float) or ratios,
+        width_ratios=_csv(args.width_ratios, float) or [0.4],
+        all_components_ratios=_csv(args.all_components_ratios, float) or [0.4],
+        ffn_modes=_csv(args.ffn_modes, str) or ffn_modes,
+        width_modes=_csv(args.width_modes, str) or width_modes,
         e2e_ratios=_csv(args.e2e_ratios, float) or e2e_ratios,
         reps=max(MIN_REPS, args.reps or reps),
         warmup=args.warmup if args.warmup is not None else warmup,
@@ -279,6 +297,23 @@ def time_fn(fn, S, warmup=None, reps=None, min_sample_ms=0.0) -> dict:
                 reps_ms=[round(t, 4) for t in times])
 
 
+def gpu_kernel_ms(fn, S, calls: int = 3):
+    """Mean GPU kernel time per ``fn()`` call (sum of kernel durations under ``torch.profiler``).
+
+    Beside the wall time of back-to-back calls this tells whether a path is bound by the GPU
+    (the two agree) or by the host launching kernels (wall time well above kernel time).
+    """
+    if not S["gpu"]:
+        return None
+    sync(S["device"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(S["device"])
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / calls / 1e3
+
+
 def warm_gpu(S, seconds=1.0):
     """Raise the GPU's clocks from idle before the first measurement (a second of bf16 matmuls)."""
     if not S["gpu"]:
@@ -331,9 +366,10 @@ class Budget:
 
 # ============================================================================ model building
 def sparse_config_kwargs(d: int, S: dict, **overrides) -> dict:
-    """SparseGPT2Config knobs of an FFN-alone (or end-to-end) model of width d: default components."""
+    """SparseGPT2Config knobs of an FFN-alone (or end-to-end) model of width d: the conversion's default
+    components (``FUSED_COMPONENTS``) unless ``--sparse-kwargs`` or ``overrides`` name others."""
     kw = dict(n_embd=d, n_head=max(1, d // 64), resid_pdrop=S["dropout"], embd_pdrop=S["dropout"],
-              attn_pdrop=S["dropout"])
+              attn_pdrop=S["dropout"], sparse_components=list(FUSED_COMPONENTS))
     kw.update(S["sparse_kwargs"])
     kw.update(overrides)
     return kw
@@ -428,24 +464,27 @@ def bench_ffn(S: dict, results: dict, budget: Budget, save):
     rows = results.setdefault("ffn", [])
     device, dtype = S["device"], DTYPES[S["dtype"]]
     batch, seq = S["ffn_tokens"]
-    modes = ["eager"] + (["compile"] if S["compile"] else [])
-    for d in S["widths"]:
+    for i, d in enumerate(S["widths"]):
+        modes = [m for m in (S["ffn_modes"] if i == 0 else S["width_modes"]) if m == "eager" or S["compile"]]
         torch.manual_seed(0)
         variants = [dict(d=d, kind="dense", target=None, flops_ratio=1.0, inner=4 * d,
                          module=build_dense_mlp(d, 4 * d, S))]
-        for target in S["ratios"]:
-            kw = sparse_config_kwargs(d, S)
-            try:
-                keep = keep_ratio_for_budget(kw, target, S["align"])
-                info = budget_info(kw, keep)
-                sparse, ratio = build_sparse_ffn(kw, keep, S)
-                assert abs(ratio - info["flops_ratio"]) < 1e-12
-                variants.append(dict(d=d, kind="sparse", target=target, module=sparse, **info))
-                inner = ideal_inner(d, info["flops_ratio"], S["align"])
-                variants.append(dict(d=d, kind="ideal", target=target, flops_ratio=inner / (4 * d), inner=inner,
-                                     module=build_dense_mlp(d, inner, S)))
-            except Exception as exc:  # noqa: BLE001
-                rows.append(dict(d=d, kind="sparse", target=target, **error_record(exc)))
+        for target in S["ratios"] if i == 0 else S["width_ratios"]:
+            kinds = [("sparse", None)] + ([("sparse_all", list(COMPONENTS))] if target in S["all_components_ratios"] else [])
+            for kind, components in kinds:
+                kw = sparse_config_kwargs(d, S, **({"sparse_components": components} if components else {}))
+                try:
+                    keep = keep_ratio_for_budget(kw, target, S["align"])
+                    info = budget_info(kw, keep)
+                    sparse, ratio = build_sparse_ffn(kw, keep, S)
+                    assert abs(ratio - info["flops_ratio"]) < 1e-12
+                    variants.append(dict(d=d, kind=kind, target=target, module=sparse, components=kw["sparse_components"], **info))
+                    if kind == "sparse":
+                        inner = ideal_inner(d, info["flops_ratio"], S["align"])
+                        variants.append(dict(d=d, kind="ideal", target=target, flops_ratio=inner / (4 * d), inner=inner,
+                                             module=build_dense_mlp(d, inner, S)))
+                except Exception as exc:  # noqa: BLE001
+                    rows.append(dict(d=d, kind=kind, target=target, **error_record(exc)))
         x = torch.randn(batch, seq, d, device=device, dtype=dtype, requires_grad=True)
         gy = torch.randn(batch, seq, d, device=device, dtype=dtype)
         for mode in modes:
@@ -460,14 +499,20 @@ def bench_ffn(S: dict, results: dict, budget: Budget, save):
                 row["matmul_flops_per_token"] = matmul_flops_per_token(module)
                 try:
                     fn = module
-                    if mode == "compile":
+                    if mode != "eager":
                         reset_compiler()
-                        fn = torch.compile(module)
+                        fn = torch.compile(module, mode="reduce-overhead" if mode == "graphs" else None)
 
                     def fwd():
+                        if mode == "graphs":  # CUDA graphs: the inference forward (its own graph, no autograd)
+                            torch.compiler.cudagraph_mark_step_begin()
+                            with torch.no_grad():
+                                return fn(x)
                         return fn(x)
 
                     def fwd_bwd():
+                        if mode == "graphs":
+                            torch.compiler.cudagraph_mark_step_begin()
                         x.grad = None
                         module.zero_grad(set_to_none=True)
                         fn(x).backward(gy)
@@ -475,6 +520,8 @@ def bench_ffn(S: dict, results: dict, budget: Budget, save):
                     row["first_call_s"] = round(first_call_s(fwd_bwd, S), 3)
                     row["fwd"] = time_fn(fwd, S, min_sample_ms=S["ffn_sample_ms"])
                     row["fwd_bwd"] = time_fn(fwd_bwd, S, min_sample_ms=S["ffn_sample_ms"])
+                    row["fwd"]["gpu_kernel_ms"] = gpu_kernel_ms(fwd, S)
+                    row["fwd_bwd"]["gpu_kernel_ms"] = gpu_kernel_ms(fwd_bwd, S)
                     flops = row["matmul_flops_per_token"] * batch * seq
                     row["fwd"]["tflops"] = flops / row["fwd"]["median_ms"] / 1e9
                     row["fwd_bwd"]["tflops"] = 3 * flops / row["fwd_bwd"]["median_ms"] / 1e9
@@ -600,6 +647,7 @@ def _time_train(model, fwd, opt, ids, S) -> dict:
         before = torch.cuda.memory_allocated()
     out.update(time_fn(step, S))
     out["tokens_per_s"] = batch * seq / out["median_ms"] * 1e3
+    out["gpu_kernel_ms"] = gpu_kernel_ms(step, S, calls=2)
     if S["gpu"]:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["mem_before_step_gib"] = before / 2**30
@@ -618,6 +666,7 @@ def measure_prefill(model, S, compiled: bool) -> dict:
 
         out = dict(first_call_s=round(first_call_s(prefill, S), 3))
         out.update(time_fn(prefill, S))
+        out["gpu_kernel_ms"] = gpu_kernel_ms(prefill, S)
     out["tokens_per_s"] = batch * seq / out["median_ms"] * 1e3
     return out
 
@@ -701,14 +750,17 @@ def bench_e2e(S: dict, results: dict, budget: Budget, save):
         if comp:
             run("train", models, lambda m: measure_train(m, S, compiled=True), mode="compile")
         infer = {name: copy.deepcopy(m).to(inf_dtype).eval() for name, m in models.items()}  # bf16 on GPU
+        for m in infer.values():  # fused GEMM weights computed once, not per call (what a deployed model does)
+            if hasattr(m, "freeze_ffn_for_inference"):
+                m.freeze_ffn_for_inference()
+        if comp:
+            for b in S["gen_batches"]:
+                run("decode", infer, lambda m, b=b: measure_generate(m, S, b, graphs=True), mode="cuda_graphs", batch=b)
         run("prefill", infer, lambda m: measure_prefill(m, S, compiled=False), mode="eager")
         if comp:
             run("prefill", infer, lambda m: measure_prefill(m, S, compiled=True), mode="compile")
         for b in S["gen_batches"]:
             run("decode", infer, lambda m, b=b: measure_generate(m, S, b, graphs=False), mode="eager", batch=b)
-        if comp:
-            for b in S["gen_batches"]:
-                run("decode", infer, lambda m, b=b: measure_generate(m, S, b, graphs=True), mode="cuda_graphs", batch=b)
         del infer
         for m in models.values():
             m.to("cpu")
@@ -746,29 +798,20 @@ def print_tables(results: dict):
         b, s = S["ffn_tokens"]
         out.append(f"\nFFN alone ({S['dtype']}, {b}x{s} tokens, {S['device']}): time ratio to dense of the same width "
                    f"(<1 is faster); t/F = time ratio / FLOPs ratio; dense row: absolute ms")
-        hdr = f"{'mode':7s} {'d':>5s} {'target':>6s} {'FLOPs':>6s} | {'sparse fwd':>10s} {'ideal fwd':>9s} | " \
-              f"{'sparse f+b':>10s} {'ideal f+b':>9s} | {'sp t/F f+b':>10s} {'id t/F f+b':>10s}"
+        hdr = f"{'mode':7s} {'d':>5s} {'kind':>10s} {'target':>6s} {'FLOPs':>6s} | {'fwd':>7s} {'f+b':>7s} | {'t/F fwd':>7s} {'t/F f+b':>7s}"
         out.append(hdr)
         out.append("-" * len(hdr))
-        for mode in ("eager", "compile"):
+        for mode in ("eager", "compile", "graphs"):
             for d in S["widths"]:
-                dense = next((r for r in rows if r["d"] == d and r["mode"] == mode and r["kind"] == "dense"), None)
-                if dense is None:
-                    continue
-                if "fwd_bwd" in dense:
-                    out.append(f"{mode:7s} {d:5d} {'dense':>6s} {1:6.3f} | {dense['fwd']['median_ms']:8.3f}ms {'':9s} | "
-                               f"{dense['fwd_bwd']['median_ms']:8.3f}ms {'':9s} |")
-                else:
-                    out.append(f"{mode:7s} {d:5d} {'dense':>6s}  " + (dense.get("error") or dense.get("skipped", ""))[:80])
-                for t in S["ratios"]:
-                    sp = next((r for r in rows if r["d"] == d and r.get("mode") == mode and r["kind"] == "sparse" and r["target"] == t), {})
-                    idl = next((r for r in rows if r["d"] == d and r.get("mode") == mode and r["kind"] == "ideal" and r["target"] == t), {})
-                    line = (f"{mode:7s} {d:5d} {t:6.2f} {_f(sp.get('flops_ratio'), '{:6.3f}'):>6s} | "
-                            f"{_f(sp.get('fwd_time_ratio')):>10s} {_f(idl.get('fwd_time_ratio')):>9s} | "
-                            f"{_f(sp.get('fwd_bwd_time_ratio')):>10s} {_f(idl.get('fwd_bwd_time_ratio')):>9s} | "
-                            f"{_f(sp.get('fwd_bwd_time_over_flops')):>10s} {_f(idl.get('fwd_bwd_time_over_flops')):>10s}")
-                    err = sp.get("error") or idl.get("error") or sp.get("skipped")
-                    out.append(line + (f"  [{err[:60]}]" if err else ""))
+                for r in (r for r in rows if r.get("d") == d and r.get("mode") == mode):
+                    head = f"{mode:7s} {d:5d} {r['kind']:>10s} {_f(r.get('target'), '{:6.2f}'):>6s} {_f(r.get('flops_ratio'), '{:6.3f}'):>6s} | "
+                    if "fwd_bwd" not in r:
+                        out.append(head + (r.get("error") or r.get("skipped", ""))[:80])
+                    elif r["kind"] == "dense":
+                        out.append(head + f"{r['fwd']['median_ms']:5.3f}ms {r['fwd_bwd']['median_ms']:5.3f}ms | (absolute)")
+                    else:
+                        out.append(head + f"{_f(r.get('fwd_time_ratio')):>7s} {_f(r.get('fwd_bwd_time_ratio')):>7s} | "
+                                   f"{_f(r.get('fwd_time_over_flops')):>7s} {_f(r.get('fwd_bwd_time_over_flops')):>7s}")
     e2e = results.get("e2e")
     if e2e and e2e.get("rows"):
         m = S["e2e_model"]

@@ -10,7 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_sparse_gpt2 import COMPONENTS, SparseGPT2Config
+from .configuration_sparse_gpt2 import COMPONENTS, FUSED_COMPONENTS, SparseGPT2Config
 from .modeling_sparse_gpt2 import (
     SparseGPT2Block,
     SparseGPT2ForSequenceClassification,
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMPONENTS",
+    "FUSED_COMPONENTS",
     "SparseGPT2Config",
     "SparseGPT2PreTrainedModel",
     "SparseGPT2Model",

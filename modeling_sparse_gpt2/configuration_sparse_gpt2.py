@@ -18,6 +18,12 @@ logger = logging.get_logger(__name__)
 COMPONENTS = ("polynomial", "spectral", "feedback", "tensor", "micro")
 """Canonical component order (it is also the order of segments inside the fused GEMMs)."""
 
+FUSED_COMPONENTS = ("polynomial", "spectral", "feedback")
+"""The components that ride inside the FFN's two fused GEMMs (the conversion's default set): on an
+H200 the Monarch (``tensor``) and ``micro`` parts add batched small matmuls and layout copies beside
+the GEMMs and cost more time than their FLOPs, and in calibration-only conversion they did not pay
+back their share of the budget (docs/benchmarks.md)."""
+
 GATE_KINDS = ("channel", "token")
 SPECTRAL_SELECTIONS = ("static", "topk")
 POLY_DOMAIN_RANGE = (1e-6, 1e4)  # below ~1e-45 the domain underflows to 0 in float32 and h / s gives 0 / 0 = NaN

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from .configuration_sparse_gpt2 import COMPONENTS, SparseGPT2Config
+from .configuration_sparse_gpt2 import FUSED_COMPONENTS, SparseGPT2Config
 from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 from .sparse_ffn import UltraEfficientSparseFFN
 from .spectral import dct_rows
@@ -36,7 +36,10 @@ class ConversionArguments:
     """Knobs of the conversion (the script exposes each as ``--name``)."""
 
     ffn_flops_ratio: float = field(default=0.4, metadata={"help": "Target FFN FLOPs as a fraction of the dense MLP."})
-    sparse_components: list[str] = field(default_factory=lambda: list(COMPONENTS), metadata={"help": "Components to use."})
+    sparse_components: list[str] = field(
+        default_factory=lambda: list(FUSED_COMPONENTS),
+        metadata={"help": "Components to use (default: the three that ride in the fused GEMMs; add tensor and micro for all five)."},
+    )
     poly_keep_ratio: float | None = field(default=None, metadata={"help": "Kept neurons; overrides the budget if set."})
     poly_degree: int = field(default=8, metadata={"help": "Chebyshev degree."})
     poly_num_terms: int | None = field(default=6, metadata={"help": "Non-zero Chebyshev coefficients (None: all)."})

@@ -8,6 +8,10 @@ Only ``micro_keep_ratio`` of the d / b groups are updated. ``B = 0`` gives ``y =
 unfitted micro component leaves a converted block at its dense output until healing trains it.
 
 FLOPs per token: matmul S·2·g·b²  (g kept groups); elementwise S·g·b·9.
+
+Layout: the steps run on the tokens-last view [group, channel, token], so each step is one
+batched GEMM (B_s[g] @ z[g]) with no transposing copy; only the gather of the kept groups and the
+scatter of the result touch the full width.
 """
 
 import torch
@@ -26,19 +30,25 @@ class MicroComponent(nn.Module):
         self.blocks = nn.Parameter(torch.empty(steps, g, b, b))  # [step, group, out, in]
 
     def set_groups(self, group_ids: torch.Tensor):
+        """Refine the channel groups ``group_ids`` (channels ``id * b ... id * b + b - 1`` each)."""
         b = self.group_size
         idx = (group_ids.to(torch.long)[:, None] * b + torch.arange(b)).flatten()
         with torch.no_grad():
             self.channel_index.copy_(idx.to(self.channel_index))
 
+    def group_ids(self) -> torch.Tensor:
+        return self.channel_index.view(self.groups, self.group_size)[:, 0] // self.group_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        z0 = x.index_select(-1, self.channel_index).reshape(-1, self.groups, self.group_size)
+        b, d = self.group_size, x.shape[-1]
+        groups = self.group_ids()
+        xt = x.reshape(-1, d // b, b).permute(1, 2, 0)  # [all groups, b, n]: a view
+        z0 = xt.index_select(0, groups)  # [g, b, n]
         z = z0
         for s in range(self.steps):
-            z = z + F.gelu(torch.einsum("ngi,goi->ngo", z, self.blocks[s]), approximate="tanh")
-        delta = (z - z0).reshape(*lead, self.groups * self.group_size)
-        return x.new_zeros(x.shape).index_copy(-1, self.channel_index, delta)
+            z = z + F.gelu(torch.matmul(self.blocks[s], z), approximate="tanh")  # [g, out, in] @ [g, in, n]
+        delta = (z - z0).permute(2, 0, 1)  # [n, g, b]
+        return x.new_zeros(delta.shape[0], d // b, b).index_copy(1, groups, delta).reshape(x.shape)
 
     def matmul_flops_per_token(self) -> int:
         return self.steps * 2 * self.groups * self.group_size**2

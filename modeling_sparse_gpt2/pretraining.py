@@ -38,6 +38,7 @@ class PretrainArguments:
     patience: int = 3
     seed: int = 0
     compile: bool = False
+    fit_schedule_to_time: bool = field(default=True, metadata={"help": "Shorten the cosine schedule so it ends by max_minutes (measured step time)."})
     save_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16 weights on disk."})
 
 
@@ -86,16 +87,19 @@ def train_dense_reference(args: PretrainArguments, log=print) -> dict:
         lr=args.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
 
+    horizon = args.max_steps  # the step the cosine decay ends at
+
     def lr_at(step):
         if step < args.warmup_steps:
             return args.learning_rate * (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+        progress = (step - args.warmup_steps) / max(1, horizon - args.warmup_steps)
         return args.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     step_fn = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(args.seed)
-    curve, best, best_state, bad = [], float("inf"), None, 0
+    curve, best, best_state, bad, stop_reason = [], float("inf"), None, 0, "max_steps"
     start = time.time()
+    probe = (20, 60)  # steps between which the step time is measured (after compilation and warm-up)
     model.train()
     for step in range(args.max_steps):
         for group in opt.param_groups:
@@ -108,7 +112,19 @@ def train_dense_reference(args: PretrainArguments, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last = step + 1 == args.max_steps or (time.time() - start) / 60 > args.max_minutes
+        if args.fit_schedule_to_time and step + 1 in probe:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step + 1 == probe[0]:
+                probe_t0 = time.time()
+            else:  # evaluation costs ~10% on top of the training steps: plan for 90% of the time left
+                step_s = (time.time() - probe_t0) / (probe[1] - probe[0])
+                left = 0.9 * (args.max_minutes * 60 - (time.time() - start))
+                horizon = max(step + 2, min(args.max_steps, step + 1 + int(left / step_s)))
+                log(f"step time {step_s * 1e3:.1f} ms: the cosine schedule ends at step {horizon}")
+        last = step + 1 >= horizon or (time.time() - start) / 60 > args.max_minutes
+        if last:
+            stop_reason = "schedule_end" if step + 1 >= horizon else "max_minutes"
         if (step + 1) % args.eval_every == 0 or last:
             val_loss = evaluate_windows(model, val_windows, args.batch_size, device)
             point = {
@@ -124,6 +140,7 @@ def train_dense_reference(args: PretrainArguments, log=print) -> dict:
                 bad += 1
             if bad >= args.patience:
                 log(f"validation loss stopped improving for {args.patience} evaluations: stopping")
+                stop_reason = "patience"
                 break
         if last:
             break
@@ -133,7 +150,7 @@ def train_dense_reference(args: PretrainArguments, log=print) -> dict:
     tokenizer.save_pretrained(args.output_dir)
     summary = {
         "best_val_loss": best, "best_val_ppl": math.exp(best), "eval_window": T, "eval_windows": len(val_windows),
-        "steps": curve[-1]["step"], "train_tokens_seen": curve[-1]["tokens"], "wall_s": round(time.time() - start, 1),
+        "steps": curve[-1]["step"], "schedule_steps": horizon, "stop_reason": stop_reason, "train_tokens_seen": curve[-1]["tokens"], "wall_s": round(time.time() - start, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "arguments": asdict(args), "curve": curve,
     }

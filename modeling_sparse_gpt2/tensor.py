@@ -10,6 +10,10 @@ so the dense map it stands for is A[(o,k), (p,q)] = R[k, o, p] L[p, k, q]: every
 is rank one, which makes the projection of a dense matrix onto Monarch matrices closed-form (one
 rank-1 SVD per slice, ``project_dense``). Full rank with 2·d·(bs + nb) parameters instead of d².
 
+Layout: both factors run as batched GEMMs on the tokens-last views ``x^T`` [p, q, n] and
+[k, p, n], which cuBLAS reads in place (one stride is 1); batching over blocks in the tokens-first
+layout instead needs a transposing copy of the activations before and after each factor.
+
 FLOPs per token: matmul 2·d·bs + 2·d·nb.
 """
 
@@ -29,10 +33,10 @@ class TensorComponent(nn.Module):
         self.right = nn.Parameter(torch.empty(bs, nb, nb))  # [k, o_out, p_in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.reshape(-1, self.nb, self.bs)
-        h = torch.einsum("npq,pkq->npk", xb, self.left)
-        y = torch.einsum("npk,kop->nok", h, self.right)
-        return y.reshape(x.shape)
+        xt = x.reshape(-1, self.nb, self.bs).permute(1, 2, 0)  # [p, q, n]: a view, no copy
+        h = torch.matmul(self.left, xt)  # [p, k, n]   h[p, k] = L[p] x[p]
+        y = torch.matmul(self.right, h.transpose(0, 1))  # [k, o, n]   y[o, k] = R[k] h[:, k]
+        return y.permute(2, 1, 0).reshape(x.shape)  # channel o * bs + k
 
     def dense(self) -> torch.Tensor:
         """The d x d matrix this Monarch factorisation computes."""

@@ -5,6 +5,7 @@ import torch
 
 from modeling_sparse_gpt2.polynomial import chebyshev_activation, chebyshev_fit, gelu_new
 from modeling_sparse_gpt2.spectral import dct_rows
+from modeling_sparse_gpt2.micro import MicroComponent
 from modeling_sparse_gpt2.tensor import TensorComponent
 from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
 
@@ -43,6 +44,38 @@ def test_monarch_projection_recovers_a_monarch_matrix_exactly():
     assert torch.allclose(b.dense(), a.dense(), atol=1e-5)
     x = torch.randn(5, 32)
     assert torch.allclose(a(x), x @ a.dense().T, atol=1e-5)
+
+
+def test_monarch_forward_is_its_dense_matrix_on_any_leading_shape():
+    spec = tiny_config(tensor_blocks=4).layer_spec(0)
+    monarch = TensorComponent(spec).double()
+    torch.nn.init.normal_(monarch.left)
+    torch.nn.init.normal_(monarch.right)
+    x = torch.randn(2, 5, spec.d, dtype=torch.float64)
+    # the block formula, written out: h[p, k] = sum_q L[p, k, q] x[p, q]; y[o * bs + k] = sum_p R[k, o, p] h[p, k]
+    xb = x.reshape(2, 5, monarch.nb, monarch.bs)
+    h = torch.einsum("btpq,pkq->btpk", xb, monarch.left)
+    expected = torch.einsum("btpk,kop->btok", h, monarch.right).reshape(2, 5, spec.d)
+    torch.testing.assert_close(monarch(x), expected)
+    torch.testing.assert_close(monarch(x), x @ monarch.dense().T)
+
+
+def test_micro_refines_only_its_groups_by_the_step_formula():
+    spec = tiny_config(micro_keep_ratio=0.5, micro_steps=2).layer_spec(0)
+    micro = MicroComponent(spec).double()
+    b, g = micro.group_size, micro.groups
+    groups = torch.randperm(spec.d // b)[:g].sort().values
+    micro.set_groups(groups)
+    torch.nn.init.normal_(micro.blocks, std=0.5)
+    x = torch.randn(3, 4, spec.d, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for j, group in enumerate(groups.tolist()):
+        cols = slice(group * b, group * b + b)
+        z = x[..., cols]
+        for s in range(micro.steps):  # z <- z + gelu(B_s z), block j of step s
+            z = z + torch.nn.functional.gelu(z @ micro.blocks[s, j].T, approximate="tanh")
+        expected[..., cols] = z - x[..., cols]
+    torch.testing.assert_close(micro(x), expected)
 
 
 @pytest.mark.parametrize("gate_kind", ["channel", "token"])
