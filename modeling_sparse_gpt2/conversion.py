@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from .configuration_sparse_gpt2 import FUSED_COMPONENTS, SparseGPT2Config
@@ -158,6 +158,14 @@ def sparse_config_for_budget(dense_config, args: ConversionArguments, layer_weig
             break
         m[free] = torch.clamp((m[free] * (total - m[~free].sum()) / m[free].sum()).floor(), 1, f)
     return _sparse_config(dense_config, args, [float(v) / f for v in m.tolist()])
+
+
+def preset_config(ffn_flops_ratio: float) -> SparseGPT2Config:
+    """The config the conversion picks for GPT-2 small (124M) at ``ffn_flops_ratio`` (``configs/``)."""
+    config = sparse_config_for_budget(GPT2Config(), ConversionArguments(ffn_flops_ratio=ffn_flops_ratio))
+    if len(set(config.poly_keep_ratio)) == 1:  # uniform budget: one value for every layer
+        config.poly_keep_ratio = config.poly_keep_ratio[0]
+    return config
 
 
 # ---------------------------------------------------------------------------- 3. copy

@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
+from transformers import AutoConfig
 
 from modeling_sparse_gpt2 import SparseGPT2Config
-from transformers import AutoConfig
+from modeling_sparse_gpt2.conversion import _layer_flops_ratio, preset_config
 
 from conftest import tiny_config
 
@@ -72,3 +75,13 @@ def test_config_writes_auto_map_naming_every_auto_class():
     auto_map = tiny_config().auto_map
     for cls in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"):
         assert cls in auto_map
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.4, 0.2])
+def test_config_presets_are_what_the_conversion_picks_and_meet_their_budget(ratio):
+    path = Path(__file__).resolve().parents[1] / "configs" / f"gpt2-small-ffn{ratio}.json"
+    preset = SparseGPT2Config.from_json_file(str(path))
+    expected = preset_config(ratio)
+    assert preset.to_diff_dict() == expected.to_diff_dict(), "run scripts/make_config_presets.py"
+    achieved = [_layer_flops_ratio(preset, i) for i in range(preset.n_layer)]
+    assert ratio - 0.005 <= min(achieved) and max(achieved) <= ratio
