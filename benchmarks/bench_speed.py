@@ -38,7 +38,9 @@ each figure is the median of >= 5 timed repetitions after warm-up; CUDA events o
      * ``generate`` decode tokens/s at batch 1 and 32 (greedy, 16-token prompt, 128 new tokens,
        EOS suppressed), eager (dynamic cache) and with CUDA graphs (static cache +
        ``CompileConfig(mode="reduce-overhead")``, transformers' own compiled decoding); the sparse
-       model's fused FFN weights are computed once (``freeze_ffn_for_inference()``);
+       model's fused FFN weights are computed once (``freeze_ffn_for_inference()``); on GPU each
+       model's decode runs in a fresh process (``--decode-isolation``), as the in-process CUDA-graph
+       figures of models measured one after another depended on their order;
      * parameter counts (all, FFN only, FFN buffers).
    Random weights: speed does not depend on them. Every sub-benchmark is wrapped: a failure is
    recorded as an error string in the JSON and the rest still runs. Sections run in order of
@@ -142,6 +144,8 @@ def parse_args(argv=None):
                    help="end-to-end train/prefill compile: each transformer block (regional, default: ~6x faster "
                         "to compile) or the whole model (also fuses the LM head and loss)")
     p.add_argument("--gen-batches", default=None, help="decode batch sizes, e.g. 1,32")
+    p.add_argument("--decode-isolation", default=None, choices=["process", "none"],
+                   help="measure each model's decode in a fresh process (default on GPU) or in this one")
     p.add_argument("--new-tokens", type=int, default=None, help="decode: new tokens per generate call")
     p.add_argument("--sparse-kwargs", default="{}", help="JSON dict of extra SparseGPT2Config knobs (e.g. components)")
     return p.parse_args(argv)
@@ -195,6 +199,7 @@ def resolve_settings(args) -> dict:
         all_components_ratios=_csv(args.all_components_ratios, float) or [0.4],
         ffn_modes=_csv(args.ffn_modes, str) or ffn_modes,
         width_modes=_csv(args.width_modes, str) or width_modes,
+        decode_isolation=(args.decode_isolation or ("process" if gpu else "none")) == "process",
         e2e_ratios=_csv(args.e2e_ratios, float) or e2e_ratios,
         reps=max(MIN_REPS, args.reps or reps),
         warmup=args.warmup if args.warmup is not None else warmup,
@@ -570,22 +575,25 @@ def param_counts(model) -> dict:
                 non_ffn_params=_count([model]) - _count(mlps))
 
 
-def build_e2e_models(S: dict, target: float, with_dense: bool) -> dict:
+def build_e2e_models(S: dict, target: float, with_dense: bool, only: str | None = None) -> dict:
+    """dense (if ``with_dense``), ``sparse@target`` and ``ideal@target`` GPT-2s (or just the one named ``only``)."""
     base = dict(S["e2e_model"], resid_pdrop=S["dropout"], embd_pdrop=S["dropout"], attn_pdrop=S["dropout"])
     models, info = {}, {}
     torch.manual_seed(0)
-    if with_dense:
+    if with_dense and only in (None, "dense"):
         models["dense"] = GPT2LMHeadModel(GPT2Config(**base))
         info["dense"] = dict(flops_ratio=1.0, inner=4 * base["n_embd"])
     kw = sparse_config_kwargs(base["n_embd"], S, **base)
     keep = keep_ratio_for_budget(kw, target, S["align"])
     sp = budget_info(kw, keep)
-    sparse = SparseGPT2LMHeadModel(SparseGPT2Config(**dict(kw, poly_keep_ratio=keep)))
-    sp["flops_ratio_model"] = sparse.flops_report(batch_size=1, seq_len=1)["FLOPs/ffn_ratio"]
-    models[f"sparse@{target}"], info[f"sparse@{target}"] = sparse, sp
+    if only in (None, f"sparse@{target}"):
+        sparse = SparseGPT2LMHeadModel(SparseGPT2Config(**dict(kw, poly_keep_ratio=keep)))
+        sp["flops_ratio_model"] = sparse.flops_report(batch_size=1, seq_len=1)["FLOPs/ffn_ratio"]
+        models[f"sparse@{target}"], info[f"sparse@{target}"] = sparse, sp
     inner = ideal_inner(base["n_embd"], sp["flops_ratio"], S["align"])
-    models[f"ideal@{target}"] = GPT2LMHeadModel(GPT2Config(**base, n_inner=inner))
-    info[f"ideal@{target}"] = dict(flops_ratio=inner / (4 * base["n_embd"]), inner=inner)
+    if only in (None, f"ideal@{target}"):
+        models[f"ideal@{target}"] = GPT2LMHeadModel(GPT2Config(**base, n_inner=inner))
+        info[f"ideal@{target}"] = dict(flops_ratio=inner / (4 * base["n_embd"]), inner=inner)
     for name, m in models.items():
         m.to(S["device"]).train()
         info[name].update(param_counts(m), target=None if name == "dense" else target,
@@ -704,10 +712,35 @@ def measure_generate(model, S, batch: int, graphs: bool) -> dict:
     return out
 
 
+def inference_copy(model, S):
+    """The model as it is served: bf16 on GPU, eval mode, fused FFN weights computed once."""
+    m = copy.deepcopy(model).to(DTYPES[S["dtype"]]).eval()
+    if hasattr(m, "freeze_ffn_for_inference"):
+        m.freeze_ffn_for_inference()
+    return m
+
+
+def _decode_worker(S, target, name, batch, graphs):
+    configure_torch(S)
+    models, _ = build_e2e_models(S, target, with_dense=True, only=name)
+    model = inference_copy(models[name].to(S["device"]), S)
+    return measure_generate(model, S, batch, graphs)
+
+
+def measure_generate_isolated(S, target, name, batch, graphs) -> dict:
+    """``measure_generate`` in a fresh process: no compiled code, CUDA graph pool or allocator state
+    left over from the models measured before (the in-process figures depended on the order)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        out = pool.apply(_decode_worker, (S, target, name, batch, graphs))
+    out["isolated_process"] = True
+    return out
+
+
 def bench_e2e(S: dict, results: dict, budget: Budget, save):
     res = results.setdefault("e2e", {"models": {}, "rows": []})
     rows = res["rows"]
-    inf_dtype = DTYPES[S["dtype"]]
     comp = S["compile"]
 
     failed = {}  # (model, stage, mode) -> error: a path that failed at one batch size is not retried at the next
@@ -749,18 +782,22 @@ def bench_e2e(S: dict, results: dict, budget: Budget, save):
         run("train", models, lambda m: measure_train(m, S, compiled=False), mode="eager")
         if comp:
             run("train", models, lambda m: measure_train(m, S, compiled=True), mode="compile")
-        infer = {name: copy.deepcopy(m).to(inf_dtype).eval() for name, m in models.items()}  # bf16 on GPU
-        for m in infer.values():  # fused GEMM weights computed once, not per call (what a deployed model does)
-            if hasattr(m, "freeze_ffn_for_inference"):
-                m.freeze_ffn_for_inference()
+        infer = {name: inference_copy(m, S) for name, m in models.items()}
+
+        def decode(graphs, b):
+            if S["decode_isolation"]:
+                names = {id(m): n for n, m in infer.items()}
+                return lambda m: measure_generate_isolated(S, target, names[id(m)], b, graphs)
+            return lambda m: measure_generate(m, S, b, graphs=graphs)
+
         if comp:
             for b in S["gen_batches"]:
-                run("decode", infer, lambda m, b=b: measure_generate(m, S, b, graphs=True), mode="cuda_graphs", batch=b)
+                run("decode", infer, decode(True, b), mode="cuda_graphs", batch=b)
         run("prefill", infer, lambda m: measure_prefill(m, S, compiled=False), mode="eager")
         if comp:
             run("prefill", infer, lambda m: measure_prefill(m, S, compiled=True), mode="compile")
         for b in S["gen_batches"]:
-            run("decode", infer, lambda m, b=b: measure_generate(m, S, b, graphs=False), mode="eager", batch=b)
+            run("decode", infer, decode(False, b), mode="eager", batch=b)
         del infer
         for m in models.values():
             m.to("cpu")
@@ -862,9 +899,7 @@ def print_tables(results: dict):
 
 
 # ============================================================================ main
-def main(argv=None):
-    args = parse_args(argv)
-    S = resolve_settings(args)
+def configure_torch(S):
     if S["gpu"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -874,6 +909,12 @@ def main(argv=None):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
     transformers.logging.set_verbosity_error()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    S = resolve_settings(args)
+    configure_torch(S)
     output = Path(args.output)
     if not output.is_absolute():
         output = Path.cwd() / output
