@@ -191,7 +191,10 @@ def check_valid_config(kwargs, seq, pad, seed):
     for (n1, t1), (n2, t2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert n1 == n2 and torch.equal(t1, t2), n1
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, logits, rtol=0, atol=0)
+        # bit-identical weights; logits equal to float32 rounding: tensors loaded from safetensors sit at
+        # other memory alignments, and the CPU BLAS takes other code paths for the small batched Monarch
+        # GEMMs there (measured: 1.5e-8 apart with tensor_blocks=1)
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits, logits, rtol=1e-6, atol=1e-6)
 
 
 VALID_ARGS = dict(
@@ -598,7 +601,8 @@ def test_unknown_config_key_loads_and_a_misspelt_knob_warns(saved, caplog):
         loaded = AutoModelForCausalLM.from_pretrained(path)
     ids = torch.randint(1, 97, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)  # the keys change nothing
+        # the keys change nothing (to float32 rounding: loaded tensors sit at other memory alignments)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
     assert loaded.config.training_notes == "distilled on wikitext"
     messages = [r.getMessage() for r in caplog.records]
     assert any("'poly_keep_rato'" in m and "'poly_keep_ratio'" in m for m in messages), messages
