@@ -11,8 +11,8 @@ is rank one, which makes the projection of a dense matrix onto Monarch matrices 
 rank-1 SVD per slice, ``project_dense``). Full rank with 2·d·(bs + nb) parameters instead of d².
 
 Layout: both factors run as batched GEMMs on the tokens-last views ``x^T`` [p, q, n] and
-[k, p, n], which cuBLAS reads in place (one stride is 1); batching over blocks in the tokens-first
-layout instead needs a transposing copy of the activations before and after each factor.
+[k, p, n], which a batched GEMM can read in place (one of the last two strides is 1); batching over
+blocks in the tokens-first layout needs a transposing copy of the activations around each factor.
 
 FLOPs per token: matmul 2·d·bs + 2·d·nb.
 """
