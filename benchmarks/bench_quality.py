@@ -166,7 +166,7 @@ def main():
         if (ratio, method) in done:
             result["rows"].append(done[(ratio, method)])
             continue
-        if args.deadline_minutes and (time.time() - t_start) / 60 > args.deadline_minutes:
+        if args.deadline_minutes is not None and (time.time() - t_start) / 60 >= args.deadline_minutes:
             print(f"deadline: not starting {method} at {ratio}", flush=True)
             continue
         t = time.time()
