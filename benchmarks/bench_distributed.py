@@ -33,22 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from modeling_sparse_gpt2 import baselines  # noqa: E402
+from modeling_sparse_gpt2.distillation import fsdp_accelerate_config  # noqa: E402
 from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer  # noqa: E402
-
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-num_machines: 1
-num_processes: {n}
-use_cpu: {cpu}
-mixed_precision: 'no'
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_transformer_layer_cls_to_wrap: SparseGPT2Block
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_reshard_after_forward: true
-"""
 
 
 def build_models(args, work: str) -> dict:
@@ -122,7 +108,7 @@ def main():
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     fsdp_config = os.path.join(work, "fsdp.yaml")
     with open(fsdp_config, "w") as f:
-        f.write(FSDP_CONFIG.format(n=n, cpu=str(args.cpu).lower()))
+        f.write(fsdp_accelerate_config(n, use_cpu=args.cpu))
     plans = {
         "single": ([sys.executable], args.global_batch),
         f"ddp_x{n}": (launch + (["--cpu"] if args.cpu else ["--multi_gpu"]) + ["--num_processes", str(n), "--num_machines", "1",

@@ -17,6 +17,28 @@ from .callbacks import attach_flops_callback
 from .modeling_sparse_gpt2 import sparse_ffns
 
 
+FSDP_ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: {num_processes}
+use_cpu: {use_cpu}
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: SparseGPT2Block
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_reshard_after_forward: true
+"""
+
+
+def fsdp_accelerate_config(num_processes: int, use_cpu: bool = False) -> str:
+    """An ``accelerate launch --config_file`` YAML for healing with FSDP2, one shard unit per
+    ``SparseGPT2Block`` (the class in ``_no_split_modules``), saving a full state dict."""
+    return FSDP_ACCELERATE_CONFIG.format(num_processes=num_processes, use_cpu=str(use_cpu).lower())
+
+
 @dataclass
 class DistillationArguments:
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from modeling_sparse_gpt2.distillation import fsdp_accelerate_config
 from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,20 +61,6 @@ def test_ddp_on_two_cpu_processes_matches_one_process(models, tmp_path, student)
     assert ddp == pytest.approx(single, rel=1e-2)
 
 
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-num_machines: 1
-num_processes: 2
-use_cpu: true
-mixed_precision: 'no'
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_transformer_layer_cls_to_wrap: SparseGPT2Block
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_reshard_after_forward: true
-"""
 
 
 def test_fsdp_wraps_sparse_blocks_and_saves_a_checkpoint_that_loads_back(models, tmp_path):
@@ -83,7 +70,7 @@ def test_fsdp_wraps_sparse_blocks_and_saves_a_checkpoint_that_loads_back(models,
 
     assert "SparseGPT2Block" in SparseGPT2PreTrainedModel._no_split_modules
     config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG)
+    config.write_text(fsdp_accelerate_config(2, use_cpu=True))
     # accelerate refuses TRANSFORMER_BASED_WRAP when the named block class is not in the model
     fsdp = heal(models, "all", tmp_path / "fsdp", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)], per_device_batch=2)
     single = heal(models, "all", tmp_path / "single", [sys.executable], per_device_batch=4)
