@@ -116,16 +116,17 @@ class UltraEfficientSparseFFN(nn.Module):
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         w_down, b_down, sizes, w_up = self.fused_weights()
         h = F.linear(x, w_down.to(x.dtype), b_down.to(x.dtype))
-        half_tau = torch.sigmoid(h[..., sum(sizes) :]) if self.gates.token else None
-        tau = 2 * half_tau if half_tau is not None else None
+        width = sum(sizes)
+        half_tau = torch.sigmoid(h[..., width:]) if self.gates.token else None
         acts = []
-        for (i, comp), seg in zip(self._gemm_items(), torch.split(h[..., : sum(sizes)], sizes, dim=-1)):
+        for (i, comp), seg in zip(self._gemm_items(), torch.split(h[..., :width], sizes, dim=-1)):
             a = comp.activate(seg, ctx)
             acts.append(a * half_tau[..., i : i + 1] if half_tau is not None else a)
         y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype), self.bias.to(x.dtype))
-        for i, comp in enumerate(self.components.values()):
-            if not isinstance(comp, GemmComponent):
-                y = self._add_gated(y, i, comp(x), tau)
+        others = [(i, c) for i, c in enumerate(self.components.values()) if not isinstance(c, GemmComponent)]
+        tau = 2 * half_tau if half_tau is not None and others else None
+        for i, comp in others:
+            y = self._add_gated(y, i, comp(x), tau)
         return y
 
     # ------------------------------------------------------------------ FLOPs
