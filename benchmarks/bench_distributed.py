@@ -12,14 +12,18 @@ parity do not need trained weights) and a sparse student at ``--ffn_flops_ratio`
 ``scripts/heal_sparse_gpt2.py`` three times on the same text, steps and global batch: one process,
 ``accelerate launch`` DDP over N processes, and ``accelerate launch`` FSDP2 wrapping
 ``SparseGPT2Block``; (3) from each run's ``healing_log.json``: per-step losses, Trainer's training
-time, tokens/s (steps x global batch x block / that time), speed-up and scaling efficiency against one process (strong scaling: the global batch is
-fixed, each device takes 1/N of it), and the largest relative loss difference to one process.
+time, tokens/s two ways: steady (the median of the callback's ``Throughput/tokens_per_s`` over the
+logs after ``--warmup_steps``, the figure the speed-ups use) and whole-run (steps x global batch x
+block / ``train_runtime``, start-up included); speed-up and scaling efficiency against one process
+(strong scaling: the global batch is fixed, each device takes 1/N of it), and the largest relative
+loss difference to one process.
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,8 +78,10 @@ def heal(args, models, out: str, launcher: list, per_device_batch: int) -> dict:
         log = json.load(f)
     final = next(e for e in reversed(log) if "train_runtime" in e)
     # tokens/s from the global batch: Trainer's own samples/s counts one process's samples under DDP
+    steady = [e["Throughput/tokens_per_s"] for e in log if "Throughput/tokens_per_s" in e and e["step"] > args.warmup_steps]
     run.update(losses=[e["loss"] for e in log if "loss" in e], train_runtime_s=final["train_runtime"],
-               tokens_per_s=args.steps * args.global_batch * args.block_size / final["train_runtime"])
+               tokens_per_s_whole_run=args.steps * args.global_batch * args.block_size / final["train_runtime"],
+               tokens_per_s=statistics.median(steady))
     return run
 
 
@@ -89,11 +95,14 @@ def main():
     p.add_argument("--ffn_flops_ratio", type=float, default=0.4)
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--global_batch", type=int, default=16, help="sequences per optimizer step, in every run")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup_steps", type=int, default=5, help="steps left out of the steady tokens/s")
     p.add_argument("--work_dir", default=None)
     p.add_argument("--output", required=True)
     args = p.parse_args()
     n = args.num_gpus
+    if not 0 <= args.warmup_steps < args.steps:
+        raise ValueError(f"--warmup_steps {args.warmup_steps} must be in [0, --steps {args.steps})")
     if args.global_batch % n:
         raise ValueError(f"--global_batch {args.global_batch} must be divisible by --num_gpus {n}")
     if not args.cpu and torch.cuda.device_count() < n:
@@ -123,13 +132,14 @@ def main():
         if name == "single" or "tokens_per_s" not in run or "tokens_per_s" not in single:
             continue
         run["speedup"] = run["tokens_per_s"] / single["tokens_per_s"]
+        run["speedup_whole_run"] = run["tokens_per_s_whole_run"] / single["tokens_per_s_whole_run"]
         run["scaling_efficiency"] = run["speedup"] / n
         run["max_relative_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], single["losses"]))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     for name, run in result["runs"].items():
-        print(f"{name:10s} tokens/s {run.get('tokens_per_s', float('nan')):10.0f}  speed-up {run.get('speedup', 1.0):.2f}  "
+        print(f"{name:10s} tokens/s {run.get('tokens_per_s', float('nan')):10.0f} (whole run {run.get('tokens_per_s_whole_run', float('nan')):.0f})  speed-up {run.get('speedup', 1.0):.2f}  "
               f"efficiency {run.get('scaling_efficiency', 1.0):.2f}  max loss diff {run.get('max_relative_loss_difference', 0.0):.2e}"
               + (f"  ERROR {run['error'][-300:]}" if "error" in run else ""))
 

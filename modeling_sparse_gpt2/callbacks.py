@@ -1,10 +1,17 @@
-"""Trainer integration: put the analytic FLOPs and the gate values into the Trainer's logs."""
+"""Trainer integration: put the analytic FLOPs, the gate values and the measured throughput into the Trainer's logs."""
 
+import time
+
+import torch
 from transformers import TrainerCallback
 
 
 class SparseFLOPsCallback(TrainerCallback):
-    """Log ``FLOPs/...`` (per optimizer step) and ``Gates/...`` through ``trainer.log``.
+    """Log ``FLOPs/...`` (per optimizer step), ``Gates/...`` and ``Throughput/tokens_per_s`` through ``trainer.log``.
+
+    ``Throughput/tokens_per_s`` is the global batch's tokens over the wall time since the previous
+    log (the device synchronised at both ends), so the first log carries the start-up cost and the
+    later ones the steady rate; ``train_runtime`` in the final metrics averages both.
 
     Keys added in ``on_log`` reach neither ``state.log_history`` nor the reporters (TensorBoard,
     W&B), so the stats are gathered in ``on_step_end`` and logged through the trainer itself;
@@ -14,14 +21,31 @@ class SparseFLOPsCallback(TrainerCallback):
     def __init__(self, trainer=None, seq_len: int | None = None):
         self.trainer = trainer
         self.seq_len = seq_len
+        self._last_log = None  # (global_step, perf_counter) of the previous log
 
-    def stats(self, model, args) -> dict:
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_log = (state.global_step, self._now())
+        return control
+
+    def stats(self, model, args, global_step: int | None = None) -> dict:
         model = getattr(model, "module", model)
         sequences = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         seq_len = self.seq_len or model.config.n_positions
         report = model.flops_report(batch_size=sequences, seq_len=seq_len)
         stats = {k: float(v) for k, v in report.items() if k.startswith("FLOPs/")}
         stats.update(model.mean_gate_values())
+        if global_step is not None and self._last_log is not None:
+            now = self._now()
+            last_step, last_time = self._last_log
+            if global_step > last_step and now > last_time:
+                stats["Throughput/tokens_per_s"] = (global_step - last_step) * sequences * seq_len / (now - last_time)
+            self._last_log = (global_step, now)
         return stats
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -30,7 +54,7 @@ class SparseFLOPsCallback(TrainerCallback):
         steps = getattr(state, "logging_steps", None) or args.logging_steps
         if state.global_step == 1 or (steps and state.global_step % max(1, int(steps)) == 0):
             should_log = control.should_log
-            self.trainer.log(self.stats(model, args))
+            self.trainer.log(self.stats(model, args, state.global_step))
             # trainer.log runs the on_log event, which clears should_log: the Trainer's own loss
             # logging for this step must still happen
             control.should_log = should_log

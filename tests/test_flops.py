@@ -1,7 +1,9 @@
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, Trainer, TrainingArguments
+from transformers import GPT2Config, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
@@ -95,3 +97,25 @@ def test_flops_callback_reaches_trainer_log_history(tmp_path):
     assert "Gates/block_0_polynomial" in logged[-1]
     # the Trainer's own logging still happens at the same steps
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]
+
+
+def test_flops_callback_logs_throughput_of_the_window_since_the_last_log(tmp_path):
+    class SlowStep(TrainerCallback):  # every step takes at least 0.2 s of wall time
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(0.2)
+
+    model = tiny_model().train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, logging_steps=2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(16, 16, 97), callbacks=[SlowStep()])
+    attach_flops_callback(trainer, seq_len=16)
+    trainer.train()
+    windows = [(e["step"], e["Throughput/tokens_per_s"]) for e in trainer.state.log_history if "Throughput/tokens_per_s" in e]
+    assert [step for step, _ in windows] == [1, 2, 4]
+    # seconds each window took, recovered from its rate: 2 x 16 tokens per step
+    seconds = [(step - prev) * 2 * 16 / rate for (prev, _), (step, rate) in zip([(0, None)] + windows, windows)]
+    assert all(s >= 0.2 * (step - prev) * 0.99 for s, (prev, _), (step, _) in zip(seconds, [(0, None)] + windows, windows))
+    runtime = next(e["train_runtime"] for e in trainer.state.log_history if "train_runtime" in e)
+    assert 0.8 <= sum(seconds) <= runtime
