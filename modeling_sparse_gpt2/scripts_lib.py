@@ -54,9 +54,11 @@ def heal_and_save(heal_args, distill_args, training_args, log=print):
     trainer = build_healing_trainer(student, teacher, train, val, training_args, distill_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if val is not None else {}
+    # every process calls save_model: under FSDP it gathers the sharded weights (a collective), and
+    # only the main process writes; calling it on rank 0 alone leaves rank 0 waiting on NCCL forever
+    trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         ppl = {"healed": float(torch.exp(torch.tensor(metrics["eval_loss"])))} if "eval_loss" in metrics else {}
-        trainer.save_model(training_args.output_dir)
         tokenizer.save_pretrained(training_args.output_dir)
         make_model_card(
             trainer.model, base_model=heal_args.teacher_model_name_or_path or heal_args.model_name_or_path,

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,3 +82,33 @@ def test_fsdp_wraps_sparse_blocks_and_saves_a_checkpoint_that_loads_back(models,
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=5e-3, rtol=5e-3)
+
+
+def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path, monkeypatch):
+    """Under FSDP, ``save_model`` gathers the shards (a collective): a process that is not the main
+    one must still call it, or the main one waits on it forever; it writes nothing itself."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from modeling_sparse_gpt2 import scripts_lib
+    from modeling_sparse_gpt2.distillation import DistillationArguments
+
+    saved = []
+
+    def build_as_second_process(*args, **kwargs):
+        trainer = build_healing_trainer(*args, **kwargs)
+        trainer.is_world_process_zero = lambda: False
+        trainer.save_model = lambda output_dir=None, **kw: saved.append(output_dir)
+        return trainer
+
+    build_healing_trainer = scripts_lib.build_healing_trainer
+    monkeypatch.setattr(scripts_lib, "build_healing_trainer", build_as_second_process)
+    out = tmp_path / "rank1"
+    heal_args = SimpleNamespace(model_name_or_path=str(models["all"]), teacher_model_name_or_path=str(models["dense"]),
+                                train_file=DEFAULT_CALIBRATION, validation_file=None, dataset_name=None, dataset_config_name=None,
+                                block_size=32, max_train_samples=4, text_column="text")
+    (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none",
+         "--save_strategy", "no", "--disable_tqdm", "true"])
+    scripts_lib.heal_and_save(heal_args, DistillationArguments(), training_args)
+    assert saved == [str(out)]
+    assert not (out / "healing_log.json").exists() and not (out / "README.md").exists()
