@@ -69,7 +69,12 @@ def heal(args, models, out: str, launcher: list, per_device_batch: int) -> dict:
     if args.cpu:
         env["OMP_NUM_THREADS"] = "1"
     t0 = time.time()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout_s)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stderr or b"")[-3000:]
+        return {"command": " ".join(cmd), "returncode": None, "wall_s": round(time.time() - t0, 1),
+                "error": f"timed out after {args.run_timeout_s} s; stderr tail: " + (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)}
     run = {"command": " ".join(cmd), "returncode": res.returncode, "wall_s": round(time.time() - t0, 1)}
     if res.returncode != 0:
         run["error"] = res.stderr[-3000:]
@@ -81,8 +86,28 @@ def heal(args, models, out: str, launcher: list, per_device_batch: int) -> dict:
     steady = [e["Throughput/tokens_per_s"] for e in log if "Throughput/tokens_per_s" in e and e["step"] > args.warmup_steps]
     run.update(losses=[e["loss"] for e in log if "loss" in e], train_runtime_s=final["train_runtime"],
                tokens_per_s_whole_run=args.steps * args.global_batch * args.block_size / final["train_runtime"],
-               tokens_per_s=statistics.median(steady))
+               tokens_per_s=statistics.median(steady),
+               tokens_per_s_windows=[round(e["Throughput/tokens_per_s"]) for e in log if "Throughput/tokens_per_s" in e])
     return run
+
+
+def compare_to_single(runs: dict, n: int):
+    """Speed-up, scaling efficiency and loss parity of each multi-process run against one process."""
+    single = runs.get("single", {})
+    for name, run in runs.items():
+        if name == "single" or "tokens_per_s" not in run or "tokens_per_s" not in single:
+            continue
+        run["speedup"] = run["tokens_per_s"] / single["tokens_per_s"]
+        run["speedup_whole_run"] = run["tokens_per_s_whole_run"] / single["tokens_per_s_whole_run"]
+        run["scaling_efficiency"] = run["speedup"] / n
+        run["max_relative_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], single["losses"]))
+
+
+def save_json_atomically(path: str, obj: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main():
@@ -97,6 +122,7 @@ def main():
     p.add_argument("--global_batch", type=int, default=16, help="sequences per optimizer step, in every run")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup_steps", type=int, default=5, help="steps left out of the steady tokens/s")
+    p.add_argument("--run_timeout_s", type=float, default=600, help="a healing run still going after this is stopped and recorded as an error")
     p.add_argument("--work_dir", default=None)
     p.add_argument("--output", required=True)
     args = p.parse_args()
@@ -126,18 +152,9 @@ def main():
     }
     for name, (launcher, batch) in plans.items():
         result["runs"][name] = heal(args, models, os.path.join(work, name), launcher, batch)
-        print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k not in ("command", "losses")}), flush=True)
-    single = result["runs"]["single"]
-    for name, run in result["runs"].items():
-        if name == "single" or "tokens_per_s" not in run or "tokens_per_s" not in single:
-            continue
-        run["speedup"] = run["tokens_per_s"] / single["tokens_per_s"]
-        run["speedup_whole_run"] = run["tokens_per_s_whole_run"] / single["tokens_per_s_whole_run"]
-        run["scaling_efficiency"] = run["speedup"] / n
-        run["max_relative_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], single["losses"]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
+        print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k not in ("command", "losses", "tokens_per_s_windows")}), flush=True)
+        compare_to_single(result["runs"], n)
+        save_json_atomically(args.output, result)  # after every run: a later run that hangs loses nothing
     for name, run in result["runs"].items():
         print(f"{name:10s} tokens/s {run.get('tokens_per_s', float('nan')):10.0f} (whole run {run.get('tokens_per_s_whole_run', float('nan')):.0f})  speed-up {run.get('speedup', 1.0):.2f}  "
               f"efficiency {run.get('scaling_efficiency', 1.0):.2f}  max loss diff {run.get('max_relative_loss_difference', 0.0):.2e}"
