@@ -143,6 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
                    help="end-to-end train/prefill compile: each transformer block (regional, default: ~6x faster "
                         "to compile) or the whole model (also fuses the LM head and loss)")
+    p.add_argument("--e2e-stages", default=None, help=f"end-to-end stages to run, comma list of {','.join(E2E_STAGES)} (default all)")
     p.add_argument("--gen-batches", default=None, help="decode batch sizes, e.g. 1,32")
     p.add_argument("--decode-isolation", default=None, choices=["process", "none"],
                    help="measure each model's decode in a fresh process (default on GPU) or in this one")
@@ -201,6 +202,7 @@ def resolve_settings(args) -> dict:
         width_modes=_csv(args.width_modes, str) or width_modes,
         decode_isolation=(args.decode_isolation or ("process" if gpu else "none")) == "process",
         e2e_ratios=_csv(args.e2e_ratios, float) or e2e_ratios,
+        e2e_stages=_e2e_stages(args.e2e_stages),
         reps=max(MIN_REPS, args.reps or reps),
         warmup=args.warmup if args.warmup is not None else warmup,
         budget_s=args.budget_s or budget,
@@ -738,6 +740,17 @@ def measure_generate_isolated(S, target, name, batch, graphs) -> dict:
     return out
 
 
+E2E_STAGES = ("train", "decode_graphs", "prefill", "decode_eager")  # the order they run in
+
+
+def _e2e_stages(text: str | None) -> list:
+    stages = _csv(text, str) or list(E2E_STAGES)
+    unknown = sorted(set(stages) - set(E2E_STAGES))
+    if unknown:
+        raise SystemExit(f"--e2e-stages: unknown {unknown}; choose from {','.join(E2E_STAGES)}")
+    return stages
+
+
 def bench_e2e(S: dict, results: dict, budget: Budget, save):
     res = results.setdefault("e2e", {"models": {}, "rows": []})
     rows = res["rows"]
@@ -779,9 +792,11 @@ def bench_e2e(S: dict, results: dict, budget: Budget, save):
         res["models"].update(info)
         save()
         # in order of importance (the last ones are the first to fall to the time budget)
-        run("train", models, lambda m: measure_train(m, S, compiled=False), mode="eager")
-        if comp:
-            run("train", models, lambda m: measure_train(m, S, compiled=True), mode="compile")
+        stages = S["e2e_stages"]
+        if "train" in stages:
+            run("train", models, lambda m: measure_train(m, S, compiled=False), mode="eager")
+            if comp:
+                run("train", models, lambda m: measure_train(m, S, compiled=True), mode="compile")
         infer = {name: inference_copy(m, S) for name, m in models.items()}
 
         def decode(graphs, b):
@@ -790,14 +805,16 @@ def bench_e2e(S: dict, results: dict, budget: Budget, save):
                 return lambda m: measure_generate_isolated(S, target, names[id(m)], b, graphs)
             return lambda m: measure_generate(m, S, b, graphs=graphs)
 
-        if comp:
+        if comp and "decode_graphs" in stages:
             for b in S["gen_batches"]:
                 run("decode", infer, decode(True, b), mode="cuda_graphs", batch=b)
-        run("prefill", infer, lambda m: measure_prefill(m, S, compiled=False), mode="eager")
-        if comp:
-            run("prefill", infer, lambda m: measure_prefill(m, S, compiled=True), mode="compile")
-        for b in S["gen_batches"]:
-            run("decode", infer, decode(False, b), mode="eager", batch=b)
+        if "prefill" in stages:
+            run("prefill", infer, lambda m: measure_prefill(m, S, compiled=False), mode="eager")
+            if comp:
+                run("prefill", infer, lambda m: measure_prefill(m, S, compiled=True), mode="compile")
+        if "decode_eager" in stages:
+            for b in S["gen_batches"]:
+                run("decode", infer, decode(False, b), mode="eager", batch=b)
         del infer
         for m in models.values():
             m.to("cpu")
