@@ -37,6 +37,17 @@ def test_bench_speed_cpu_smoke_measures_every_variant_and_stage(tmp_path):
         assert {(model, "train", None), (model, "prefill", None), (model, "decode", 1)} <= stages
 
 
+def test_bench_speed_e2e_stages_runs_only_the_stages_asked_for(tmp_path):
+    out = tmp_path / "speed.json"
+    run("bench_speed.py", "--device", "cpu", "--quick", "--sections", "e2e", "--e2e-ratios", "0.4", "--e2e-stages", "prefill",
+        "--output", str(out))
+    rows = json.loads(out.read_text())["e2e"]["rows"]
+    assert {r["stage"] for r in rows} == {"prefill"} and all("median_ms" in r for r in rows)
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "bench_speed.py"), "--e2e-stages", "prefill,warp", "--output", str(out)],
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "--e2e-stages: unknown ['warp']" in res.stderr
+
+
 def test_bench_quality_resumes_its_rows_and_starts_none_after_the_deadline(tmp_path):
     tok = load_tokenizer(DEFAULT_MODEL)
     for split, path in (("train", DEFAULT_CALIBRATION), ("validation", DEFAULT_VALIDATION)):
