@@ -8,6 +8,7 @@ Nothing here is typed in by hand: every figure comes from a results file written
 
 import json
 import os
+import statistics
 
 import matplotlib
 
@@ -160,7 +161,30 @@ def ffn_plot(d, path):
     fig.savefig(path, dpi=110)
 
 
-def e2e_table(d):
+# decode measured with each model in a fresh process (--decode-isolation process); the decode rows of
+# speed_e2e_h200.json were measured one model after another in one process and are not used
+DECODE_RUNS = ("speed_e2e_h200_run2.json", "speed_e2e_decode_eager_h200.json", "speed_e2e_decode_graphs_h200.json",
+               "speed_e2e_decode_graphs_b1_h200.json")
+
+
+def _row(rows, model, stage, mode, batch=None):
+    return next((r for r in rows if r["model"] == model and r["stage"] == stage and r.get("mode") == mode
+                 and r.get("batch") == batch), None)
+
+
+def _decode_cell(runs, model, mode, batch):
+    """Median tokens/s and median speed-up (each run's own ratio to its dense) over the isolated runs."""
+    rows = [r for d in runs if (r := _row(d["e2e"]["rows"], model, "decode", mode, batch)) and "median_ms" in r]
+    if not rows:
+        return "not run"
+    tps = statistics.median(r["tokens_per_s"] for r in rows)
+    speedups = sorted(r.get("speedup", 1.0) for r in rows)
+    spread = f"; {speedups[0]:.2f}-{speedups[-1]:.2f}" if len(rows) > 1 and model != "dense" else ""
+    return f"{tps:,.0f} (**{statistics.median(speedups):.2f}x**{spread}; {len(rows)} run{'s' if len(rows) > 1 else ''})"
+
+
+def e2e_table(d, decode_runs=None):
+    """Train and prefill rows from ``d``; decode rows from ``decode_runs`` when given (else from ``d``)."""
     e = d["e2e"]
     names = list(e["models"])
     out = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -173,9 +197,12 @@ def e2e_table(d):
             ("decode", "cuda_graphs", 1, "decode tokens/s, batch 1, CUDA graphs"),
             ("decode", "cuda_graphs", 32, "decode tokens/s, batch 32, CUDA graphs")]
     for stage, mode, batch, label in keys:
+        if stage == "decode" and decode_runs:
+            out.append(f"| {label} | " + " | ".join(_decode_cell(decode_runs, n, mode, batch) for n in names) + " |")
+            continue
         cells = []
         for n in names:
-            r = next((r for r in e["rows"] if r["model"] == n and r["stage"] == stage and r.get("mode") == mode and r.get("batch") == batch), None)
+            r = _row(e["rows"], n, stage, mode, batch)
             if r is None or "median_ms" not in r:
                 cells.append("not run" if r is None or "skipped" in r else "failed")
                 continue
@@ -219,7 +246,8 @@ if __name__ == "__main__":
     print("## quality\n" + quality_tables(quality))
     print("\n## FLOPs agreement\n" + flops_table(quality))
     print("\n## FFN (H200)\n" + ffn_table(ffn))
-    print("\n## end to end (H200)\n" + e2e_table(e2e))
+    print("\n## end to end (H200); decode: isolated runs\n" + e2e_table(e2e, [load(name) for name in DECODE_RUNS]))
+    print("\n## end to end (H200), repeat run\n" + e2e_table(load("speed_e2e_h200_run2.json")))
     print("\n## FFN (CPU)\n" + cpu_table(cpu))
     quality_plot(quality, os.path.join(DOCS, "quality_vs_flops.png"))
     curve_plot(curve, os.path.join(DOCS, "reference_training_curve.png"))
