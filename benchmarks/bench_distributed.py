@@ -71,23 +71,22 @@ def heal(args, models, out: str, launcher: list, per_device_batch: int) -> dict:
     t0 = time.time()
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.run_timeout_s)
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"")[-3000:]
-        return {"command": " ".join(cmd), "returncode": None, "wall_s": round(time.time() - t0, 1),
-                "error": f"timed out after {args.run_timeout_s} s; stderr tail: " + (tail.decode(errors="replace") if isinstance(tail, bytes) else tail)}
-    run = {"command": " ".join(cmd), "returncode": res.returncode, "wall_s": round(time.time() - t0, 1)}
-    if res.returncode != 0:
-        run["error"] = res.stderr[-3000:]
+        returncode, error = res.returncode, res.stderr[-3000:] if res.returncode else None
+    except subprocess.TimeoutExpired as err:  # its stderr comes back as bytes even in text mode
+        returncode, error = None, f"timed out after {args.run_timeout_s} s; stderr tail: " + (err.stderr or b"")[-3000:].decode(errors="replace")
+    run = {"command": " ".join(cmd), "returncode": returncode, "wall_s": round(time.time() - t0, 1)}
+    if error is not None:
+        run["error"] = error
         return run
     with open(os.path.join(out, "healing_log.json")) as f:
         log = json.load(f)
     final = next(e for e in reversed(log) if "train_runtime" in e)
     # tokens/s from the global batch: Trainer's own samples/s counts one process's samples under DDP
-    steady = [e["Throughput/tokens_per_s"] for e in log if "Throughput/tokens_per_s" in e and e["step"] > args.warmup_steps]
+    windows = [(e["step"], e["Throughput/tokens_per_s"]) for e in log if "Throughput/tokens_per_s" in e]
     run.update(losses=[e["loss"] for e in log if "loss" in e], train_runtime_s=final["train_runtime"],
                tokens_per_s_whole_run=args.steps * args.global_batch * args.block_size / final["train_runtime"],
-               tokens_per_s=statistics.median(steady),
-               tokens_per_s_windows=[round(e["Throughput/tokens_per_s"]) for e in log if "Throughput/tokens_per_s" in e])
+               tokens_per_s=statistics.median(rate for step, rate in windows if step > args.warmup_steps),
+               tokens_per_s_windows=[round(rate) for _, rate in windows])
     return run
 
 

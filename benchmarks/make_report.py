@@ -213,7 +213,7 @@ def e2e_table(d, decode_runs=None):
         if stage == "train":
             mem = []
             for n in names:
-                r = next((r for r in e["rows"] if r["model"] == n and r["stage"] == stage and r.get("mode") == mode), None)
+                r = _row(e["rows"], n, stage, mode)
                 mem.append(f"{r['peak_mem_gib']:.2f} ({r.get('peak_mem_ratio', 1.0):.2f}x)" if r and "peak_mem_gib" in r else "-")
             out.append(f"| peak GPU memory GiB, training {mode} | " + " | ".join(mem) + " |")
     return "\n".join(out)

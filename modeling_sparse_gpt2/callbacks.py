@@ -33,20 +33,26 @@ class SparseFLOPsCallback(TrainerCallback):
         self._last_log = (state.global_step, self._now())
         return control
 
-    def stats(self, model, args, global_step: int | None = None) -> dict:
+    def stats(self, model, args, global_step: int) -> dict:
         model = getattr(model, "module", model)
         sequences = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         seq_len = self.seq_len or model.config.n_positions
         report = model.flops_report(batch_size=sequences, seq_len=seq_len)
         stats = {k: float(v) for k, v in report.items() if k.startswith("FLOPs/")}
         stats.update(model.mean_gate_values())
-        if global_step is not None and self._last_log is not None:
-            now = self._now()
-            last_step, last_time = self._last_log
-            if global_step > last_step and now > last_time:
-                stats["Throughput/tokens_per_s"] = (global_step - last_step) * sequences * seq_len / (now - last_time)
-            self._last_log = (global_step, now)
+        stats.update(self._throughput(global_step, tokens_per_step=sequences * seq_len))
         return stats
+
+    def _throughput(self, global_step: int, tokens_per_step: int) -> dict:
+        """Tokens/s since the previous log; empty before ``on_train_begin`` has run."""
+        if self._last_log is None:
+            return {}
+        now = self._now()
+        last_step, last_time = self._last_log
+        self._last_log = (global_step, now)
+        if global_step > last_step and now > last_time:
+            return {"Throughput/tokens_per_s": (global_step - last_step) * tokens_per_step / (now - last_time)}
+        return {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.trainer is None or model is None:
