@@ -93,6 +93,7 @@ def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path,
     from modeling_sparse_gpt2.distillation import DistillationArguments
 
     saved = []
+    build_healing_trainer = scripts_lib.build_healing_trainer
 
     def build_as_second_process(*args, **kwargs):
         trainer = build_healing_trainer(*args, **kwargs)
@@ -100,7 +101,6 @@ def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path,
         trainer.save_model = lambda output_dir=None, **kw: saved.append(output_dir)
         return trainer
 
-    build_healing_trainer = scripts_lib.build_healing_trainer
     monkeypatch.setattr(scripts_lib, "build_healing_trainer", build_as_second_process)
     out = tmp_path / "rank1"
     heal_args = SimpleNamespace(model_name_or_path=str(models["all"]), teacher_model_name_or_path=str(models["dense"]),
