@@ -67,6 +67,7 @@ def heal_and_save(heal_args, distill_args, training_args, log=print):
             provenance=f"Healed from {heal_args.model_name_or_path} by distillation (T={distill_args.temperature}, alpha_kl={distill_args.alpha_kl}) for {trainer.state.global_step} steps.",
         ).save(os.path.join(training_args.output_dir, "README.md"))
         save_json(os.path.join(training_args.output_dir, "healing_log.json"), trainer.state.log_history)
+    trainer.accelerator.wait_for_everyone()  # no process returns before the checkpoint is written whole
     return trainer, metrics
 
 

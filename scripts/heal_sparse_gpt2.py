@@ -34,6 +34,9 @@ class HealArguments:
 if __name__ == "__main__":
     heal_args, distill_args, training_args = HfArgumentParser((HealArguments, DistillationArguments, TrainingArguments)).parse_args_into_dataclasses()
     try:
-        heal_and_save(heal_args, distill_args, training_args)
+        trainer, _ = heal_and_save(heal_args, distill_args, training_args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         sys.exit(f"error: {err}")
+    # close the process group before exiting: under accelerate launch (gloo) a process that exits
+    # with it open was seen to abort ("terminate called without an active exception", CI)
+    trainer.accelerator.end_training()
