@@ -36,9 +36,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from modeling_sparse_gpt2 import baselines  # noqa: E402
-from modeling_sparse_gpt2.distillation import fsdp_accelerate_config  # noqa: E402
-from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from modeling_sparse_gpt2.tooling import baselines  # noqa: E402
+from modeling_sparse_gpt2.tooling.distillation import fsdp_accelerate_config  # noqa: E402
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer  # noqa: E402
 
 
 def build_models(args, work: str) -> dict:

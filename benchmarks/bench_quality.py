@@ -31,12 +31,13 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from modeling_sparse_gpt2 import COMPONENTS, baselines
-from modeling_sparse_gpt2.conversion import ConversionArguments, convert_gpt2_to_sparse
-from modeling_sparse_gpt2.distillation import DistillationArguments, build_healing_trainer
-from modeling_sparse_gpt2.evaluation import perplexity
+from modeling_sparse_gpt2 import COMPONENTS
+from modeling_sparse_gpt2.tooling import baselines
+from modeling_sparse_gpt2.tooling.conversion import ConversionArguments, convert_gpt2_to_sparse
+from modeling_sparse_gpt2.tooling.distillation import DistillationArguments, build_healing_trainer
+from modeling_sparse_gpt2.tooling.evaluation import perplexity
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
-from modeling_sparse_gpt2.pretraining import PretrainArguments, train_dense_reference
+from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_dense_reference
 
 
 def windows(tokens, block, n, seed):

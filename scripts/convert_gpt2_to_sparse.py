@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
-from modeling_sparse_gpt2.conversion import ConversionArguments
-from modeling_sparse_gpt2.pipeline import DataArguments
-from modeling_sparse_gpt2.scripts_lib import convert_and_save
+from modeling_sparse_gpt2.tooling.conversion import ConversionArguments
+from modeling_sparse_gpt2.tooling.checkpoints import DataArguments
+from modeling_sparse_gpt2.tooling.commands import convert_and_save
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import HfArgumentParser
 
-from modeling_sparse_gpt2.scripts_lib import evaluate_model
+from modeling_sparse_gpt2.tooling.commands import evaluate_model
 
 
 @dataclass

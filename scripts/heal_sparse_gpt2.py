@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from modeling_sparse_gpt2.distillation import DistillationArguments
-from modeling_sparse_gpt2.scripts_lib import heal_and_save
+from modeling_sparse_gpt2.tooling.distillation import DistillationArguments
+from modeling_sparse_gpt2.tooling.commands import heal_and_save
 
 
 @dataclass

@@ -10,7 +10,7 @@ GPT-2 small's shape, the conversion's default components and knobs, uniform budg
 import argparse
 import os
 
-from modeling_sparse_gpt2.conversion import preset_config
+from modeling_sparse_gpt2.tooling.conversion import preset_config
 
 RATIOS = (0.5, 0.4, 0.2)
 

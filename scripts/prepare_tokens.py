@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from modeling_sparse_gpt2.tokens import prepare_token_files
+from modeling_sparse_gpt2.tooling.tokens import prepare_token_files
 
 
 @dataclass

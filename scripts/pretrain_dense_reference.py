@@ -10,7 +10,7 @@ Reference for the benchmarks (H200, ~5 minutes):
 
 from transformers import HfArgumentParser
 
-from modeling_sparse_gpt2.pretraining import PretrainArguments, train_dense_reference
+from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_dense_reference
 
 if __name__ == "__main__":
     (args,) = HfArgumentParser(PretrainArguments).parse_args_into_dataclasses()

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from modeling_sparse_gpt2.data import load_texts, token_stream
-from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
+from modeling_sparse_gpt2.tooling.data import load_texts, token_stream
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoConfig
 
 from modeling_sparse_gpt2 import SparseGPT2Config
-from modeling_sparse_gpt2.conversion import _layer_flops_ratio, preset_config
+from modeling_sparse_gpt2.tooling.conversion import _layer_flops_ratio, preset_config
 
 from conftest import tiny_config
 

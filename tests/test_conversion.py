@@ -7,16 +7,16 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
-from modeling_sparse_gpt2.conversion import (
+from modeling_sparse_gpt2.tooling.conversion import (
     ConversionArguments,
     convert_gpt2_to_sparse,
     select_neurons,
     select_neurons_obs,
     sparse_config_for_budget,
 )
-from modeling_sparse_gpt2.data import load_texts, token_stream, tokenize_blocks
-from modeling_sparse_gpt2.evaluation import perplexity
-from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
+from modeling_sparse_gpt2.tooling.data import load_texts, token_stream, tokenize_blocks
+from modeling_sparse_gpt2.tooling.evaluation import perplexity
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
 
 
 def tiny_dense(seed=0, **kw):

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from modeling_sparse_gpt2.distillation import fsdp_accelerate_config
-from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
+from modeling_sparse_gpt2.tooling.distillation import fsdp_accelerate_config
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,7 @@ def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path,
     from transformers import HfArgumentParser, TrainingArguments
 
     from modeling_sparse_gpt2 import scripts_lib
-    from modeling_sparse_gpt2.distillation import DistillationArguments
+    from modeling_sparse_gpt2.tooling.distillation import DistillationArguments
 
     saved = []
     build_healing_trainer = scripts_lib.build_healing_trainer

@@ -7,7 +7,7 @@ from transformers import GPT2Config, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
-from modeling_sparse_gpt2.callbacks import attach_flops_callback
+from modeling_sparse_gpt2.tooling.callbacks import attach_flops_callback
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
 
 from conftest import ALL, tiny_config, tiny_model

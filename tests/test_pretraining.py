@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_sparse_gpt2.pipeline import DEFAULT_MODEL
-from modeling_sparse_gpt2.pretraining import PretrainArguments, train_dense_reference
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_MODEL
+from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_dense_reference
 
 
 def _token_files(tmp_path):

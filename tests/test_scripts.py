@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import modeling_sparse_gpt2  # noqa: F401  (registers sparse_gpt2)
-from modeling_sparse_gpt2.pipeline import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,7 +119,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(dense_dir, tmp_pa
 KILLER = """
 import os, runpy, signal, sys
 from transformers import TrainerCallback
-import modeling_sparse_gpt2.scripts_lib as lib
+import modeling_sparse_gpt2.tooling.commands as lib
 
 class KillAfter(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
@@ -178,7 +178,7 @@ def test_evaluate_perplexity_script_prints_and_writes_json(dense_dir, tmp_path):
 
 
 def test_main_job_runs_offline_on_the_embedded_default(tmp_path):
-    from modeling_sparse_gpt2.main_job import main
+    from modeling_sparse_gpt2.tooling.main_job import main
 
     out = tmp_path / "job"
     rc = main(["--output_dir", str(out), "--heal_steps", "2", "--heal_batch_size", "2", "--num_calibration_samples", "4",

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from .configuration_sparse_gpt2 import FUSED_COMPONENTS, SparseGPT2Config
-from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel
-from .sparse_ffn import UltraEfficientSparseFFN
-from .spectral import dct_rows
+from ..configuration_sparse_gpt2 import FUSED_COMPONENTS, SparseGPT2Config
+from ..modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from ..sparse_ffn import UltraEfficientSparseFFN
+from ..spectral import dct_rows
 
 
 @dataclass

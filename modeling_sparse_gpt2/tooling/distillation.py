@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer
 
 from .callbacks import attach_flops_callback
-from .modeling_sparse_gpt2 import sparse_ffns
+from ..modeling_sparse_gpt2 import sparse_ffns
 
 
 FSDP_ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE

@@ -25,7 +25,7 @@ from .conversion import (
     select_neurons,
     sparse_config_for_budget,
 )
-from .modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from ..modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 
 
 def _inner(config):

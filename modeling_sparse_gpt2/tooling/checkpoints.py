@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2TokenizerFast
 
-DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "default")
+DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default")
 DEFAULT_MODEL = os.path.join(DEFAULT_DIR, "dense-gpt2-pydocs")
 DEFAULT_CALIBRATION = os.path.join(DEFAULT_DIR, "data", "pydocs-train-sample.jsonl")
 DEFAULT_VALIDATION = os.path.join(DEFAULT_DIR, "data", "pydocs-heldout.jsonl")

@@ -10,7 +10,7 @@ from .data import load_split, token_stream, tokenize_blocks
 from .distillation import build_healing_trainer
 from .evaluation import perplexity
 from .model_card import make_model_card
-from .pipeline import atomic_output_dir, check_output_dir, load_causal_lm, load_tokenizer, save_json
+from .checkpoints import atomic_output_dir, check_output_dir, load_causal_lm, load_tokenizer, save_json
 
 
 def convert_and_save(model_args, data_args, conv_args, log=print):

@@ -22,7 +22,7 @@ from .data import load_split, token_stream, tokenize_blocks
 from .distillation import DistillationArguments, build_healing_trainer
 from .evaluation import perplexity
 from .model_card import make_model_card
-from .pipeline import (
+from .checkpoints import (
     DEFAULT_CALIBRATION,
     DEFAULT_MODEL,
     DEFAULT_VALIDATION,
