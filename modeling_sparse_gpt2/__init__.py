@@ -19,11 +19,14 @@ from .modeling_sparse_gpt2 import (
     SparseGPT2PreTrainedModel,
 )
 from .sparse_ffn import UltraEfficientSparseFFN
+from .tooling.legacy import read_checkpoint_tensors
 
 AutoConfig.register("sparse_gpt2", SparseGPT2Config, exist_ok=True)
 AutoModel.register(SparseGPT2Config, SparseGPT2Model, exist_ok=True)
 AutoModelForCausalLM.register(SparseGPT2Config, SparseGPT2LMHeadModel, exist_ok=True)
 AutoModelForSequenceClassification.register(SparseGPT2Config, SparseGPT2ForSequenceClassification, exist_ok=True)
+
+SparseGPT2PreTrainedModel.checkpoint_reader = staticmethod(read_checkpoint_tensors)  # 0.1 checkpoints
 
 # save_pretrained copies the model code next to the weights so the checkpoint loads with
 # trust_remote_code=True for users who never installed this package.

@@ -1,20 +1,23 @@
 """What every UltraEfficientSparseFFN component shares.
 
-A *GEMM component* reads the FFN input through a down-projection, does elementwise (or per-channel)
-work on the result, and writes back through an up-projection:
+A *GEMM component* reads the FFN input through its rows of the FFN's down-projection ``c_fc``, does
+elementwise (or per-channel, or causal) work on the result, and writes back through its columns of
+the up-projection ``c_proj``:
 
-    y_c = W_up · act_c(W_down · x + b_down)
+    y_c = W_out_c · act_c(W_in_c · x + b_in_c)      (W_in_c: rows of c_fc, W_out_c: columns of c_proj)
 
-Because every GEMM component reads the same ``x`` and writes the same ``y``, the FFN's fast path
-concatenates all their ``W_down`` into one GEMM and all their ``W_up`` into another (DESIGN.md §2);
-the per-component ``forward`` below is the reference path the fast path is tested against.
+The weights of all GEMM components are stored side by side in those two ``nn.Linear`` modules (named
+as in GPT-2's MLP), so the FFN runs as two GEMMs with the middle stage in between, no weight is
+concatenated at run time, and tools written for GPT-2 (peft's LoRA, quantisers) reach them. A
+component object holds only its own small parameters (Chebyshev coefficients, the feedback taps) and
+its width ``rows``; ``UltraEfficientSparseFFN.w_in(name)`` / ``b_in(name)`` / ``w_out(name)`` give
+the views of its slices.
 """
 
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,34 +35,20 @@ class FFNContext:
 
 
 class GemmComponent(nn.Module):
-    """Base of the components that ride inside the fused down- and up-projection GEMMs."""
+    """Base of the components whose projections are slices of the FFN's ``c_fc`` and ``c_proj``."""
 
-    name: str = ""
-
-    def down(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W_down, b_down)``: rows of the shared down-projection GEMM (shape ``rows x d``)."""
-        raise NotImplementedError
-
-    def up(self) -> torch.Tensor:
-        """``W_up`` (shape ``d x rows``): columns of the shared up-projection GEMM."""
-        return self.w_out
+    def __init__(self, d: int, rows: int):
+        super().__init__()
+        self.d = d
+        self.rows = rows
 
     def activate(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         """Elementwise / per-channel work on this component's slice of the down-projection."""
         return h
 
-    @property
-    def rows(self) -> int:
-        return self.w_out.shape[1]
-
-    def forward(self, x: torch.Tensor, ctx: FFNContext | None = None) -> torch.Tensor:
-        w, b = self.down()
-        return F.linear(self.activate(F.linear(x, w, b), ctx or FFNContext()), self.up())
-
     def matmul_flops_per_token(self) -> int:
-        """Multiply-adds x 2 of the down and up projections, per token."""
-        d = self.w_out.shape[0]
-        return 2 * 2 * d * self.rows
+        """Multiply-adds x 2 of its rows of c_fc and columns of c_proj, per token."""
+        return 2 * 2 * self.d * self.rows
 
     def elementwise_flops_per_token(self) -> int:
         return 0

@@ -24,13 +24,15 @@ H200 the Monarch (``tensor``) and ``micro`` parts add batched small matmuls and 
 the GEMMs and cost more time than their FLOPs, and in calibration-only conversion they did not pay
 back their share of the budget (docs/benchmarks.md)."""
 
-GATE_KINDS = ("channel", "token")
+GATE_KINDS = ("scalar", "token")
+LEGACY_GATE_KINDS = {"channel": "scalar"}  # version 0.1: a gate per output channel, folded into c_proj on load
+POLY_COEFFICIENTS = ("shared", "per_neuron")
 SPECTRAL_SELECTIONS = ("static", "topk")
 POLY_DOMAIN_RANGE = (1e-6, 1e4)  # below ~1e-45 the domain underflows to 0 in float32 and h / s gives 0 / 0 = NaN
 SPARSE_KNOBS = (
     "sparse_components", "poly_keep_ratio", "poly_degree", "poly_num_terms", "poly_domain", "k_freq",
     "spectral_selection", "micro_steps", "micro_keep_ratio", "micro_group_size", "feedback_rank",
-    "feedback_window", "tensor_blocks", "gate_kind",
+    "feedback_window", "tensor_blocks", "gate_kind", "poly_coefficients",
 )
 
 AUTO_MAP = {
@@ -52,6 +54,7 @@ class FFNLayerSpec:
     poly_degree: int
     poly_num_terms: int  # number of non-zero Chebyshev coefficients
     poly_domain: float
+    poly_coefficients: str  # "shared": one Chebyshev series per layer, "per_neuron": one per kept neuron
     spectral_freqs: int  # k_freq: frequencies kept per token
     spectral_candidates: int  # frequencies analysed (k_freq, or 2 * k_freq for per-token top-k)
     spectral_selection: str
@@ -91,8 +94,10 @@ class SparseGPT2Config(GPT2Config):
         feedback_rank (`int`, 1..n_embd, or None for n_embd // 48): rank of the token-feedback path.
         feedback_window (`int`, 1..n_positions): causal window (tokens) of the feedback aggregation.
         tensor_blocks (`int`, divides n_embd, or None for the divisor nearest sqrt(n_embd)): Monarch blocks.
-        gate_kind (`str`): ``"channel"`` (learned per-channel gates) or ``"token"`` (per channel, times
-            a token-dependent ``2 * sigmoid(w . x + b)``).
+        gate_kind (`str`): ``"scalar"`` (a learned gate per component) or ``"token"`` (that gate times
+            a token-dependent ``2 * sigmoid(w . x + b)``); ``"channel"`` (version 0.1) loads as ``"scalar"``.
+        poly_coefficients (`str`): ``"shared"`` (one Chebyshev series per layer) or ``"per_neuron"``
+            (one per kept neuron, trained while healing).
     """
 
     model_type = "sparse_gpt2"
@@ -110,7 +115,8 @@ class SparseGPT2Config(GPT2Config):
     feedback_rank: Any = None
     feedback_window: Any = 4
     tensor_blocks: Any = None
-    gate_kind: Any = "channel"
+    gate_kind: Any = "scalar"
+    poly_coefficients: Any = "shared"
 
     def __post_init__(self, **kwargs):
         for key in kwargs:  # unknown keys are kept as attributes without a word; a misspelt knob deserves one
@@ -120,6 +126,10 @@ class SparseGPT2Config(GPT2Config):
         super().__post_init__(**kwargs)
         if self.sparse_components is None:
             self.sparse_components = list(COMPONENTS)
+        kinds = self.gate_kind if isinstance(self.gate_kind, (list, tuple)) else [self.gate_kind]
+        if any(k in LEGACY_GATE_KINDS for k in kinds):
+            normalised = [LEGACY_GATE_KINDS.get(k, k) for k in kinds]
+            self.gate_kind = normalised if isinstance(self.gate_kind, (list, tuple)) else normalised[0]
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self.validate_sparse_knobs()
@@ -160,6 +170,7 @@ class SparseGPT2Config(GPT2Config):
             poly_degree=degree,
             poly_num_terms=degree + 1 if terms is None else int(terms),
             poly_domain=float(k("poly_domain")),
+            poly_coefficients=k("poly_coefficients"),
             spectral_freqs=int(k_freq),
             spectral_candidates=int(k_freq) if selection == "static" else min(d, 2 * int(k_freq)),
             spectral_selection=selection,
@@ -254,6 +265,9 @@ class SparseGPT2Config(GPT2Config):
         for v in values("gate_kind"):
             if v not in GATE_KINDS:
                 raise ValueError(f"gate_kind must be one of {GATE_KINDS}, got {v!r}")
+        for v in values("poly_coefficients"):
+            if v not in POLY_COEFFICIENTS:
+                raise ValueError(f"poly_coefficients must be one of {POLY_COEFFICIENTS}, got {v!r}")
         if not _is_number(self.resid_pdrop) or not (0 <= self.resid_pdrop < 1):
             raise ValueError(f"resid_pdrop must be a number in [0, 1), got {self.resid_pdrop!r}")
 

@@ -1,11 +1,11 @@
 """Token-feedback component: a causal, low-rank message from the previous tokens.
 
-    u_t = U x_t                                  (rank r; U rides in the fused down GEMM)
+    u_t = U x_t                                  (rank r; U: this component's rows of c_fc)
     u_t = 0 where token t is padding
     s_t = gelu(sum_{j<w} K[:, j] * u_{t-w+1+j})  (depthwise causal convolution, window w, written as
                                                   w shifted multiply-adds that compile fuses into one
                                                   kernel; cuDNN's grouped conv1d is slow at rank r)
-    y_t = V s_t                                  (V rides in the fused up GEMM; zero at conversion,
+    y_t = V s_t                                  (V: its columns of c_proj; zero at conversion,
                                                   so a converted block starts at the dense output)
 
 At decode time the last ``w - 1`` values of ``u`` are the state; they live on the model's
@@ -57,18 +57,16 @@ def _state_buffer(cache, layer_idx: int, like: torch.Tensor, length: int):
 
 
 class FeedbackComponent(GemmComponent):
-    name = "feedback"
-
     def __init__(self, spec):
-        super().__init__()
-        d, r, w = spec.d, spec.feedback_rank, spec.feedback_window
-        self.window = w
-        self.w_in = nn.Parameter(torch.empty(r, d))
-        self.kernel = nn.Parameter(torch.empty(r, w))
-        self.w_out = nn.Parameter(torch.empty(d, r))
+        super().__init__(spec.d, spec.feedback_rank)
+        self.window = spec.feedback_window
+        self.kernel = nn.Parameter(torch.empty(spec.feedback_rank, spec.feedback_window))
 
-    def down(self):
-        return self.w_in, None
+    def state(self, ctx: FFNContext, u: torch.Tensor):
+        """The decode state buffer of this layer on ``ctx.cache`` (None without a cache)."""
+        if ctx.cache is None or self.window == 1:
+            return None
+        return _state_buffer(ctx.cache, ctx.layer_idx, u, self.window - 1)
 
     def activate(self, u, ctx: FFNContext):
         squeeze = u.dim() == 2
@@ -77,8 +75,8 @@ class FeedbackComponent(GemmComponent):
         if ctx.token_mask is not None:
             u = u * ctx.token_mask[:, -u.shape[1] :, None].to(u.dtype)
         w = self.window
-        if ctx.cache is not None and w > 1:
-            state = _state_buffer(ctx.cache, ctx.layer_idx, u, w - 1)
+        state = self.state(ctx, u)
+        if state is not None:
             full = torch.cat([state, u], dim=1)  # (batch, w-1+T, r)
             with torch.no_grad():
                 state.copy_(full[:, -(w - 1) :])

@@ -20,7 +20,6 @@ from torch import nn
 
 
 class MicroComponent(nn.Module):
-    name = "micro"
 
     def __init__(self, spec):
         super().__init__()

@@ -17,16 +17,19 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Model,
     GPT2PreTrainedModel,
 )
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME, logging
 
 from .component_base import FFNContext
 from .configuration_sparse_gpt2 import SparseGPT2Config
 from .feedback import FeedbackComponent, reorder_feedback_states
+from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
 from .sparse_ffn import UltraEfficientSparseFFN
 from .spectral import SpectralComponent, dct_rows
 from .tensor import TensorComponent
+
+logger = logging.get_logger(__name__)
 
 TOKEN_MASK_KWARG = "sparse_ffn_token_mask"
 CACHE_NAMES = ("cache", "past_key_values", "layer_past")
@@ -58,6 +61,7 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
     config_class = SparseGPT2Config
     config: SparseGPT2Config
     _no_split_modules = ["SparseGPT2Block"]
+    checkpoint_reader = None  # (name_or_path, from_pretrained kwargs) -> {name: tensor}; set by the package
     _can_record_outputs = {**GPT2PreTrainedModel._can_record_outputs, "hidden_states": SparseGPT2Block}
 
     @classmethod
@@ -77,6 +81,17 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
             where = "/".join(str(p) for p in (pretrained_model_name_or_path, kwargs.get("subfolder")) if p)
             message = f"Unable to read the weights file {SAFE_WEIGHTS_NAME} (or a shard) in {where}: {err}"
             raise OSError(message) from err
+        legacy = [k for k in info["unexpected_keys"] if k.endswith(LEGACY_FFN_SUFFIXES)]
+        if legacy:
+            if cls.checkpoint_reader is None:  # remote code reads no files; the package does
+                raise OSError(
+                    f"{pretrained_model_name_or_path} was written by sparse-gpt2 0.1 (per-component FFN tensors); "
+                    "install the sparse-gpt2 package to load it in this layout"
+                )
+            load_legacy_ffn_weights(model, cls.checkpoint_reader(pretrained_model_name_or_path, kwargs))
+            logger.info(f"{pretrained_model_name_or_path}: version-0.1 FFN tensors rewritten into c_fc / c_proj")
+            info["unexpected_keys"] = [k for k in info["unexpected_keys"] if k not in set(legacy)]
+            info["missing_keys"] = [k for k in info["missing_keys"] if not k.endswith(FUSED_KEY_SUFFIXES)]
         mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])
         if mismatched and not ignore_mismatched:  # raise, as transformers does, but name the tensors
             shapes = "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched)
@@ -86,33 +101,38 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
             )
         return (model, info) if output_loading_info else model
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips a custom-code module whose own (non-recursive) parameters are all loaded;
+        # the FFN owns none directly, but its init writes the segments of its c_fc / c_proj children
+        if isinstance(module, UltraEfficientSparseFFN) and not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.n_layer)  # GPT-2's scaled init of c_proj
         if isinstance(module, UltraEfficientSparseFFN):
-            init.zeros_(module.bias)
-            init.ones_(module.gates.channel)
-            if module.gates.token:
-                init.zeros_(module.gates.token_weight)
-                init.zeros_(module.gates.token_bias)
+            init.copy_(module.c_fc.weight, _initial_down_projection(module, std))
+            init.zeros_(module.c_fc.bias)
+            up = torch.randn_like(module.c_proj.weight, device="cpu") * residual_std
+            if "feedback" in module.segments:
+                up[:, module.segments["feedback"]] = 0  # zero output until trained or fitted
+            init.copy_(module.c_proj.weight, up.to(module.c_proj.weight))
+            init.zeros_(module.c_proj.bias)
+        elif isinstance(module, ResidualGates):
+            init.ones_(module.weight)
         elif isinstance(module, PolynomialComponent):
-            init.normal_(module.w_in, std=std)
-            init.zeros_(module.b_in)
-            init.normal_(module.w_out, std=residual_std)
             if not getattr(module.coeffs, "_is_hf_initialized", False):
                 module.fit_activation()
             init.copy_(module.neuron_index, torch.full_like(module.neuron_index, -1))
         elif isinstance(module, SpectralComponent):
-            freqs = torch.arange(module.freq_index.shape[0], device=module.freq_index.device)
-            init.copy_(module.freq_index, freqs)
-            init.copy_(module.basis, dct_rows(module.freq_index.cpu(), module.basis.shape[1]).to(module.basis))
-            init.normal_(module.w_out, std=residual_std)
+            init.copy_(module.freq_index, torch.arange(module.freq_index.shape[0], device=module.freq_index.device))
         elif isinstance(module, FeedbackComponent):
-            init.normal_(module.w_in, std=std)
             decay = 0.5 ** torch.arange(module.window - 1, -1, -1, dtype=torch.float32)
             init.copy_(module.kernel, decay.expand_as(module.kernel).to(module.kernel))
-            init.zeros_(module.w_out)  # zero output until trained or fitted
         elif isinstance(module, TensorComponent):
             init.normal_(module.left, std=1.0 / math.sqrt(module.bs))
             init.normal_(module.right, std=residual_std / math.sqrt(module.nb))
@@ -157,20 +177,71 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
             for name, value in ffn.gates.mean_values().items()
         }
 
-    def freeze_ffn_for_inference(self):
-        """Precompute every FFN's fused GEMM weights (gates folded in) once, for inference.
-
-        Compiled decoding (CUDA graphs) then reads them instead of re-concatenating the weights
-        at every step. ``train()`` drops them; call this again after changing weights in eval mode.
-        """
-        for ffn in sparse_ffns(self):
-            ffn.freeze_fused_weights()
-        return self
-
     def set_fused_ffn(self, enabled: bool = True):
         """Choose the fused fast path (default) or the per-component reference path."""
         for ffn in sparse_ffns(self):
             ffn.use_fused = enabled
+
+
+# ---------------------------------------------------------------------------- version 0.1 checkpoints
+# Version 0.1 stored every component's projections on the component and a gate per output channel:
+# mlp.components.{polynomial.w_in,b_in,w_out; spectral.basis,w_out; feedback.w_in,w_out}, mlp.bias,
+# mlp.gates.{channel,token_weight,token_bias}. They map exactly onto c_fc / c_proj, with each
+# component's channel gates folded into its columns of c_proj (and into the Monarch right factor).
+LEGACY_FFN_SUFFIXES = (
+    "components.polynomial.w_in", "components.polynomial.b_in", "components.polynomial.w_out",
+    "components.spectral.basis", "components.spectral.w_out", "components.feedback.w_in",
+    "components.feedback.w_out", "mlp.bias", "gates.channel", "gates.token_weight", "gates.token_bias",
+)
+FUSED_KEY_SUFFIXES = ("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias", "mlp.gates.weight")
+
+
+@torch.no_grad()
+def load_legacy_ffn_weights(model, old: dict):
+    """Rewrite a version-0.1 checkpoint's FFN tensors (``old``: name -> tensor) into this layout and
+    load them into ``model``."""
+    for name, ffn in model.named_modules():
+        if not isinstance(ffn, UltraEfficientSparseFFN):
+            continue
+        key = next((p + name + "." for p in ("", "transformer.") if f"{p}{name}.gates.channel" in old), None)
+        if key is None:
+            continue
+        gates = old[key + "gates.channel"]  # (C, d): one gate per output channel and component
+        comp = lambda c, t: old[f"{key}components.{c}.{t}"]  # noqa: E731
+        downs, biases, ups = [], [], []
+        for i, c in enumerate(ffn.components):
+            if c not in ffn.segments:
+                continue
+            downs.append(comp(c, "basis" if c == "spectral" else "w_in"))
+            biases.append(comp(c, "b_in") if c == "polynomial" else torch.zeros(downs[-1].shape[0]))
+            ups.append(gates[i][:, None] * comp(c, "w_out"))
+        if ffn.gates.token:
+            downs.append(old[key + "gates.token_weight"])
+            biases.append(old[key + "gates.token_bias"])
+        ffn.c_fc.weight.copy_(torch.cat(downs))
+        ffn.c_fc.bias.copy_(torch.cat(biases))
+        ffn.c_proj.weight.copy_(torch.cat(ups, dim=1))
+        ffn.c_proj.bias.copy_(old[key + "bias"])
+        scalar = torch.ones(len(ffn.components))
+        if "tensor" in ffn.components:  # right[k, o, :] feeds output channel o * bs + k
+            tensor, g = ffn.components["tensor"], gates[ffn.gates.index["tensor"]]
+            tensor.right.copy_(old[key + "components.tensor.right"] * g.view(tensor.nb, tensor.bs).T[:, :, None])
+        if "micro" in ffn.components:  # only the refined channels' gates act; one scalar when they agree
+            g = gates[ffn.gates.index["micro"]][old[key + "components.micro.channel_index"]]
+            if not torch.allclose(g, g.mean().expand_as(g)):
+                logger.warning(f"{name}: the micro component's per-channel gates differ; loaded as their mean {g.mean():.4f}")
+            scalar[ffn.gates.index["micro"]] = g.mean()
+        ffn.gates.weight.copy_(scalar)
+
+
+def _initial_down_projection(ffn: UltraEfficientSparseFFN, std: float) -> torch.Tensor:
+    """c_fc's initial rows: N(0, std) for the kept neurons and the feedback, the DCT rows of the
+    first frequencies for the spectral part, zeros for the token gates (tau = 1)."""
+    w = torch.randn(ffn.c_fc.weight.shape) * std
+    if "spectral" in ffn.segments:
+        w[ffn.segments["spectral"]] = dct_rows(torch.arange(ffn.components["spectral"].rows), ffn.spec.d).float()
+    w[ffn.gate_rows] = 0
+    return w.to(ffn.c_fc.weight)
 
 
 def sparse_ffns(model: nn.Module):

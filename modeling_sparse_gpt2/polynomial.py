@@ -6,9 +6,12 @@
     y = W_out a                             (W_out = W2[:, S], refitted by least squares)
 
 ``A`` is the set of non-zero ("sparse") coefficients (``poly_num_terms`` of them, the largest of
-the fit: GELU is T_1 plus even terms, so the odd ones above T_1 vanish). The fused elementwise
-kernel still runs the whole recurrence to ``deg``, and the count below says so. Beyond ``+s`` the activation continues
-linearly (as GELU does) instead of growing as a polynomial, so no dtype overflows for large inputs.
+the fit: GELU is T_1 plus even terms, so the odd ones above T_1 vanish). With
+``poly_coefficients="per_neuron"`` every kept neuron has its own series ``c_{j,i}`` (initialised to
+the shared fit, then trained while healing): a learned activation per neuron, which GELU cannot
+give. The elementwise kernel still runs the whole recurrence to ``deg``, and the count below says
+so. Beyond ``+s`` the activation continues linearly (as GELU does) instead of growing as a
+polynomial, so no dtype overflows for large inputs.
 
 FLOPs per token: matmul 4·d·m; elementwise m·(3·(deg-1) + 2·(deg+1) + 6).
 """
@@ -59,53 +62,51 @@ def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
 
 
 def chebyshev_activation(h, coeffs, mask, domain: float, degree: int):
-    """a = sum_i (c_i * mask_i) T_i(clamp(h / s)) + relu(h - s); the polynomial sees only [-1, 1]."""
+    """a = sum_i (c_i * mask_i) T_i(clamp(h / s)) + relu(h - s); the polynomial sees only [-1, 1].
+
+    ``coeffs`` is ``(degree + 1,)`` (one series) or ``(m, degree + 1)`` (one per neuron, the last
+    dimension of ``h``).
+    """
     c = (coeffs * mask).to(h.dtype)
     t = (h / domain).clamp(-1.0, 1.0)
     t_prev, t_cur = torch.ones_like(t), t
-    out = c[0] + c[1] * t if degree >= 1 else c[0] * t_prev
+    out = c[..., 0] + c[..., 1] * t if degree >= 1 else c[..., 0] * t_prev
     two_t = 2 * t
     for i in range(2, degree + 1):
         t_prev, t_cur = t_cur, two_t * t_cur - t_prev
-        out = out + c[i] * t_cur
+        out = out + c[..., i] * t_cur
     return out + F.relu(h - domain)
 
 
 class PolynomialComponent(GemmComponent):
-    name = "polynomial"
-
     def __init__(self, spec):
-        super().__init__()
-        d, m, deg = spec.d, spec.poly_neurons, spec.poly_degree
+        super().__init__(spec.d, spec.poly_neurons)
+        m, deg = spec.poly_neurons, spec.poly_degree
         self.degree = deg
         self.num_terms = spec.poly_num_terms
         self.domain = spec.poly_domain
-        self.w_in = nn.Parameter(torch.empty(m, d))
-        self.b_in = nn.Parameter(torch.empty(m))
-        self.w_out = nn.Parameter(torch.empty(d, m))
-        self.coeffs = nn.Parameter(torch.empty(deg + 1))
+        self.per_neuron = spec.poly_coefficients == "per_neuron"
+        self.coeffs = nn.Parameter(torch.empty((m, deg + 1) if self.per_neuron else (deg + 1,)))
         # Which coefficients are non-zero, and which dense neurons were kept (provenance, -1 if none).
         self.register_buffer("coeff_mask", torch.ones(deg + 1))
         self.register_buffer("neuron_index", torch.full((m,), -1, dtype=torch.long))
-
-    def down(self):
-        return self.w_in, self.b_in
 
     def activate(self, h, ctx: FFNContext):
         return chebyshev_activation(h, self.coeffs, self.coeff_mask, self.domain, self.degree)
 
     def fit_activation(self, fn=gelu_new, samples: torch.Tensor | None = None):
         """Fit the coefficients to ``fn`` (on ``samples`` if given), then refit on the
-        ``num_terms`` largest of them so the others are exactly zero."""
+        ``num_terms`` largest of them so the others are exactly zero (every neuron starts from the
+        same series when they are per neuron)."""
         c = chebyshev_fit(fn, self.degree, self.domain, samples)
         active = torch.argsort(c.abs(), descending=True)[: self.num_terms].sort().values
         c = chebyshev_fit(fn, self.degree, self.domain, samples, active=active)
         keep = torch.zeros_like(c)
         keep[active] = 1.0
         with torch.no_grad():
-            self.coeffs.copy_(c.to(self.coeffs))
+            self.coeffs.copy_(c.to(self.coeffs).expand_as(self.coeffs))
             self.coeff_mask.copy_(keep.to(self.coeff_mask))
 
     def elementwise_flops_per_token(self) -> int:
-        m, deg = self.w_in.shape[0], self.degree
+        m, deg = self.rows, self.degree
         return m * (3 * max(deg - 1, 0) + 2 * (deg + 1) + 6)

@@ -6,14 +6,19 @@ with y_c from ``polynomial.py`` (kept neurons, Chebyshev activation), ``spectral
 frequencies), ``feedback.py`` (causal low-rank token feedback), ``tensor.py`` (Monarch factors) and
 ``micro.py`` (block-diagonal refinement steps), and the gates of ``gates.py``.
 
-Two paths compute the same function:
+Parameter layout: like GPT-2's MLP, one down-projection ``c_fc`` and one up-projection ``c_proj``
+(``nn.Linear``). Their rows / columns are the GEMM components' slices, side by side:
 
-* ``reference_forward``: every component on its own, as written in its file;
-* ``fused_forward`` (default): one GEMM for every down-projection that reads ``x`` (the kept
-  ``c_fc`` rows, the DCT analysis rows, the feedback ``U``, the token gates), the elementwise work
-  per segment (fused by ``torch.compile``), and one GEMM for every up-projection, with the channel
-  gates folded into its columns. On an H200 this is what turns the FLOPs ratio into time
-  (DESIGN.md §2); the Monarch and micro factors are small batched matmuls beside it.
+    c_fc rows:     [ polynomial m | spectral k | feedback r | token gates C ]
+    c_proj cols:   [ polynomial m | spectral k | feedback r ]          (c_proj.bias = b)
+
+so the fast path is GPT-2's MLP with another activation in the middle:
+
+    h = c_fc(x);   a = middle(h) (every segment's elementwise work times its gates);   y = c_proj(a)
+
+with nothing concatenated or rescaled per step; the tensor and micro components (small batched
+matmuls on x) are added beside it. ``reference_forward`` computes each component on its own from
+its slices, as written in its file; a test keeps the two paths equal.
 """
 
 import torch
@@ -25,7 +30,7 @@ from .feedback import FeedbackComponent
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
-from .spectral import SpectralComponent
+from .spectral import SpectralComponent, dct_rows
 from .tensor import TensorComponent
 
 COMPONENT_CLASSES = {
@@ -43,23 +48,45 @@ class UltraEfficientSparseFFN(nn.Module):
         self.spec = spec = config.layer_spec(layer_idx)
         self.layer_idx = layer_idx
         self.components = nn.ModuleDict({name: COMPONENT_CLASSES[name](spec) for name in spec.components})
-        self.bias = nn.Parameter(torch.empty(spec.d))
-        self.gates = ResidualGates(spec.components, spec.d, token=spec.gate_kind == "token")
+        self.segments = {}  # name -> its slice of c_fc's rows and of c_proj's columns
+        width = 0
+        for name, comp in self.components.items():
+            if isinstance(comp, GemmComponent):
+                self.segments[name] = slice(width, width + comp.rows)
+                width += comp.rows
+        self.act_width = width
+        self.gates = ResidualGates(spec.components, token=spec.gate_kind == "token")
+        gate_rows = len(spec.components) if self.gates.token else 0
+        self.c_fc = nn.Linear(spec.d, width + gate_rows)
+        self.c_proj = nn.Linear(width, spec.d)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.use_fused = True
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
-        self._fused_cache = None
-        self._frozen = None  # fused weights fixed by freeze_fused_weights() for inference
 
-    def train(self, mode: bool = True):
-        if mode:
-            self._frozen = None
-        return super().train(mode)
+    # ------------------------------------------------------------------ the components' slices
+    def w_in(self, name: str) -> torch.Tensor:
+        """Rows of ``c_fc.weight`` that belong to GEMM component ``name`` (a view)."""
+        return self.c_fc.weight[self.segments[name]]
+
+    def b_in(self, name: str) -> torch.Tensor:
+        return self.c_fc.bias[self.segments[name]]
+
+    def w_out(self, name: str) -> torch.Tensor:
+        """Columns of ``c_proj.weight`` that belong to GEMM component ``name`` (a view)."""
+        return self.c_proj.weight[:, self.segments[name]]
+
+    @property
+    def gate_rows(self) -> slice:
+        """The token-gate rows of ``c_fc`` (empty without token gates)."""
+        return slice(self.act_width, self.c_fc.out_features)
 
     @torch.no_grad()
-    def freeze_fused_weights(self):
-        self._frozen = None
-        self._frozen = tuple(t.detach().clone() if torch.is_tensor(t) else t for t in self.fused_weights())
+    def set_spectral_frequencies(self, freqs: torch.Tensor):
+        """Choose the kept frequency set K: its indices and the DCT analysis rows in ``c_fc``."""
+        spectral = self.components["spectral"]
+        spectral.freq_index.copy_(freqs.to(spectral.freq_index))
+        self.w_in("spectral").copy_(dct_rows(spectral.freq_index.cpu(), self.spec.d).to(self.c_fc.weight))
+        self.b_in("spectral").zero_()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None) -> torch.Tensor:
@@ -67,66 +94,38 @@ class UltraEfficientSparseFFN(nn.Module):
         y = self.fused_forward(x, ctx) if self.use_fused else self.reference_forward(x, ctx)
         return self.dropout(y)
 
-    def reference_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
-        tau = None
-        if self.gates.token:
-            tau = self.gates.token_factors(F.linear(x, self.gates.token_weight, self.gates.token_bias))
-        y = self.bias
-        for i, comp in enumerate(self.components.values()):
-            y = self._add_gated(y, i, comp(x, ctx) if isinstance(comp, GemmComponent) else comp(x), tau)
-        return y
-
-    def _add_gated(self, y, i: int, y_c, tau):
-        """y + g_i * tau_i * y_i (tau: token gates or None)."""
-        if tau is not None:
-            y_c = y_c * tau[..., i : i + 1]
-        return y + self.gates.channel[i] * y_c
-
-    def _gemm_items(self):
-        return [(i, c) for i, c in enumerate(self.components.values()) if isinstance(c, GemmComponent)]
-
-    def fused_weights(self):
-        """(W_down, b_down, segment sizes, W_up): the two GEMMs' weights, gates folded into W_up.
-
-        Cached while the model is used without gradients and the weights are unchanged.
-        """
-        if self._frozen is not None and not self.training:
-            return self._frozen
-        params = list(self.parameters()) + list(self.buffers())
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) if cacheable else None
-        if key is not None and self._fused_cache is not None and self._fused_cache[0] == key:
-            return self._fused_cache[1]
-        items = self._gemm_items()
-        downs = [c.down() for _, c in items]
-        w_down = [w for w, _ in downs]
-        b_down = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in downs]
-        sizes = [w.shape[0] for w in w_down]
-        if self.gates.token:
-            w_down.append(self.gates.token_weight)
-            b_down.append(self.gates.token_bias)
-        # token gates tau = 2 sigmoid(.): the activations are scaled by sigmoid(.) and the 2 is folded
-        # into W_up, so a large activation is not doubled (to inf in fp16) before the GEMM
-        scale = 2.0 if self.gates.token else 1.0
-        w_up = torch.cat([scale * self.gates.channel[i][:, None] * c.up() for i, c in items], dim=1)
-        fused = (torch.cat(w_down), torch.cat(b_down), sizes, w_up)
-        self._fused_cache = (key, fused) if key is not None else None
-        return fused
+    def middle(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
+        """The stage between the GEMMs: each segment's activation times g_c (and tau_c)."""
+        tau = self.gates.token_factors(h[..., self.gate_rows]) if self.gates.token else None
+        parts = [
+            self.components[name].activate(h[..., seg], ctx) * self.gates.factor(name, tau)
+            for name, seg in self.segments.items()
+        ]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0] if parts else h[..., :0]
 
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
-        w_down, b_down, sizes, w_up = self.fused_weights()
-        h = F.linear(x, w_down.to(x.dtype), b_down.to(x.dtype))
-        width = sum(sizes)
-        half_tau = torch.sigmoid(h[..., width:]) if self.gates.token else None
-        acts = []
-        for (i, comp), seg in zip(self._gemm_items(), torch.split(h[..., :width], sizes, dim=-1)):
-            a = comp.activate(seg, ctx)
-            acts.append(a * half_tau[..., i : i + 1] if half_tau is not None else a)
-        y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype), self.bias.to(x.dtype))
-        others = [(i, c) for i, c in enumerate(self.components.values()) if not isinstance(c, GemmComponent)]
-        tau = 2 * half_tau if half_tau is not None and others else None
-        for i, comp in others:
-            y = self._add_gated(y, i, comp(x), tau)
+        h = self.c_fc(x)
+        y = self.c_proj(self.middle(h, ctx))
+        others = [name for name in self.components if name not in self.segments]
+        if others:
+            tau = self.gates.token_factors(h[..., self.gate_rows]) if self.gates.token else None
+            for name in others:
+                y = y + self.gates.factor(name, tau) * self.components[name](x)
+        return y
+
+    def reference_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
+        """y = b + sum_c g_c tau_c y_c(x), every component computed on its own."""
+        tau = None
+        if self.gates.token:
+            rows = self.gate_rows
+            tau = self.gates.token_factors(F.linear(x, self.c_fc.weight[rows], self.c_fc.bias[rows]))
+        y = self.c_proj.bias
+        for name, comp in self.components.items():
+            if name in self.segments:
+                y_c = F.linear(comp.activate(F.linear(x, self.w_in(name), self.b_in(name)), ctx), self.w_out(name))
+            else:
+                y_c = comp(x)
+            y = y + self.gates.factor(name, tau) * y_c
         return y
 
     # ------------------------------------------------------------------ FLOPs
@@ -137,7 +136,10 @@ class UltraEfficientSparseFFN(nn.Module):
         (activation, gates) are reported apart, as GPT-2's GELU is not counted in its MLP FLOPs.
         """
         out = {name: (c.matmul_flops_per_token(), c.elementwise_flops_per_token()) for name, c in self.components.items()}
-        out["gates"] = (self.gates.matmul_flops_per_token(), self.gates.elementwise_flops_per_token())
+        d, n_comp, n_out = self.spec.d, len(self.components), len(self.components) - len(self.segments)
+        gate_mm = 2 * d * n_comp if self.gates.token else 0
+        gate_ew = self.act_width * (2 if self.gates.token else 1) + 2 * d * n_out + (4 * n_comp if self.gates.token else 0)
+        out["gates"] = (gate_mm, gate_ew)
         return out
 
     def dense_flops_per_token(self) -> int:

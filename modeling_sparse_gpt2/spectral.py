@@ -1,13 +1,15 @@
 """Spectral component: a few DCT frequencies of the token's hidden vector, mapped back.
 
-    z = C_K x                   (C_K: the rows K of the orthonormal DCT-II basis of R^d, a fixed buffer)
+    z = C_K x                   (C_K: the rows K of the orthonormal DCT-II basis of R^d)
     z = z * [|z| >= kth(|z|)]   (only with spectral_selection="topk": per token keep the k largest
                                  of the 2k analysed frequencies, as the seed's top-k)
     y = O z                     (O = C_K^T M: the k x k frequency-domain map composed with the
                                  inverse transform, stored folded as one d x k matrix)
 
-The analysis rows ride in the fused down-projection GEMM and ``O`` in the fused up-projection, so
-the component costs two skinny slices of the big GEMMs rather than kernels of its own.
+``C_K`` is this component's rows of the FFN's ``c_fc`` and ``O`` its columns of ``c_proj``, so it
+costs two skinny slices of the big GEMMs rather than kernels of its own. The analysis rows start
+as the DCT rows of the kept frequencies (``freq_index``) and are trained with every other weight
+while healing (they are a frequency-initialised projection from then on).
 
 FLOPs per token: matmul 4·d·k_analysed (a masked dense matmul costs the dense matmul).
 """
@@ -15,7 +17,6 @@ FLOPs per token: matmul 4·d·k_analysed (a masked dense matmul costs the dense 
 import math
 
 import torch
-from torch import nn
 
 from .component_base import FFNContext, GemmComponent
 
@@ -30,25 +31,11 @@ def dct_rows(freqs: torch.Tensor, d: int) -> torch.Tensor:
 
 
 class SpectralComponent(GemmComponent):
-    name = "spectral"
-
     def __init__(self, spec):
-        super().__init__()
-        d, kc = spec.d, spec.spectral_candidates
+        super().__init__(spec.d, spec.spectral_candidates)
         self.k = spec.spectral_freqs
         self.topk = spec.spectral_selection == "topk"
-        self.register_buffer("freq_index", torch.arange(kc, dtype=torch.long))
-        self.register_buffer("basis", torch.empty(kc, d))
-        self.w_out = nn.Parameter(torch.empty(d, kc))
-
-    def set_frequencies(self, freqs: torch.Tensor):
-        """Choose the kept frequency set K (and recompute the analysis rows)."""
-        with torch.no_grad():
-            self.freq_index.copy_(freqs.to(self.freq_index))
-            self.basis.copy_(dct_rows(self.freq_index, self.basis.shape[1]).to(self.basis))
-
-    def down(self):
-        return self.basis, None
+        self.register_buffer("freq_index", torch.arange(spec.spectral_candidates, dtype=torch.long))
 
     def activate(self, z, ctx: FFNContext):
         if not self.topk or self.k >= z.shape[-1]:

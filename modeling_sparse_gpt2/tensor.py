@@ -22,7 +22,6 @@ from torch import nn
 
 
 class TensorComponent(nn.Module):
-    name = "tensor"
 
     def __init__(self, spec):
         super().__init__()

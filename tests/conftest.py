@@ -41,19 +41,21 @@ def tiny_config(**overrides) -> SparseGPT2Config:
 
 
 def make_nonzero(model, seed: int = 0):
-    """Give the components that start at zero output (feedback, micro) random weights, so tests
-    exercise every component's contribution rather than a zero."""
+    """Give the components that start at zero output (feedback, micro) random weights and the gates
+    values other than 1, so tests exercise every component's contribution rather than a zero."""
+    from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
+
     g = torch.Generator().manual_seed(seed)
+    randn = lambda t: torch.randn(t.shape, generator=g)  # noqa: E731
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("micro.blocks"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            if name.endswith("feedback.w_in"):  # strong enough that a wrong decode state changes tokens
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            if name.endswith("feedback.w_out"):
-                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
-            if name.endswith("gates.channel"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+        for ffn in sparse_ffns(model):
+            if "micro" in ffn.components:
+                blocks = ffn.components["micro"].blocks
+                blocks.copy_(randn(blocks) * 0.2)
+            if "feedback" in ffn.components:  # strong enough that a wrong decode state changes tokens
+                ffn.w_in("feedback").copy_(randn(ffn.w_in("feedback")) * 0.5)
+                ffn.w_out("feedback").copy_(randn(ffn.w_out("feedback")) * 2.0)
+            ffn.gates.weight.copy_(1 + 0.1 * randn(ffn.gates.weight))
     return model
 
 

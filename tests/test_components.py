@@ -78,7 +78,7 @@ def test_micro_refines_only_its_groups_by_the_step_formula():
     torch.testing.assert_close(micro(x), expected)
 
 
-@pytest.mark.parametrize("gate_kind", ["channel", "token"])
+@pytest.mark.parametrize("gate_kind", ["scalar", "token"])
 @pytest.mark.parametrize("selection", ["static", "topk"])
 @pytest.mark.parametrize("training", [False, True])
 def test_fused_path_equals_reference_path(gate_kind, selection, training):
@@ -87,7 +87,7 @@ def test_fused_path_equals_reference_path(gate_kind, selection, training):
         with torch.no_grad():
             for ffn in model.modules():
                 if isinstance(ffn, UltraEfficientSparseFFN):
-                    ffn.gates.token_weight.normal_(std=0.3)
+                    ffn.c_fc.weight[ffn.gate_rows].normal_(std=0.3)
     model.train(training)  # dropout is 0 in the tiny config, so train mode is deterministic
     ids = torch.randint(0, 97, (3, 12))
     mask = torch.ones_like(ids)
@@ -104,7 +104,7 @@ def test_fused_path_equals_reference_path(gate_kind, selection, training):
         ffn_fused = fused_ffn_out(x)
         g_ref = torch.autograd.grad(ffn_ref.sum(), x)[0]
         g_fused = torch.autograd.grad(ffn_fused.sum(), x)[0]
-        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-5)  # fp32: one GEMM vs per-segment GEMMs
 
 
 def test_every_component_contributes_to_the_output():
@@ -114,11 +114,11 @@ def test_every_component_contributes_to_the_output():
     base = ffn(x)
     for i, name in enumerate(ffn.components):
         with torch.no_grad():
-            saved = ffn.gates.channel[i].clone()
-            ffn.gates.channel[i].zero_()
+            saved = ffn.gates.weight[i].clone()
+            ffn.gates.weight[i].zero_()
         assert not torch.allclose(ffn(x), base), name
         with torch.no_grad():
-            ffn.gates.channel[i].copy_(saved)
+            ffn.gates.weight[i].copy_(saved)
 
 
 def test_feedback_is_causal():
@@ -133,15 +133,17 @@ def test_feedback_is_causal():
     assert not torch.allclose(y[:, 6:], y2[:, 6:])
 
 
-def test_fused_weights_cache_follows_weight_changes():
+def test_components_own_their_slices_of_c_fc_and_c_proj():
+    """Writing through a component's slice changes the fused path exactly as the reference path."""
     model = tiny_model()
     ffn = model.transformer.h[0].mlp
     x = torch.randn(2, 4, 32)
     with torch.no_grad():
         before = ffn(x)
-        ffn.components["polynomial"].w_out.mul_(2)
+        ffn.w_out("polynomial").mul_(2)
         after = ffn(x)
     assert not torch.allclose(before, after)
+    assert ffn.w_in("feedback").data_ptr() == ffn.c_fc.weight[ffn.segments["feedback"]].data_ptr()
     ffn.use_fused = False
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), after, atol=1e-5, rtol=0)

@@ -79,8 +79,8 @@ def test_mlp_is_initialised_from_the_dense_c_fc_rows():
         poly = sb.mlp.components["polynomial"]
         idx = poly.neuron_index
         assert (idx >= 0).all() and len(set(idx.tolist())) == len(idx)
-        assert torch.equal(poly.w_in, db.mlp.c_fc.weight[:, idx].T)
-        assert torch.equal(poly.b_in, db.mlp.c_fc.bias[idx])
+        assert torch.equal(sb.mlp.w_in("polynomial"), db.mlp.c_fc.weight[:, idx].T)
+        assert torch.equal(sb.mlp.b_in("polynomial"), db.mlp.c_fc.bias[idx])
         assert int(poly.coeff_mask.sum()) == 6  # sparse Chebyshev coefficients
         assert torch.count_nonzero(poly.coeffs) == 6
 

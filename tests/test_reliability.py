@@ -131,8 +131,7 @@ def perturb(model, seed):
         for block in model.transformer.h:
             comps, d = block.mlp.components, block.mlp.spec.d
             if "spectral" in comps:
-                spectral = comps["spectral"]
-                spectral.set_frequencies(torch.randperm(d, generator=g)[: spectral.freq_index.numel()])
+                block.mlp.set_spectral_frequencies(torch.randperm(d, generator=g)[: comps["spectral"].rows])
             if "micro" in comps:
                 micro = comps["micro"]
                 micro.set_groups(torch.randperm(d // micro.group_size, generator=g)[: micro.groups].sort().values)
@@ -377,13 +376,11 @@ def bound_gemm_weights(module, row_l1=0.5):
     Then no single GEMM, the dense GPT-2 MLP's included, can turn |x| <= 1e4 into more than
     0.5e4, well inside fp16's 65504: a non-finite output in fp16 or bf16 is the sparse FFN's own
     doing (an unclamped polynomial, an overflowing refinement or feedback), not an input that no
-    half-precision dense MLP could carry either. The fixed DCT rows are not scaled: their L1 norm
-    at d = 32 is at most sqrt(32) (the constant row), so |C x| <= 5.66e4 < 65504. The channel gates
-    are elementwise factors (~1) and are left alone.
+    half-precision dense MLP could carry either. The DCT rows (in c_fc) are scaled with the rest.
     """
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.dim() >= 2 and not name.endswith("gates.channel"):
+            if p.dim() >= 2:
                 p.mul_((row_l1 / p.abs().sum(-1).max().clamp(min=row_l1)).item())
     return module
 
@@ -403,9 +400,9 @@ def huge_inputs(d, seed=0):
 @pytest.mark.parametrize(
     "dtype, gate_kind",
     [
-        (torch.float32, "channel"),
-        (torch.bfloat16, "channel"),
-        (torch.float16, "channel"),
+        (torch.float32, "scalar"),
+        (torch.bfloat16, "scalar"),
+        (torch.float16, "scalar"),
         (torch.float32, "token"),
         (torch.bfloat16, "token"),
         (torch.float16, "token"),  # the fused path once doubled activations past fp16 before W_up
@@ -416,7 +413,7 @@ def test_ffn_output_is_finite_and_close_for_inputs_up_to_1e4(dtype, gate_kind):
     ffn = tiny_model(gate_kind=gate_kind).transformer.h[0].mlp
     if gate_kind == "token":  # zero at init (tau = 1): give the gates weights, so huge inputs saturate them
         with torch.no_grad():
-            ffn.gates.token_weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+            ffn.c_fc.weight[ffn.gate_rows].normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     bound_gemm_weights(ffn)
     x = huge_inputs(ffn.spec.d)
     with torch.no_grad():
@@ -546,9 +543,9 @@ def test_corrupted_or_truncated_weights_fail_naming_the_file(saved, corrupt):
 @pytest.mark.parametrize(
     "tensor, shape",
     [
-        ("transformer.h.0.mlp.components.polynomial.w_in", (65, 32)),
+        ("transformer.h.0.mlp.c_fc.weight", (75, 32)),
         ("transformer.h.1.mlp.components.micro.blocks", (2, 2, 4, 4)),
-        ("transformer.h.0.mlp.components.spectral.basis", (6 * 32,)),  # right numel, wrong shape
+        ("transformer.h.0.mlp.c_proj.weight", (74 * 32,)),  # right numel, wrong shape
         ("transformer.h.1.attn.c_attn.weight", (32, 32)),
     ],
 )

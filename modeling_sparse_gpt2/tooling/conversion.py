@@ -287,15 +287,16 @@ def _sample_rows(xs, max_rows: int, seed: int = 0):
     return flat[idx]
 
 
-def fit_polynomial(poly, mlp: GPT2MLP, xs, neurons):
+def fit_polynomial(ffn, mlp: GPT2MLP, xs, neurons):
     """Set the kept rows of c_fc, choose the domain s and fit the Chebyshev activation on h_S."""
+    poly = ffn.components["polynomial"]
     w1 = mlp.c_fc.weight[:, neurons].T
     b1 = mlp.c_fc.bias[neurons]
     h = (_sample_rows(xs, 4096).double() @ w1.double().T + b1.double()).flatten()
     domain = float(torch.quantile(h.abs()[: 1_000_000].float(), 0.99).clamp(3.0, 8.0))
     with torch.no_grad():
-        poly.w_in.copy_(w1)
-        poly.b_in.copy_(b1)
+        ffn.w_in("polynomial").copy_(w1)
+        ffn.b_in("polynomial").copy_(b1)
         poly.neuron_index.copy_(neurons)
     poly.domain = domain
     poly.fit_activation(samples=h.cpu())
@@ -365,10 +366,10 @@ def fit_output_side(ffn: UltraEfficientSparseFFN, stats: GramStats, ridge: float
         left = basis_all @ (linear - tensor_map)  # residual map in frequency coordinates
         zz = (basis_all @ stats.bb[ix][:, ix] @ basis_all.T).diagonal()
         energy = zz * left.pow(2).sum(1)
-        kc = spectral.freq_index.shape[0]
-        spectral.set_frequencies(torch.topk(energy, kc).indices.sort().values.cpu())
+        kc = spectral.rows
+        ffn.set_spectral_frequencies(torch.topk(energy, kc).indices.sort().values.cpu())
         to_z = torch.zeros(m + d + 1, kc, dtype=torch.float64, device=dev)
-        to_z[ix] = spectral.basis.double().T.to(dev)
+        to_z[ix] = ffn.w_in("spectral").double().T.to(dev)
         transform_cols.append(to_z)
     transform_cols.append(torch.eye(m + d + 1, dtype=torch.float64, device=dev)[:, i1])
     t = torch.cat(transform_cols, dim=1)  # features = base @ t  ([a, z, 1])
@@ -380,10 +381,10 @@ def fit_output_side(ffn: UltraEfficientSparseFFN, stats: GramStats, ridge: float
     cross_f = t.T @ (stats.by - stats.bb @ tensor_base)
     w_f = _ridge(gram_f, cross_f, ridge)
     with torch.no_grad():
-        comps["polynomial"].w_out.copy_(w_f[:m].T)
+        ffn.w_out("polynomial").copy_(w_f[:m].T)
         if "spectral" in comps:
-            comps["spectral"].w_out.copy_(w_f[m:-1].T)
-        ffn.bias.copy_(w_f[-1])
+            ffn.w_out("spectral").copy_(w_f[m:-1].T)
+        ffn.c_proj.bias.copy_(w_f[-1])
     pruned_only = torch.zeros(m + d + 1, d, dtype=torch.float64, device=dev)
     pruned_only[a1] = w_a1
     return _residual_energy(stats, t @ w_f + tensor_base), _residual_energy(stats, pruned_only)
@@ -438,13 +439,13 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
             resid.append(out.float() - y.float())
         poly = ffn.components["polynomial"]
         if args.neuron_selection == "obs":
-            neurons = select_neurons_obs(mlp, xs, ys, poly.w_in.shape[0], args.ridge)
+            neurons = select_neurons_obs(mlp, xs, ys, poly.rows, args.ridge)
         else:
-            neurons, _ = select_neurons(mlp, xs, poly.w_in.shape[0])
-        domains.append(fit_polynomial(poly, mlp, xs, neurons))
-        stats = GramStats(poly.w_in.shape[0], config.n_embd, device)
+            neurons, _ = select_neurons(mlp, xs, poly.rows)
+        domains.append(fit_polynomial(ffn, mlp, xs, neurons))
+        stats = GramStats(poly.rows, config.n_embd, device)
         for x, y in zip(xs, ys):
-            a = poly.activate(F.linear(x, poly.w_in, poly.b_in), None)
+            a = poly.activate(F.linear(x, ffn.w_in("polynomial"), ffn.b_in("polynomial")), None)
             stats.add(a, x, y)
         residual, residual_pruned = fit_output_side(ffn, stats, args.ridge)
         if "micro" in ffn.components:
@@ -452,7 +453,7 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
         centred = (stats.yy.diagonal() - stats.by[-1] ** 2 / stats.n).sum()
         err = {
             "layer": i,
-            "kept_neurons": int(poly.w_in.shape[0]),
+            "kept_neurons": int(poly.rows),
             "poly_domain": domains[-1],
             "rel_error_pruned_refit": float(residual_pruned.sum() / centred),
             "rel_error_sparse_ffn": float(residual.sum() / centred),
