@@ -190,8 +190,10 @@ def sparse_ffn_activation(
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
         act = torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
     else:
+        if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
+            args = args[:4] + (fb_state.clone(),) + args[5:]
         act = torch.ops.sparse_gpt2.ffn_activation(*args)
-        if fb_state is not None:  # with autograd the op reads the state; it is advanced here
+        if fb_state is not None:  # ... and the state is advanced here
             with torch.no_grad():
                 u = h3[..., m + k : m + k + r]
                 fb_state.copy_(_feedback_full(u, fb_state, token_mask, fb_kernel.shape[1])[:, -fb_state.shape[1] :])
