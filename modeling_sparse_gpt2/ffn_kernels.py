@@ -13,10 +13,12 @@ segment order poly, spectral, feedback, ``tau_c = 2 sigmoid(h_gate_c)`` when ``n
 
 With ``fb_state`` the last ``w - 1`` rows of ``full`` are written back into it (decode).
 
-FLOPs per token (elementwise, fp32 inside): poly m·(3·deg + 4) (Clenshaw + clamp and tail),
-feedback r·(2·w + 10), gates 2·(m + k + r) + 4·n_gates. Backward: poly m·(8·deg + 12) (derivative by
-the differentiated Clenshaw recurrence, the T_i again for the coefficient gradients), feedback
-r·w·(2·w + 14) (each u_t reaches w outputs, whose pre-activations are recomputed).
+FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) (Clenshaw, clamp,
+linear tail), feedback r·(2·w + 12) (window, gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly
+m·(12·deg + 15) (value and derivative by the differentiated Clenshaw recurrence, then T_i again for
+the coefficient gradients), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
+pre-activations are recomputed from h), gates 4·(m + k + r). Both kernels read h once and write
+their output once (the backward also reads dL/dact); everything else is in registers.
 
 Kernel design. Both kernels run on programs over (token tiles, column tiles); a tile is ``BT``
 tokens of one sequence times ``BC`` activation columns, and handles the segment(s) its columns
@@ -135,21 +137,24 @@ def sparse_ffn_activation_reference(
 
 
 def _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree):
+    """One-line errors for inputs that do not fit the segment widths."""
     n_seg = (m > 0) + (k > 0) + (r > 0)
+    fail = "sparse_ffn_activation: "
     if h.dim() not in (2, 3) or h.shape[-1] != m + k + r + n_gates:
-        raise ValueError(f"sparse_ffn_activation: h {tuple(h.shape)} must end in m+k+r+n_gates = {m + k + r + n_gates} columns")
+        raise ValueError(f"{fail}h {tuple(h.shape)} must end in m+k+r+n_gates = {m + k + r + n_gates} columns")
     if coeffs.dim() != 2 or coeffs.shape[1] != degree + 1 or coeffs.shape[0] not in (1, m):
-        raise ValueError(f"sparse_ffn_activation: coeffs {tuple(coeffs.shape)} must be (1 or m={m}, degree+1={degree + 1})")
+        raise ValueError(f"{fail}coeffs {tuple(coeffs.shape)} must be (1 or m={m}, degree+1={degree + 1})")
     if gates.shape != (n_seg,) or n_gates not in (0, n_seg):
-        raise ValueError(f"sparse_ffn_activation: gates {tuple(gates.shape)} / n_gates={n_gates} must match the {n_seg} segments")
+        raise ValueError(f"{fail}gates {tuple(gates.shape)}, n_gates={n_gates} must match the {n_seg} segments")
     if r and (fb_kernel is None or fb_kernel.dim() != 2 or fb_kernel.shape[0] != r):
-        raise ValueError(f"sparse_ffn_activation: fb_kernel must be (r={r}, window), got {None if fb_kernel is None else tuple(fb_kernel.shape)}")
+        got = None if fb_kernel is None else tuple(fb_kernel.shape)
+        raise ValueError(f"{fail}fb_kernel must be (r={r}, window), got {got}")
     if fb_state is not None and r:
         batch = h.shape[0] if h.dim() == 3 else 1
         if tuple(fb_state.shape) != (batch, fb_kernel.shape[1] - 1, r):
-            raise ValueError(f"sparse_ffn_activation: fb_state {tuple(fb_state.shape)} must be (batch, window-1, r)")
+            raise ValueError(f"{fail}fb_state {tuple(fb_state.shape)} must be (batch, window-1, r)")
     if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
-        raise ValueError(f"sparse_ffn_activation: token_mask {tuple(token_mask.shape)} is shorter than the {h.shape[-2]} tokens")
+        raise ValueError(f"{fail}token_mask {tuple(token_mask.shape)} is shorter than the {h.shape[-2]} tokens")
 
 
 def sparse_ffn_activation(
@@ -186,7 +191,8 @@ def sparse_ffn_activation(
     elif fb_state is not None and fb_kernel.shape[1] == 1:
         fb_state = None  # a window of one token keeps no state
     args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, coeffs, gates, fb_kernel))
+    leaves = (h, coeffs, gates, fb_kernel)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
         act = torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
     else:
@@ -227,9 +233,9 @@ if triton is not None:
         return u
 
     @triton.jit
-    def _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, times, rc, is_fb, T, stride_ht, stride_st, stride_mt, mask_off,
-                    fb0, HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, WINDOW: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr):
+    def _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, times, rc, is_fb, T, stride_ht, stride_st, stride_mt,
+                    mask_off, fb0, HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, WINDOW: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
         """Pre-activation z_t = sum_j K[:, j] u_{t-w+1+j} of the feedback columns at ``times``."""
         z = tl.zeros((BT, BC), dtype=tl.float32)
         for j in tl.static_range(WINDOW):
@@ -324,7 +330,8 @@ if triton is not None:
     def _backward_kernel(
         h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
         col_part_ptr, tile_part_ptr, row_part_ptr,
-        T, n_tiles_t, n_tiles, n_prog_t, n_tiles_c, stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
+        T, n_tiles_t, n_tiles, n_prog_t, n_tiles_c,
+        stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
         mask_off, m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_col_part, n_tile_part, n_rows,
         DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
         HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -348,7 +355,7 @@ if triton is not None:
         acc_kernel = tl.zeros((BC, WP), dtype=tl.float32)  # sum over tokens of dL/dz * u_{t-w+1+j}
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
         tile = pid_t
-        while tile < n_tiles:  # token tiles pid_t, pid_t + n_prog_t, ... (while: numpy 2.4 breaks the interpreter's range)
+        while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
             b = (tile // n_tiles_t).to(tl.int64)
             tt = tile % n_tiles_t
             t = tt * BT + tl.arange(0, BT)
@@ -371,7 +378,8 @@ if triton is not None:
                 d2 = tl.zeros((BT, BC), dtype=tl.float32)
                 for step in tl.static_range(DEGREE):
                     if PER_NEURON:
-                        ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step), mask=is_poly, other=0.0)[None, :]
+                        ci_ptr = coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step)
+                        ci = tl.load(ci_ptr, mask=is_poly, other=0.0)[None, :]
                     else:
                         ci = tl.load(coeff_ptr + (DEGREE - step))
                     d0 = 2.0 * b1 + 2.0 * tc * d1 - d2
@@ -551,7 +559,8 @@ if triton is not None:
                 _backward_kernel, (programs, n_tiles_c),
                 h, grad, grad_h, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
                 col_part, tile_part, row_part,
-                tokens, n_tiles_t, n_tiles, programs, n_tiles_c, h.stride(0), h.stride(1), grad.stride(0), grad.stride(1),
+                tokens, n_tiles_t, n_tiles, programs, n_tiles_c,
+                h.stride(0), h.stride(1), grad.stride(0), grad.stride(1),
                 *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"],
                 n_seg, domain, max(n_col_part, 1), n_tile_part, batch * tokens,
                 DEGREE=degree, WINDOW=window, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0,
@@ -620,8 +629,11 @@ def _define_ops():
 
     ffn_activation.register_autograd(backward, setup_context=setup_context)
     if INTERPRET:  # the emulated kernel cannot be traced: AOT keeps the ops opaque, like custom_op
+        def opaque(mode, func, types, args, kwargs):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+
         for op in (ffn_activation, ffn_activation_stateful, ffn_activation_backward):
-            op.register_torch_dispatch(FunctionalTensorMode, lambda mode, func, types, args, kwargs: mode.__torch_dispatch__(func, types, args, kwargs))
+            op.register_torch_dispatch(FunctionalTensorMode, opaque)
 
 
 if triton is not None:

@@ -117,8 +117,9 @@ def test_decode_state_calls_equal_one_call():
     with torch.no_grad():
         for n in (2, 1, 3):
             mask = token_mask[:, : 2 + start + n]
-            parts.append(fk.sparse_ffn_activation(h[:, start : start + n], coeffs, gates, fb_kernel, state, mask, **meta))
-            fk.sparse_ffn_activation_reference(h[:, start : start + n], coeffs, gates, fb_kernel, state_ref, mask, **meta)
+            step = h[:, start : start + n]
+            parts.append(fk.sparse_ffn_activation(step, coeffs, gates, fb_kernel, state, mask, **meta))
+            fk.sparse_ffn_activation_reference(step, coeffs, gates, fb_kernel, state_ref, mask, **meta)
             assert_close(state, state_ref, torch.float32, f"state after {start + n} tokens")
             start += n
     assert_close(torch.cat(parts, dim=1), whole, torch.float32, "act by steps")
@@ -156,7 +157,8 @@ def test_cases_under_the_interpreter():
     if RUNS_HERE:
         pytest.skip("the kernel cases run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE), "-k", "not interpreter and not without_triton"]
+    cases = "not interpreter and not without_triton"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE), "-k", cases]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
