@@ -1,0 +1,640 @@
+"""The sparse FFN's middle stage as one Triton kernel forward and one backward.
+
+The FFN is ``h = c_fc(x)`` -> ``act = sparse_ffn_activation(h, ...)`` -> ``y = c_proj(act)``.
+Columns of ``h``: ``[poly m | spectral k | feedback r | token gates n_gates]``; of ``act``:
+``[poly m | spectral k | feedback r]``. Per token (``s`` = domain, ``g_c`` = learned scalar gates in
+segment order poly, spectral, feedback, ``tau_c = 2 sigmoid(h_gate_c)`` when ``n_gates > 0``, else 1):
+
+    poly:      t = clamp(h / s, -1, 1);  a = sum_i c_{p,i} T_i(t) + relu(h - s)     (p = 0 or the neuron)
+    spectral:  a = h
+    feedback:  u_t = h_t * token_mask_t;  full = [state (w-1 rows, or zeros) ; u]
+               a_t = gelu_tanh(sum_{j<w} K[:, j] * full[t + j])                   (K[:, w-1]: this token)
+    act = g_c * tau_c * a        (segment c of each column)
+
+With ``fb_state`` the last ``w - 1`` rows of ``full`` are written back into it (decode).
+
+FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) (Clenshaw, clamp,
+linear tail), feedback r·(2·w + 12) (window, gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly
+m·(12·deg + 15) (value and derivative by the differentiated Clenshaw recurrence, then T_i again for
+the coefficient gradients), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
+pre-activations are recomputed from h), gates 4·(m + k + r). Both kernels read h once and write
+their output once (the backward also reads dL/dact); everything else is in registers.
+
+Kernel design. Both kernels run on programs over (token tiles, column tiles); a tile is ``BT``
+tokens of one sequence times ``BC`` activation columns, and handles the segment(s) its columns
+fall in through scalar ``if``s on the tile's column range plus per-column masks. Feedback columns
+read the ``w - 1`` earlier tokens from ``h`` (or from the decode state / zeros before the sequence
+start); the token gates are read per row. The forward launches one program per tile. The backward
+launches ``G`` programs per column tile; each walks every G-th token tile and accumulates the
+coefficient, gate and feedback-kernel gradients in fp32 registers; at the end every program writes
+its partial sums once (no atomics) and one ``sum`` per partial buffer reduces them. The token-gate
+gradient of a row is a sum over columns, which the column tiles split, so each column tile writes
+its per-row partial and one ``sum`` over the column tiles adds them.
+
+Dispatch (``use_kernel``): the Triton ops run on CUDA when triton is installed, and on CPU tensors
+when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; this is how
+CI tests them). Everywhere else ``sparse_ffn_activation`` is ``sparse_ffn_activation_reference``
+(plain torch, autograd through torch), so the module imports and works without triton.
+Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, which cannot be traced:
+the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only users: the reference path below needs no triton
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tile sizes (tokens, columns) and the backward's programs per column tile (None: fill the GPU).
+FORWARD_TILE = {"tokens": 32, "columns": 64}
+BACKWARD_TILE = {"tokens": 32, "columns": 64, "token_programs": None}
+
+
+def use_kernel(h: Tensor) -> bool:
+    """Whether ``sparse_ffn_activation`` runs the Triton kernels for this input."""
+    if triton is None:
+        return False
+    return h.is_cuda or (INTERPRET and h.device.type == "cpu")
+
+
+# ---------------------------------------------------------------------------------- reference
+def _feedback_full(u: Tensor, fb_state: Tensor | None, token_mask: Tensor | None, window: int) -> Tensor:
+    """``[state ; u * mask]`` along time (batch, w-1+T, r), fp32."""
+    if token_mask is not None:
+        u = u * token_mask[:, -u.shape[1] :, None].float()
+    if fb_state is not None:
+        before = fb_state.float()
+    else:
+        before = u.new_zeros(u.shape[0], window - 1, u.shape[2])
+    return torch.cat([before, u], dim=1)
+
+
+def sparse_ffn_activation_reference(
+    h: Tensor,
+    coeffs: Tensor,
+    gates: Tensor,
+    fb_kernel: Tensor | None,
+    fb_state: Tensor | None,
+    token_mask: Tensor | None,
+    *,
+    m: int,
+    k: int,
+    r: int,
+    n_gates: int,
+    domain: float,
+    degree: int,
+) -> Tensor:
+    """The specification, in plain torch (fp32 inside); see the module docstring."""
+    x = h.float()
+    n_act = m + k + r
+    segments = []
+    if m:
+        t = (x[..., :m] / domain).clamp(-1.0, 1.0)
+        c = coeffs.float()  # (P, degree+1): P == 1 broadcasts over the neurons
+        t_prev, t_cur = torch.ones_like(t), t
+        a = c[:, 0] * t_prev
+        if degree >= 1:
+            a = a + c[:, 1] * t_cur
+        for i in range(2, degree + 1):
+            t_prev, t_cur = t_cur, 2 * t * t_cur - t_prev
+            a = a + c[:, i] * t_cur
+        segments.append(a + F.relu(x[..., :m] - domain))
+    if k:
+        segments.append(x[..., m : m + k])
+    if r:
+        u = x[..., m + k : n_act]
+        squeeze = u.dim() == 2  # (tokens, r): one sequence
+        if squeeze:
+            u = u[None]
+            token_mask = token_mask.reshape(1, -1) if token_mask is not None else None
+        window = fb_kernel.shape[1]
+        full = _feedback_full(u, fb_state, token_mask, window)
+        kernel, steps = fb_kernel.float(), u.shape[1]
+        z = full[:, window - 1 :] * kernel[:, window - 1]
+        for j in range(window - 1):
+            z = z + full[:, j : j + steps] * kernel[:, j]
+        s = F.gelu(z, approximate="tanh")
+        if fb_state is not None and window > 1:
+            with torch.no_grad():
+                fb_state.copy_(full[:, -(window - 1) :])
+        segments.append(s[0] if squeeze else s)
+    scaled = []
+    for i, a in enumerate(segments):
+        a = a * gates[i].float()
+        if n_gates:
+            a = a * (2 * torch.sigmoid(x[..., n_act + i : n_act + i + 1]))
+        scaled.append(a)
+    return torch.cat(scaled, dim=-1).to(h.dtype)
+
+
+def _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree):
+    """One-line errors for inputs that do not fit the segment widths."""
+    n_seg = (m > 0) + (k > 0) + (r > 0)
+    fail = "sparse_ffn_activation: "
+    if h.dim() not in (2, 3) or h.shape[-1] != m + k + r + n_gates:
+        raise ValueError(f"{fail}h {tuple(h.shape)} must end in m+k+r+n_gates = {m + k + r + n_gates} columns")
+    if coeffs.dim() != 2 or coeffs.shape[1] != degree + 1 or coeffs.shape[0] not in (1, m):
+        raise ValueError(f"{fail}coeffs {tuple(coeffs.shape)} must be (1 or m={m}, degree+1={degree + 1})")
+    if gates.shape != (n_seg,) or n_gates not in (0, n_seg):
+        raise ValueError(f"{fail}gates {tuple(gates.shape)}, n_gates={n_gates} must match the {n_seg} segments")
+    if r and (fb_kernel is None or fb_kernel.dim() != 2 or fb_kernel.shape[0] != r):
+        got = None if fb_kernel is None else tuple(fb_kernel.shape)
+        raise ValueError(f"{fail}fb_kernel must be (r={r}, window), got {got}")
+    if fb_state is not None and r:
+        batch = h.shape[0] if h.dim() == 3 else 1
+        if tuple(fb_state.shape) != (batch, fb_kernel.shape[1] - 1, r):
+            raise ValueError(f"{fail}fb_state {tuple(fb_state.shape)} must be (batch, window-1, r)")
+    if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
+        raise ValueError(f"{fail}token_mask {tuple(token_mask.shape)} is shorter than the {h.shape[-2]} tokens")
+
+
+def sparse_ffn_activation(
+    h: Tensor,
+    coeffs: Tensor,
+    gates: Tensor,
+    fb_kernel: Tensor | None,
+    fb_state: Tensor | None,
+    token_mask: Tensor | None,
+    *,
+    m: int,
+    k: int,
+    r: int,
+    n_gates: int,
+    domain: float,
+    degree: int,
+) -> Tensor:
+    """``act`` (..., m + k + r) from ``h`` (..., m + k + r + n_gates): one kernel where ``use_kernel(h)``.
+
+    ``coeffs`` (P, degree+1) are the masked Chebyshev coefficients (P = 1 shared, P = m per neuron);
+    ``gates`` (n_seg,) the scalar gates; ``fb_kernel`` (r, w) the causal taps; ``fb_state``
+    (batch, w-1, r) the decode state, updated in place (None: zeros, no update); ``token_mask``
+    (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
+    """
+    _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree)
+    meta = dict(m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree)
+    if not use_kernel(h):
+        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, **meta)
+    h3 = h if h.dim() == 3 else h[None]
+    if token_mask is not None and token_mask.dim() == 1:
+        token_mask = token_mask[None]
+    if not r:
+        fb_kernel = fb_state = None
+    elif fb_state is not None and fb_kernel.shape[1] == 1:
+        fb_state = None  # a window of one token keeps no state
+    args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
+    leaves = (h, coeffs, gates, fb_kernel)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
+        act = torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+    else:
+        if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
+            args = args[:4] + (fb_state.clone(),) + args[5:]
+        act = torch.ops.sparse_gpt2.ffn_activation(*args)
+        if fb_state is not None:  # ... and the state is advanced here
+            with torch.no_grad():
+                u = h3[..., m + k : m + k + r]
+                fb_state.copy_(_feedback_full(u, fb_state, token_mask, fb_kernel.shape[1])[:, -fb_state.shape[1] :])
+    return act if h.dim() == 3 else act[0]
+
+
+# ------------------------------------------------------------------------------- triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _gelu_tanh(z):
+        """gelu_tanh(z) = z sigmoid(2 c (z + 0.044715 z^3)) and its derivative."""
+        c = 0.7978845608028654
+        sg = tl.sigmoid(2.0 * c * (z + 0.044715 * z * z * z))
+        return z * sg, sg + z * sg * (1.0 - sg) * 2.0 * c * (1.0 + 3.0 * 0.044715 * z * z)
+
+    @triton.jit
+    def _feedback_u(h_seq, state_seq, mask_seq, times, rc, is_fb, T, stride_ht, stride_st, stride_mt, mask_off, fb0,
+                    HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, WINDOW: tl.constexpr):
+        """u at ``times`` (vector, may be < 0 or >= T) for feedback channels ``rc``, fp32."""
+        in_seq = (times >= 0) & (times < T)
+        ptr = h_seq + times[:, None] * stride_ht + (fb0 + rc)[None, :]
+        u = tl.load(ptr, mask=in_seq[:, None] & is_fb[None, :], other=0.0).to(tl.float32)
+        if HAS_MASK:
+            keep = tl.load(mask_seq + (mask_off + times) * stride_mt, mask=in_seq, other=0).to(tl.float32)
+            u = u * keep[:, None]
+        if HAS_STATE:
+            before = (times < 0) & (times >= 1 - WINDOW)
+            sptr = state_seq + (times + WINDOW - 1)[:, None] * stride_st + rc[None, :]
+            u += tl.load(sptr, mask=before[:, None] & is_fb[None, :], other=0.0).to(tl.float32)
+        return u
+
+    @triton.jit
+    def _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, times, rc, is_fb, T, stride_ht, stride_st, stride_mt,
+                    mask_off, fb0, HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, WINDOW: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr):
+        """Pre-activation z_t = sum_j K[:, j] u_{t-w+1+j} of the feedback columns at ``times``."""
+        z = tl.zeros((BT, BC), dtype=tl.float32)
+        for j in tl.static_range(WINDOW):
+            u = _feedback_u(h_seq, state_seq, mask_seq, times - (WINDOW - 1) + j, rc, is_fb, T, stride_ht, stride_st,
+                            stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW)
+            kj = tl.load(kern_ptr + rc * WINDOW + j, mask=is_fb, other=0.0).to(tl.float32)
+            z += kj[None, :] * u
+        return z
+
+    @triton.jit
+    def _token_gates(h_rows, row_ok, cols, m, k, r, gate_col, SPEC_IDX, FB_IDX, TOKEN_GATES: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr):
+        """(tau, dtau/dh_gate) per element: 2 sigmoid(h_gate of the column's segment), or (1, 0)."""
+        if TOKEN_GATES:
+            hp = tl.load(h_rows + gate_col, mask=row_ok & (m > 0), other=0.0).to(tl.float32)
+            hs = tl.load(h_rows + gate_col + SPEC_IDX, mask=row_ok & (k > 0), other=0.0).to(tl.float32)
+            hf = tl.load(h_rows + gate_col + FB_IDX, mask=row_ok & (r > 0), other=0.0).to(tl.float32)
+            hg = tl.where(cols[None, :] < m, hp[:, None], tl.where(cols[None, :] < m + k, hs[:, None], hf[:, None]))
+            sg = tl.sigmoid(hg)
+            return 2.0 * sg, 2.0 * sg * (1.0 - sg)
+        else:
+            return tl.full((BT, BC), 1.0, tl.float32), tl.zeros((BT, BC), dtype=tl.float32)
+
+    @triton.jit
+    def _forward_kernel(
+        h_ptr, out_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
+        T, n_tiles_t, stride_hb, stride_ht, stride_ob, stride_ot, stride_sb, stride_st, stride_mb, stride_mt, mask_off,
+        m, k, r, SPEC_IDX, FB_IDX, domain,
+        DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, WRITE_STATE: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        b = (pid_t // n_tiles_t).to(tl.int64)
+        tt = pid_t % n_tiles_t
+        n_act = m + k + r
+        fb0 = m + k
+        col0 = pid_c * BC
+        t = tt * BT + tl.arange(0, BT)
+        cols = col0 + tl.arange(0, BC)
+        row_ok = t < T
+        col_ok = cols < n_act
+        ok = row_ok[:, None] & col_ok[None, :]
+        h_seq = h_ptr + b * stride_hb
+        h_rows = h_seq + t * stride_ht
+        x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        a = x  # spectral: identity
+        if col0 < m:  # poly: Clenshaw, b_i = c_i + 2 t b_{i+1} - b_{i+2}, sum = c_0 + t b_1 - b_2
+            tc = tl.minimum(tl.maximum(x / domain, -1.0), 1.0)
+            b1 = tl.zeros((BT, BC), dtype=tl.float32)
+            b2 = tl.zeros((BT, BC), dtype=tl.float32)
+            for step in tl.static_range(DEGREE):
+                if PER_NEURON:
+                    ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step), mask=cols < m, other=0.0)[None, :]
+                else:
+                    ci = tl.load(coeff_ptr + (DEGREE - step))
+                b0 = ci.to(tl.float32) + 2.0 * tc * b1 - b2
+                b2 = b1
+                b1 = b0
+            if PER_NEURON:
+                c0 = tl.load(coeff_ptr + cols * (DEGREE + 1), mask=cols < m, other=0.0)[None, :]
+            else:
+                c0 = tl.load(coeff_ptr)
+            poly = c0.to(tl.float32) + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
+            a = tl.where(cols[None, :] < m, poly, a)
+        state_seq = state_ptr + b * stride_sb
+        mask_seq = mask_ptr + b * stride_mb
+        rc = cols - fb0
+        is_fb = (cols >= fb0) & col_ok
+        if (col0 + BC > fb0) & (r > 0):  # feedback: causal window over u
+            z = _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, t, rc, is_fb, T, stride_ht, stride_st, stride_mt,
+                            mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW, BT, BC)
+            s, _ = _gelu_tanh(z)
+            a = tl.where(is_fb[None, :], s, a)
+            if WRITE_STATE:
+                if tt == 0:  # the only tile that reads the old state (BT >= w-1) writes the new one
+                    j = tl.arange(0, BS)
+                    new = _feedback_u(h_seq, state_seq, mask_seq, T + j - (WINDOW - 1), rc, is_fb, T, stride_ht,
+                                      stride_st, stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW)
+                    tl.debug_barrier()
+                    sptr = state_seq + j[:, None] * stride_st + rc[None, :]
+                    tl.store(sptr, new.to(state_ptr.dtype.element_ty), mask=(j < WINDOW - 1)[:, None] & is_fb[None, :])
+        seg = tl.where(cols < m, 0, tl.where(cols < fb0, SPEC_IDX, FB_IDX))
+        gate = tl.load(gate_ptr + seg, mask=col_ok, other=0.0).to(tl.float32)
+        tau, _ = _token_gates(h_rows, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX, TOKEN_GATES, BT, BC)
+        out = a * gate[None, :] * tau
+        out_rows = out_ptr + b * stride_ob + t * stride_ot
+        tl.store(out_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _backward_kernel(
+        h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
+        col_part_ptr, tile_part_ptr, row_part_ptr,
+        T, n_tiles_t, n_tiles, n_prog_t, n_tiles_c,
+        stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
+        mask_off, m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_col_part, n_tile_part, n_rows,
+        DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr,
+    ):
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n_act = m + k + r
+        fb0 = m + k
+        col0 = pid_c * BC
+        cols = col0 + tl.arange(0, BC)
+        col_ok = cols < n_act
+        is_poly = cols < m
+        rc = cols - fb0
+        is_fb = (cols >= fb0) & col_ok
+        di = tl.arange(0, DP)
+        wi = tl.arange(0, WP)
+        seg = tl.where(is_poly, 0, tl.where(cols < fb0, SPEC_IDX, FB_IDX))
+        gate = tl.load(gate_ptr + seg, mask=col_ok, other=0.0).to(tl.float32)
+        acc_coeff = tl.zeros((BC, DP), dtype=tl.float32)  # sum over tokens of dL/da * g * tau * T_i(t)
+        acc_kernel = tl.zeros((BC, WP), dtype=tl.float32)  # sum over tokens of dL/dz * u_{t-w+1+j}
+        acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
+        tile = pid_t
+        while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
+            b = (tile // n_tiles_t).to(tl.int64)
+            tt = tile % n_tiles_t
+            t = tt * BT + tl.arange(0, BT)
+            row_ok = t < T
+            ok = row_ok[:, None] & col_ok[None, :]
+            h_seq = h_ptr + b * stride_hb
+            h_rows = h_seq + t * stride_ht
+            g_seq = gout_ptr + b * stride_gb
+            x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            go = tl.load((g_seq + t * stride_gt)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tau, dtau = _token_gates(h_rows, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX, TOKEN_GATES, BT, BC)
+            a = x  # spectral: identity, derivative 1
+            da = tl.full((BT, BC), 1.0, tl.float32)
+            if col0 < m:  # poly: value and derivative by the differentiated Clenshaw recurrence
+                xs = x / domain
+                tc = tl.minimum(tl.maximum(xs, -1.0), 1.0)
+                b1 = tl.zeros((BT, BC), dtype=tl.float32)
+                b2 = tl.zeros((BT, BC), dtype=tl.float32)
+                d1 = tl.zeros((BT, BC), dtype=tl.float32)
+                d2 = tl.zeros((BT, BC), dtype=tl.float32)
+                for step in tl.static_range(DEGREE):
+                    if PER_NEURON:
+                        ci_ptr = coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step)
+                        ci = tl.load(ci_ptr, mask=is_poly, other=0.0)[None, :]
+                    else:
+                        ci = tl.load(coeff_ptr + (DEGREE - step))
+                    d0 = 2.0 * b1 + 2.0 * tc * d1 - d2
+                    b0 = ci.to(tl.float32) + 2.0 * tc * b1 - b2
+                    b2 = b1
+                    b1 = b0
+                    d2 = d1
+                    d1 = d0
+                if PER_NEURON:
+                    c0 = tl.load(coeff_ptr + cols * (DEGREE + 1), mask=is_poly, other=0.0)[None, :]
+                else:
+                    c0 = tl.load(coeff_ptr)
+                poly = c0.to(tl.float32) + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
+                inside = (xs >= -1.0) & (xs <= 1.0)
+                dpoly = tl.where(inside, (b1 + tc * d1 - d2) / domain, 0.0) + tl.where(x > domain, 1.0, 0.0)
+                a = tl.where(is_poly[None, :], poly, a)
+                da = tl.where(is_poly[None, :], dpoly, da)
+                # coefficient gradients: T_i(t) by the forward recurrence, one column sum per i
+                gp = tl.where(ok & is_poly[None, :], go * gate[None, :] * tau, 0.0)
+                t_prev = tl.full((BT, BC), 1.0, tl.float32)
+                t_cur = tc
+                acc_coeff += tl.where(di[None, :] == 0, tl.sum(gp, axis=0)[:, None], 0.0)
+                if DEGREE >= 1:
+                    acc_coeff += tl.where(di[None, :] == 1, tl.sum(gp * tc, axis=0)[:, None], 0.0)
+                for i in tl.static_range(2, DEGREE + 1):
+                    t_next = 2.0 * tc * t_cur - t_prev
+                    t_prev = t_cur
+                    t_cur = t_next
+                    acc_coeff += tl.where(di[None, :] == i, tl.sum(gp * t_cur, axis=0)[:, None], 0.0)
+            gh = go * gate[None, :] * tau * da
+            if (col0 + BC > fb0) & (r > 0):  # feedback: u_t reaches z_{t..t+w-1}
+                state_seq = state_ptr + b * stride_sb
+                mask_seq = mask_ptr + b * stride_mb
+                du = tl.zeros((BT, BC), dtype=tl.float32)
+                for d in tl.static_range(WINDOW):
+                    later = t + d
+                    z = _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, later, rc, is_fb, T, stride_ht, stride_st,
+                                    stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW, BT, BC)
+                    s, ds = _gelu_tanh(z)
+                    if d == 0:
+                        go_d = go
+                        tau_d = tau
+                        a = tl.where(is_fb[None, :], s, a)
+                    else:
+                        later_ok = later < T
+                        go_d = tl.load((g_seq + later * stride_gt)[:, None] + cols[None, :],
+                                       mask=later_ok[:, None] & is_fb[None, :], other=0.0).to(tl.float32)
+                        tau_d, _ = _token_gates(h_seq + later * stride_ht, later_ok, cols, m, k, r, n_act, SPEC_IDX,
+                                                FB_IDX, TOKEN_GATES, BT, BC)
+                    dz = go_d * gate[None, :] * tau_d * ds
+                    kd = tl.load(kern_ptr + rc * WINDOW + (WINDOW - 1 - d), mask=is_fb, other=0.0).to(tl.float32)
+                    du += kd[None, :] * dz
+                    if d == 0:
+                        dz0 = tl.where(ok & is_fb[None, :], dz, 0.0)
+                        for j in tl.static_range(WINDOW):
+                            u = _feedback_u(h_seq, state_seq, mask_seq, t - (WINDOW - 1) + j, rc, is_fb, T, stride_ht,
+                                            stride_st, stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW)
+                            acc_kernel += tl.where(wi[None, :] == j, tl.sum(dz0 * u, axis=0)[:, None], 0.0)
+                if HAS_MASK:
+                    keep = tl.load(mask_seq + (mask_off + t) * stride_mt, mask=row_ok, other=0).to(tl.float32)
+                    du = du * keep[:, None]
+                gh = tl.where(is_fb[None, :], du, gh)
+            acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
+            gh_rows = gh_ptr + b * stride_hb + t * stride_ht
+            tl.store(gh_rows[:, None] + cols[None, :], gh.to(gh_ptr.dtype.element_ty), mask=ok)
+            if TOKEN_GATES:  # this column tile's share of dL/dh_gate per row and segment
+                dg = tl.where(ok, go * gate[None, :] * a * dtau, 0.0)
+                rp = row_part_ptr + (pid_c * n_rows + b * T + t) * N_SEG
+                if m > 0:
+                    tl.store(rp, tl.sum(tl.where(is_poly[None, :], dg, 0.0), axis=1), mask=row_ok)
+                if k > 0:
+                    tl.store(rp + SPEC_IDX, tl.sum(tl.where((cols >= m) & (cols < fb0), dg, 0.0)[:, :], axis=1),
+                             mask=row_ok)
+                if r > 0:
+                    tl.store(rp + FB_IDX, tl.sum(tl.where(is_fb[None, :], dg, 0.0), axis=1), mask=row_ok)
+            tile += n_prog_t
+        # partial sums of this program, written once
+        cp = col_part_ptr + pid_t * n_col_part
+        if PER_NEURON:
+            tl.store(cp + cols[:, None] * (DEGREE + 1) + di[None, :], acc_coeff,
+                     mask=is_poly[:, None] & (di < DEGREE + 1)[None, :])
+            kern_off = m * (DEGREE + 1)
+        else:
+            kern_off = 0
+        tl.store(cp + kern_off + rc[:, None] * WINDOW + wi[None, :], acc_kernel,
+                 mask=is_fb[:, None] & (wi < WINDOW)[None, :])
+        tp = tile_part_ptr + (pid_t * n_tiles_c + pid_c) * n_tile_part
+        if m > 0:
+            tl.store(tp, tl.sum(tl.where(is_poly, acc_gate, 0.0), axis=0))
+        if k > 0:
+            tl.store(tp + SPEC_IDX, tl.sum(tl.where((cols >= m) & (cols < fb0), acc_gate, 0.0), axis=0))
+        if r > 0:
+            tl.store(tp + FB_IDX, tl.sum(tl.where(is_fb, acc_gate, 0.0), axis=0))
+        if not PER_NEURON:
+            tl.store(tp + N_SEG + di, tl.sum(acc_coeff, axis=0), mask=di < DEGREE + 1)
+
+    def _launch(kernel, grid, *args, **meta):
+        """Launch through ``wrap_triton``; under the interpreter the fake-tensor pass only allocates."""
+        if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
+            return
+        wrap_triton(kernel)[grid](*args, **meta)
+
+    def _layout(h, fb_kernel, fb_state, token_mask, m, k, r):
+        """Strides and flags shared by both kernels (dummy pointers for absent tensors)."""
+        window = fb_kernel.shape[1] if fb_kernel is not None else 1
+        has_state = fb_state is not None
+        has_mask = token_mask is not None and r > 0
+        return dict(
+            window=window,
+            kern=fb_kernel if fb_kernel is not None else h,
+            state=fb_state if has_state else h,
+            mask=token_mask if has_mask else h,
+            state_strides=(fb_state.stride(0), fb_state.stride(1)) if has_state else (0, 0),
+            mask_strides=(token_mask.stride(0), token_mask.stride(1)) if has_mask else (0, 0),
+            mask_off=token_mask.shape[1] - h.shape[1] if has_mask else 0,
+            has_state=has_state,
+            has_mask=has_mask,
+            spec_idx=int(m > 0),
+            fb_idx=int(m > 0) + int(k > 0),
+        )
+
+    def _token_block(tokens: int, preferred: int, window: int) -> int:
+        block = min(preferred, triton.next_power_of_2(max(tokens, 1)))
+        return max(block, triton.next_power_of_2(max(window - 1, 1)))  # the first tile holds the state
+
+    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state):
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        batch, tokens, _ = h.shape
+        n_act = m + k + r
+        out = h.new_empty(batch, tokens, n_act)
+        if batch * tokens == 0 or n_act == 0:
+            return out
+        lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
+        bt = _token_block(tokens, FORWARD_TILE["tokens"], lay["window"])
+        bc = min(FORWARD_TILE["columns"], triton.next_power_of_2(n_act))
+        n_tiles_t = triton.cdiv(tokens, bt)
+        grid = (batch * n_tiles_t, triton.cdiv(n_act, bc))
+        _launch(
+            _forward_kernel, grid,
+            h, out, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
+            tokens, n_tiles_t, h.stride(0), h.stride(1), out.stride(0), out.stride(1), *lay["state_strides"],
+            *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
+            DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
+            HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
+            BT=bt, BC=bc, BS=triton.next_power_of_2(max(lay["window"] - 1, 1)),
+        )
+        return out
+
+    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree):
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        grad = grad.contiguous()
+        batch, tokens, n_down = h.shape
+        n_act, n_seg = m + k + r, (m > 0) + (k > 0) + (r > 0)
+        per_neuron = coeffs.shape[0] > 1
+        lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
+        window = lay["window"]
+        bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
+        bc = min(BACKWARD_TILE["columns"], triton.next_power_of_2(max(n_act, 1)))
+        n_tiles_t = triton.cdiv(tokens, bt)
+        n_tiles = batch * n_tiles_t
+        n_tiles_c = triton.cdiv(n_act, bc)
+        programs = BACKWARD_TILE["token_programs"]
+        if programs is None:
+            sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 2
+            programs = triton.cdiv(4 * sms, n_tiles_c)
+        programs = max(1, min(programs, n_tiles))
+        n_coeff_part = m * (degree + 1) if per_neuron else 0
+        n_col_part = n_coeff_part + r * window
+        n_tile_part = n_seg + (0 if per_neuron else degree + 1)
+        f32 = dict(dtype=torch.float32, device=h.device)
+        col_part = torch.empty(programs, max(n_col_part, 1), **f32)
+        tile_part = torch.empty(programs, n_tiles_c, n_tile_part, **f32)
+        row_part = torch.empty(n_tiles_c, batch * tokens, n_seg, **f32) if n_gates else col_part
+        grad_h = torch.empty_like(h)
+        if n_tiles > 0:
+            _launch(
+                _backward_kernel, (programs, n_tiles_c),
+                h, grad, grad_h, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
+                col_part, tile_part, row_part,
+                tokens, n_tiles_t, n_tiles, programs, n_tiles_c,
+                h.stride(0), h.stride(1), grad.stride(0), grad.stride(1),
+                *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"],
+                n_seg, domain, max(n_col_part, 1), n_tile_part, batch * tokens,
+                DEGREE=degree, WINDOW=window, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0,
+                HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"],
+                BT=bt, BC=bc, DP=triton.next_power_of_2(degree + 1), WP=triton.next_power_of_2(window),
+            )
+        else:
+            col_part.zero_()
+            tile_part.zero_()
+        if n_gates:
+            grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
+        # one reduction per gradient (separate tensors: op outputs may not alias each other)
+        if per_neuron:
+            grad_coeffs = col_part[:, :n_coeff_part].sum(0)
+        else:
+            grad_coeffs = tile_part[..., n_seg:].sum((0, 1))
+        grad_coeffs = grad_coeffs.view(coeffs.shape).to(coeffs.dtype)
+        grad_gates = tile_part[..., :n_seg].sum((0, 1)).to(gates.dtype)
+        if fb_kernel is not None:
+            grad_kernel = col_part[:, n_coeff_part:n_col_part].sum(0).view(fb_kernel.shape).to(fb_kernel.dtype)
+        else:
+            grad_kernel = h.new_empty(0, dtype=torch.float32)
+        return grad_h, grad_coeffs, grad_gates, grad_kernel
+
+
+def _define_ops():
+    """Register the three ops once per process (a second copy of this file, e.g. the remote-code
+    one, reuses them)."""
+    if hasattr(torch.ops.sparse_gpt2, "ffn_activation"):
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    @triton_op("sparse_gpt2::ffn_activation", mutates_args=())
+    def ffn_activation(
+        h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor | None, fb_state: Tensor | None,
+        token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
+    ) -> Tensor:
+        return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, False)
+
+    @triton_op("sparse_gpt2::ffn_activation_stateful", mutates_args={"fb_state"})
+    def ffn_activation_stateful(
+        h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor, fb_state: Tensor,
+        token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
+    ) -> Tensor:
+        return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, True)
+
+    @triton_op("sparse_gpt2::ffn_activation_backward", mutates_args=())
+    def ffn_activation_backward(
+        grad: Tensor, h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor | None, fb_state: Tensor | None,
+        token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree)
+
+    def setup_context(ctx, inputs, output):
+        h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta = inputs
+        ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
+        ctx.meta = meta
+
+    def backward(ctx, grad):
+        h, coeffs, gates, fb_kernel, fb_state, token_mask = ctx.saved_tensors
+        grad_h, grad_coeffs, grad_gates, grad_kernel = torch.ops.sparse_gpt2.ffn_activation_backward(
+            grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, *ctx.meta
+        )
+        grad_kernel = grad_kernel if fb_kernel is not None else None
+        return (grad_h, grad_coeffs, grad_gates, grad_kernel) + (None,) * 8
+
+    ffn_activation.register_autograd(backward, setup_context=setup_context)
+    if INTERPRET:  # the emulated kernel cannot be traced: AOT keeps the ops opaque, like custom_op
+        def opaque(mode, func, types, args, kwargs):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+
+        for op in (ffn_activation, ffn_activation_stateful, ffn_activation_backward):
+            op.register_torch_dispatch(FunctionalTensorMode, opaque)
+
+
+if triton is not None:
+    _define_ops()

@@ -1,0 +1,197 @@
+"""The Triton kernels of ``ffn_kernels`` equal the torch reference, forward and backward.
+
+On a CUDA machine with triton the cases run on the GPU in this process. On a CPU they run under
+Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before triton is first
+imported; conftest imports the package first, so ``test_cases_under_the_interpreter`` runs this file
+again in a subprocess with the variable set, and the cases skip themselves in this process.
+Small tiles (4 tokens x 8 columns, 2 backward programs) make every case span several tiles.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_sparse_gpt2 import ffn_kernels as fk
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RUNS_HERE = fk.triton is not None and (DEVICE == "cuda" or fk.INTERPRET)
+kernel_case = pytest.mark.skipif(not RUNS_HERE, reason="kernels run under test_cases_under_the_interpreter")
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid(-1e4) = 0 in numpy
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setitem(fk.FORWARD_TILE, "tokens", 4)
+    monkeypatch.setitem(fk.FORWARD_TILE, "columns", 8)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 2)
+
+
+def make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, window=3, degree=4, padded=False,
+                dtype=torch.float32, scale=3.0, seed=0):
+    """(h, coeffs, gates, fb_kernel, token_mask, meta) on DEVICE; h has a batch dim unless batch is None."""
+    g = torch.Generator().manual_seed(seed)
+    n_seg = (m > 0) + (k > 0) + (r > 0)
+    n_gates = n_seg if token_gates else 0
+    shape = (tokens, m + k + r + n_gates) if batch is None else (batch, tokens, m + k + r + n_gates)
+    h = torch.randn(shape, generator=g) * scale
+    coeffs = torch.randn(m if per_neuron else 1, degree + 1, generator=g)
+    coeffs[:, 3] = 0  # masked coefficients arrive as zeros
+    gates = torch.rand(n_seg, generator=g) + 0.5
+    fb_kernel = torch.randn(r, window, generator=g) * 0.5 if r else None
+    token_mask = None
+    if padded:
+        token_mask = torch.ones(1 if batch is None else batch, tokens + 2, dtype=torch.long)
+        token_mask[-1, :3] = 0  # left padding of the last sequence, before and inside this call
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    meta = dict(m=m, k=k, r=r, n_gates=n_gates, domain=2.0, degree=degree)
+    return to(h).to(dtype), to(coeffs), to(gates), to(fb_kernel), to(token_mask), meta
+
+
+def assert_close(got, want, dtype, what):
+    tol = TOLERANCE[dtype]
+    err = (got.float() - want.float()).abs().max().item()
+    bound = tol * (1 + want.float().abs().max().item())
+    assert torch.isfinite(got).all(), f"{what}: not finite"
+    assert err <= bound, f"{what}: max |kernel - reference| = {err:.3g} > {bound:.3g}"
+
+
+def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=torch.float32):
+    leaves = [t.requires_grad_() for t in (h, coeffs, gates, fb_kernel) if t is not None]
+    want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    assert torch.isfinite(want).all(), "test inputs overflow the reference"
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(want.device)
+    want_grads = torch.autograd.grad((want.float() * weight).sum(), leaves)
+    got = fk.sparse_ffn_activation(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    assert got.dtype == h.dtype and got.shape == want.shape
+    got_grads = torch.autograd.grad((got.float() * weight).sum(), leaves)
+    assert_close(got, want, dtype, "act")
+    for name, a, b in zip(("h", "coeffs", "gates", "fb_kernel"), got_grads, want_grads):
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padded)
+    "poly": (2, 5, 19, 0, 0, False, False, False),
+    "poly+spectral per-neuron token-gates": (2, 6, 11, 6, 0, True, True, False),
+    "poly+feedback padded token-gates": (2, 5, 13, 0, 5, True, False, True),
+    "all per-neuron padded": (2, 6, 10, 5, 6, False, True, True),
+    "all one token token-gates": (2, 1, 9, 4, 5, True, True, True),
+    "all no batch dim token-gates": (None, 6, 7, 3, 4, True, False, False),
+}
+
+
+@kernel_case
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_forward_backward_match_reference(case):
+    batch, tokens, m, k, r, token_gates, per_neuron, padded = case
+    check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_and_large_inputs_stay_finite(dtype):
+    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 5, 10, 3, 4, True, True, padded=True, dtype=dtype)
+    with torch.no_grad():  # beyond the polynomial's domain: the linear tail, up to |h| = 1e4
+        h[0, 1:3] = torch.linspace(-1e4, 1e4, h.shape[-1], device=h.device).to(dtype)
+        fb_kernel *= 0.3  # keeps the reference's feedback below fp16's 65504
+    check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=dtype)
+
+
+@kernel_case
+def test_decode_state_calls_equal_one_call():
+    """Calls of 2, 1 and 3 tokens with the state equal one call over the 6 (the kernel reads and
+    writes the state under no_grad); the state equals the reference's after each call."""
+    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(2, 6, 6, 2, 5, True, False, window=4, padded=True)
+    whole = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    state = torch.zeros(2, 3, 5, device=h.device)
+    state_ref = state.clone()
+    parts, start = [], 0
+    with torch.no_grad():
+        for n in (2, 1, 3):
+            mask = token_mask[:, : 2 + start + n]
+            step = h[:, start : start + n]
+            parts.append(fk.sparse_ffn_activation(step, coeffs, gates, fb_kernel, state, mask, **meta))
+            fk.sparse_ffn_activation_reference(step, coeffs, gates, fb_kernel, state_ref, mask, **meta)
+            assert_close(state, state_ref, torch.float32, f"state after {start + n} tokens")
+            start += n
+    assert_close(torch.cat(parts, dim=1), whole, torch.float32, "act by steps")
+
+
+@kernel_case
+def test_decode_state_with_autograd():
+    """With gradients the op reads the state, the state still advances, and the gradients match."""
+    h, coeffs, gates, fb_kernel, _, meta = make_inputs(2, 2, 6, 0, 5, False, False, window=4)
+    state = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(2)).to(h.device)
+    state_ref = state.clone()
+    leaves = [h.requires_grad_(), fb_kernel.requires_grad_()]
+    got = fk.sparse_ffn_activation(h, coeffs, gates, fb_kernel, state, None, **meta)
+    want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, state_ref, None, **meta)
+    assert_close(got, want, torch.float32, "act")
+    assert_close(state, state_ref, torch.float32, "state")
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        assert_close(a, b, torch.float32, "grad")
+
+
+@kernel_case
+def test_opcheck():
+    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 2, 5, 2, 2, True, True, window=2, padded=True)
+    tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
+    grads = [coeffs.requires_grad_(), gates.requires_grad_(), fb_kernel.requires_grad_()]
+    torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation, (h.requires_grad_(), *grads, None, token_mask, *tail))
+    state = torch.randn(1, 1, 2, device=h.device)
+    args = (h.detach()[:, :1], coeffs.detach(), gates.detach(), fb_kernel.detach(), state, token_mask, *tail)
+    torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
+
+
+def test_cases_under_the_interpreter():
+    if fk.triton is None:
+        pytest.skip("triton is not installed")
+    if RUNS_HERE:
+        pytest.skip("the kernel cases run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cases = "not interpreter and not without_triton"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE), "-k", cases]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+NO_TRITON = r"""
+import importlib.util, sys
+import torch
+
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTriton())
+spec = importlib.util.spec_from_file_location("ffn_kernels", sys.argv[1])
+fk = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fk)
+assert fk.triton is None and "triton" not in sys.modules
+assert not fk.use_kernel(torch.zeros(1)) and not hasattr(torch.ops.sparse_gpt2, "ffn_activation")
+h = torch.randn(2, 4, 8, requires_grad=True)
+args = (h, torch.randn(1, 3), torch.ones(3), torch.randn(2, 3), None, None)
+meta = dict(m=4, k=2, r=2, n_gates=0, domain=2.0, degree=2)
+act = fk.sparse_ffn_activation(*args, **meta)
+assert torch.equal(act, fk.sparse_ffn_activation_reference(*args, **meta))
+act.sum().backward()
+assert h.grad is not None
+print("ok")
+"""
+
+
+def test_imports_and_runs_without_triton():
+    """A CPU-only user without triton (remote code): the module imports and runs the reference."""
+    module = ROOT / "modeling_sparse_gpt2" / "ffn_kernels.py"
+    run = subprocess.run([sys.executable, "-c", NO_TRITON, str(module)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
