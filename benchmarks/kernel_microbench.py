@@ -14,11 +14,10 @@ the timings settle), eager and under ``torch.compile``, of:
 Before timing it checks the kernels against ``sparse_ffn_activation_reference`` on the GPU (max
 |diff| of the output and of every gradient, fp32 and bf16), runs ``torch.library.opcheck`` on the
 ops, and compiles a forward+backward step through the op with ``torch.compile(fullgraph=True)``.
-Needs only torch, triton and ``modeling_sparse_gpt2.ffn_kernels``.
+Needs torch, triton and the package (``modeling_sparse_gpt2.ffn_kernels``).
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -29,13 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the kernel file alone (flat, no relative imports): no transformers or other project deps
-_spec = importlib.util.spec_from_file_location(
-    "ffn_kernels", Path(__file__).resolve().parents[1] / "modeling_sparse_gpt2" / "ffn_kernels.py"
-)
-fk = importlib.util.module_from_spec(_spec)
-sys.modules["ffn_kernels"] = fk  # dynamo looks modules up by name
-_spec.loader.exec_module(fk)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
 

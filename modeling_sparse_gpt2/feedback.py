@@ -56,6 +56,28 @@ def _state_buffer(cache, layer_idx: int, like: torch.Tensor, length: int):
     return buf
 
 
+def causal_feedback(u, kernel, state=None, token_mask=None):
+    """s_t = gelu(sum_{j<w} K[:, j] * full[t + j]) with full = [state or zeros (w-1 rows) ; u * mask].
+
+    ``u`` (batch, T, r), ``kernel`` (r, w), ``state`` (batch, w-1, r) the last w-1 masked values
+    before this call, advanced in place (no gradient), ``token_mask`` (batch, T' >= T) whose last T
+    columns belong to ``u``.
+    """
+    w = kernel.shape[1]
+    if token_mask is not None:
+        u = u * token_mask[:, -u.shape[1] :, None].to(u.dtype)
+    before = state.to(u.dtype) if state is not None else u.new_zeros(u.shape[0], w - 1, u.shape[2])
+    full = torch.cat([before, u], dim=1)  # (batch, w-1+T, r)
+    if state is not None and w > 1:
+        with torch.no_grad():
+            state.copy_(full[:, -(w - 1) :])
+    kernel, t = kernel.to(u.dtype), u.shape[1]
+    s = full[:, w - 1 :] * kernel[:, w - 1]
+    for j in range(w - 1):
+        s = s + full[:, j : j + t] * kernel[:, j]
+    return F.gelu(s, approximate="tanh")
+
+
 class FeedbackComponent(GemmComponent):
     def __init__(self, spec):
         super().__init__(spec.d, spec.feedback_rank)
@@ -72,22 +94,7 @@ class FeedbackComponent(GemmComponent):
         squeeze = u.dim() == 2
         if squeeze:  # (tokens, r) without a batch dimension: one sequence
             u = u[None]
-        if ctx.token_mask is not None:
-            u = u * ctx.token_mask[:, -u.shape[1] :, None].to(u.dtype)
-        w = self.window
-        state = self.state(ctx, u)
-        if state is not None:
-            full = torch.cat([state, u], dim=1)  # (batch, w-1+T, r)
-            with torch.no_grad():
-                state.copy_(full[:, -(w - 1) :])
-        else:
-            full = torch.cat([u.new_zeros(u.shape[0], w - 1, u.shape[2]), u], dim=1)
-        kernel = self.kernel.to(u.dtype)
-        t = u.shape[1]
-        s = full[:, w - 1 :] * kernel[:, w - 1]
-        for j in range(w - 1):
-            s = s + full[:, j : j + t] * kernel[:, j]
-        s = F.gelu(s, approximate="tanh")
+        s = causal_feedback(u, self.kernel, self.state(ctx, u), ctx.token_mask)
         return s[0] if squeeze else s
 
     def elementwise_flops_per_token(self) -> int:

@@ -39,20 +39,21 @@ Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, wh
 the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
 """
 
-import os
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .feedback import causal_feedback
+from .polynomial import chebyshev_activation
 
 try:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
+
+    INTERPRET = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1, read by triton at import
 except ImportError:  # CPU-only users: the reference path below needs no triton
     triton = None
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    INTERPRET = False
 
 # Tile sizes (tokens, columns) and the backward's programs per column tile (None: fill the GPU).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
@@ -67,17 +68,6 @@ def use_kernel(h: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------- reference
-def _feedback_full(u: Tensor, fb_state: Tensor | None, token_mask: Tensor | None, window: int) -> Tensor:
-    """``[state ; u * mask]`` along time (batch, w-1+T, r), fp32."""
-    if token_mask is not None:
-        u = u * token_mask[:, -u.shape[1] :, None].float()
-    if fb_state is not None:
-        before = fb_state.float()
-    else:
-        before = u.new_zeros(u.shape[0], window - 1, u.shape[2])
-    return torch.cat([before, u], dim=1)
-
-
 def sparse_ffn_activation_reference(
     h: Tensor,
     coeffs: Tensor,
@@ -93,21 +83,12 @@ def sparse_ffn_activation_reference(
     domain: float,
     degree: int,
 ) -> Tensor:
-    """The specification, in plain torch (fp32 inside); see the module docstring."""
+    """The specification in plain torch (fp32 inside), from the components' own functions."""
     x = h.float()
     n_act = m + k + r
     segments = []
-    if m:
-        t = (x[..., :m] / domain).clamp(-1.0, 1.0)
-        c = coeffs.float()  # (P, degree+1): P == 1 broadcasts over the neurons
-        t_prev, t_cur = torch.ones_like(t), t
-        a = c[:, 0] * t_prev
-        if degree >= 1:
-            a = a + c[:, 1] * t_cur
-        for i in range(2, degree + 1):
-            t_prev, t_cur = t_cur, 2 * t * t_cur - t_prev
-            a = a + c[:, i] * t_cur
-        segments.append(a + F.relu(x[..., :m] - domain))
+    if m:  # (P, degree+1): P == 1 broadcasts over the neurons
+        segments.append(chebyshev_activation(x[..., :m], coeffs.float(), 1.0, domain, degree))
     if k:
         segments.append(x[..., m : m + k])
     if r:
@@ -116,16 +97,7 @@ def sparse_ffn_activation_reference(
         if squeeze:
             u = u[None]
             token_mask = token_mask.reshape(1, -1) if token_mask is not None else None
-        window = fb_kernel.shape[1]
-        full = _feedback_full(u, fb_state, token_mask, window)
-        kernel, steps = fb_kernel.float(), u.shape[1]
-        z = full[:, window - 1 :] * kernel[:, window - 1]
-        for j in range(window - 1):
-            z = z + full[:, j : j + steps] * kernel[:, j]
-        s = F.gelu(z, approximate="tanh")
-        if fb_state is not None and window > 1:
-            with torch.no_grad():
-                fb_state.copy_(full[:, -(window - 1) :])
+        s = causal_feedback(u, fb_kernel.float(), fb_state if fb_kernel.shape[1] > 1 else None, token_mask)
         segments.append(s[0] if squeeze else s)
     scaled = []
     for i, a in enumerate(segments):
@@ -202,7 +174,7 @@ def sparse_ffn_activation(
         if fb_state is not None:  # ... and the state is advanced here
             with torch.no_grad():
                 u = h3[..., m + k : m + k + r]
-                fb_state.copy_(_feedback_full(u, fb_state, token_mask, fb_kernel.shape[1])[:, -fb_state.shape[1] :])
+                causal_feedback(u.float(), fb_kernel.float(), fb_state, token_mask)  # advances fb_state
     return act if h.dim() == 3 else act[0]
 
 

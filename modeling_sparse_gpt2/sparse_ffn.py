@@ -16,7 +16,9 @@ so the fast path is GPT-2's MLP with another activation in the middle:
 
     h = c_fc(x);   a = middle(h) (every segment's elementwise work times its gates);   y = c_proj(a)
 
-with nothing concatenated or rescaled per step; the tensor and micro components (small batched
+``middle`` is one Triton kernel forward and one backward on CUDA (``ffn_kernels.py``; the feedback's
+decode state is read and written inside it), plain torch elsewhere. Nothing is concatenated or
+rescaled per step; the tensor and micro components (small batched
 matmuls on x) are added beside it. ``reference_forward`` computes each component on its own from
 its slices, as written in its file; a test keeps the two paths equal.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ffn_kernels
 from .component_base import FFNContext, GemmComponent
 from .feedback import FeedbackComponent
 from .gates import ResidualGates
@@ -95,13 +98,41 @@ class UltraEfficientSparseFFN(nn.Module):
         return self.dropout(y)
 
     def middle(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
-        """The stage between the GEMMs: each segment's activation times g_c (and tau_c)."""
+        """The stage between the GEMMs: each segment's activation times g_c (and tau_c).
+
+        One kernel (``ffn_kernels``: Triton on CUDA, its torch reference elsewhere); the per-token
+        top-k spectral selection is not in the kernel and runs on the components' own code.
+        """
+        spectral = self.components["spectral"] if "spectral" in self.components else None
+        if spectral is None or not spectral.topk:
+            return self._middle_op(h, ctx)
         tau = self.gates.token_factors(h[..., self.gate_rows]) if self.gates.token else None
         parts = [
             self.components[name].activate(h[..., seg], ctx) * self.gates.factor(name, tau)
             for name, seg in self.segments.items()
         ]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0] if parts else h[..., :0]
+
+    def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
+        width = {name: seg.stop - seg.start for name, seg in self.segments.items()}
+        m, k, r = (width.get(name, 0) for name in ("polynomial", "spectral", "feedback"))
+        n_seg, n_gates = len(self.segments), len(self.segments) if self.gates.token else 0
+        poly, feedback = self.components["polynomial"] if m else None, self.components["feedback"] if r else None
+        if poly is not None:
+            coeffs, domain, degree = (poly.coeffs * poly.coeff_mask).float().view(-1, poly.degree + 1), poly.domain, poly.degree
+        else:
+            coeffs, domain, degree = h.new_zeros(1, 1, dtype=torch.float32), 1.0, 0
+        state = None
+        if feedback is not None:
+            like = h[..., self.segments["feedback"]]
+            state = feedback.state(ctx, like if like.dim() == 3 else like[None])
+        if self.act_width + n_gates < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
+            h = h[..., : self.act_width + n_gates].contiguous()
+        return ffn_kernels.sparse_ffn_activation(
+            h, coeffs, self.gates.weight[:n_seg].float(),
+            feedback.kernel.float() if feedback is not None else None, state, ctx.token_mask,
+            m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree,
+        )  # fmt: skip
 
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         h = self.c_fc(x)

@@ -151,6 +151,45 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
 
 
+@kernel_case
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(sparse_components=["polynomial", "spectral", "feedback"]),
+        dict(sparse_components=["polynomial", "feedback"], gate_kind="token", poly_coefficients="per_neuron"),
+        dict(gate_kind="token"),  # all five: tensor and micro beside the kernel, their token gates after it
+    ],
+    ids=["default", "token-per-neuron", "all-token"],
+)
+def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(overrides):
+    """The whole model with the kernel in its FFNs: logits and parameter gradients equal the
+    per-component reference path, and cached decoding (state in the kernel) equals no cache."""
+    from conftest import tiny_model
+
+    model = tiny_model(**overrides).to(DEVICE)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight[block.mlp.gate_rows].normal_(std=0.3)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = {}
+    for fused in (True, False):
+        model.set_fused_ffn(fused)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        logits.square().mean().backward()
+        out[fused] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_close(out[True][0], out[False][0], torch.float32, "logits")
+    assert out[True][1].keys() == out[False][1].keys()
+    for name in out[True][1]:
+        assert_close(out[True][1][name], out[False][1][name], torch.float32, name)
+    model.set_fused_ffn(True)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, attention_mask=mask, **kw), model.generate(ids, attention_mask=mask, use_cache=False, **kw))
+
+
 def test_cases_under_the_interpreter():
     if fk.triton is None:
         pytest.skip("triton is not installed")
@@ -174,9 +213,8 @@ class NoTriton:
             raise ModuleNotFoundError(f"No module named {name!r}")
 
 sys.meta_path.insert(0, NoTriton())
-spec = importlib.util.spec_from_file_location("ffn_kernels", sys.argv[1])
-fk = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fk)
+sys.path.insert(0, sys.argv[1])
+from modeling_sparse_gpt2 import ffn_kernels as fk
 assert fk.triton is None and "triton" not in sys.modules
 assert not fk.use_kernel(torch.zeros(1)) and not hasattr(torch.ops.sparse_gpt2, "ffn_activation")
 h = torch.randn(2, 4, 8, requires_grad=True)
@@ -192,6 +230,5 @@ print("ok")
 
 def test_imports_and_runs_without_triton():
     """A CPU-only user without triton (remote code): the module imports and runs the reference."""
-    module = ROOT / "modeling_sparse_gpt2" / "ffn_kernels.py"
-    run = subprocess.run([sys.executable, "-c", NO_TRITON, str(module)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", NO_TRITON, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
