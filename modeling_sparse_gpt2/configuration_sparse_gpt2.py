@@ -42,7 +42,7 @@ class Knob:
     "poly_degree + 1") or "choice" (one of ``choices``). ``none_means`` says what None resolves to
     (None is refused when it is not set). ``legacy`` maps values accepted on load to what is stored.
     ``component`` is the component the knob shapes (None: the FFN as a whole); ``spec_field`` the
-    ``FFNLayerSpec`` field it resolves to.
+    ``FFNLayerSpec`` field it resolves to where that is named otherwise (``resolved`` reads it).
     """
 
     name: str
@@ -73,6 +73,10 @@ class Knob:
         if self.divides_n_embd:
             text += " dividing n_embd"
         return text + (f", or None ({self.none_means})" if self.none_means else "")
+
+    def resolved(self, config, layer: int):
+        """The value layer ``layer`` is built with: the ``FFNLayerSpec`` field this knob resolves to."""
+        return getattr(config.layer_spec(layer), self.spec_field or self.name)
 
     def normalise(self, value):
         """``value`` (one, or one per layer) with the legacy spellings replaced by what is stored."""
@@ -133,7 +137,7 @@ def _bound(bound, config, layer):
 
 SPARSE_KNOBS = (
     Knob("sparse_components", None, "The components of each layer's FFN (any non-empty set); a list of such lists gives one per layer.",
-         "components", none_means="all five"),
+         "components", none_means="all five", spec_field="components"),
     Knob("poly_keep_ratio", 0.35, "Fraction of the dense MLP's hidden neurons kept by the polynomial backbone.",
          "ratio", "polynomial", spec_field="poly_neurons"),
     Knob("poly_degree", 8, "Degree of the Chebyshev activation.", "int", "polynomial", 1, 64),
