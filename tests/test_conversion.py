@@ -37,7 +37,7 @@ def trained():
     """The small dense GPT-2 shipped with the package, with real calibration and held-out text."""
     dense = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
     tok = load_tokenizer(DEFAULT_MODEL)
-    cal = tokenize_blocks(load_texts(DEFAULT_CALIBRATION), tok, 128, 24)  # 21 fitted x 128 >= 2 x (1,024 neurons + 1)
+    cal = tokenize_blocks(load_texts(DEFAULT_CALIBRATION), tok, 128, 19)  # 17 fitted x 128 >= 2 x (1,024 neurons + 1)
     val = token_stream(load_texts(DEFAULT_VALIDATION), tok)[:4096]
     return dense, cal, val
 
