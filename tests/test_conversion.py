@@ -166,7 +166,7 @@ def test_a_two_token_calibration_file_is_refused_naming_the_flags_and_the_floor(
     features = 4 * 32 + 1  # the OBS selection's least squares over every dense neuron + bias
     assert "\n" not in message
     for part in ("--num_calibration_samples", "--block_size", "--calibration_file", f"{features} features",
-                 f"needs {TOKENS_PER_FEATURE * features} tokens", "give 2 tokens to fit"):
+                 f"needs {2 * features} tokens", "give 2 tokens to fit"):
         assert part in message, (part, message)
 
 
@@ -174,7 +174,8 @@ def test_calibration_floor_is_two_fitted_tokens_per_feature_of_the_largest_fit()
     dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5)
     features, _ = largest_fit(sparse_config_for_budget(dense.config, args), "obs")
     assert features == 4 * 32 + 1
-    fitted_sequences = -(-TOKENS_PER_FEATURE * features // 32)  # 9 of 32 tokens, plus 1 in 8 held out
+    assert TOKENS_PER_FEATURE == 2
+    fitted_sequences = -(-2 * features // 32)  # 9 of 32 tokens, plus 1 in 8 held out
     with pytest.raises(ValueError, match="calibration too small"):
         convert_gpt2_to_sparse(dense, calib(fitted_sequences), args)
     convert_gpt2_to_sparse(dense, calib(fitted_sequences + 1), args)
