@@ -1,13 +1,16 @@
 """Configuration of SparseGPT2: a GPT-2 whose MLP is an UltraEfficientSparseFFN.
 
-Every sparse knob may be a single value (all layers) or a list with one value per layer, so a
-conversion can give sensitive layers a larger budget. The config checks itself when it is built
-and when it is loaded; a bad value raises ``ValueError`` naming the knob and its allowed range.
+Every sparse knob is declared once, in ``SPARSE_KNOBS``: its default, the values it takes and what
+it does. The config's fields, its validation, the conversion's flags, the model card's knob table
+and the tests all read that tuple. Every knob may be a single value (all layers) or a list with
+one value per layer, so a conversion can give sensitive layers a larger budget. The config checks
+itself when it is built and when it is loaded; a bad value raises ``ValueError`` naming the knob and
+its allowed range.
 """
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import GPT2Config
@@ -25,15 +28,154 @@ the GEMMs and cost more time than their FLOPs, and in calibration-only conversio
 back their share of the budget (docs/benchmarks.md)."""
 
 GATE_KINDS = ("scalar", "token")
-LEGACY_GATE_KINDS = {"channel": "scalar"}  # version 0.1: a gate per output channel, folded into c_proj on load
-POLY_COEFFICIENTS = ("shared", "per_neuron")
 SPECTRAL_SELECTIONS = ("static", "topk")
+POLY_COEFFICIENTS = ("shared", "per_neuron")
 POLY_DOMAIN_RANGE = (1e-6, 1e4)  # below ~1e-45 the domain underflows to 0 in float32 and h / s gives 0 / 0 = NaN
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sparse knob: its default, the values it takes, what it does.
+
+    ``kind`` is "components" (list of names), "ratio" (a number in (0, 1]), "int" or "number" (in
+    [low, high]; a bound given as a string names what it depends on: "n_embd", "n_positions",
+    "poly_degree + 1") or "choice" (one of ``choices``). ``none_means`` says what None resolves to
+    (None is refused when it is not set). ``legacy`` maps values accepted on load to what is stored.
+    ``component`` is the component the knob shapes (None: the FFN as a whole); ``spec_field`` the
+    ``FFNLayerSpec`` field it resolves to where that is named otherwise (``resolved`` reads it).
+    """
+
+    name: str
+    default: Any
+    help: str
+    kind: str
+    component: str | None = None
+    low: Any = None
+    high: Any = None
+    choices: tuple = ()
+    none_means: str | None = None
+    divides_n_embd: bool = False
+    legacy: dict = field(default_factory=dict)
+    spec_field: str | None = None
+
+    @property
+    def allowed(self) -> str:
+        """The allowed values in words (errors, --help, the model card)."""
+        if self.kind == "components":
+            text = f"a non-empty list drawn from {', '.join(COMPONENTS)}"
+        elif self.kind == "ratio":
+            text = "a number in (0, 1]"
+        elif self.kind == "choice":
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            fmt = str if self.kind == "int" else (lambda b: b if isinstance(b, str) else f"{b:g}")
+            text = f"{'an integer' if self.kind == 'int' else 'a number'} in [{fmt(self.low)}, {fmt(self.high)}]"
+        if self.divides_n_embd:
+            text += " dividing n_embd"
+        return text + (f", or None ({self.none_means})" if self.none_means else "")
+
+    def resolved(self, config, layer: int):
+        """The value layer ``layer`` is built with: the ``FFNLayerSpec`` field this knob resolves to."""
+        return getattr(config.layer_spec(layer), self.spec_field or self.name)
+
+    def normalise(self, value):
+        """``value`` (one, or one per layer) with the legacy spellings replaced by what is stored."""
+        one = lambda v: self.legacy.get(v, v) if isinstance(v, str) else v  # noqa: E731
+        return [one(v) for v in value] if isinstance(value, list) else one(value)
+
+    def check(self, value, config=None, layer: int = 0):
+        """Raise ``ValueError`` naming the knob unless ``value`` is allowed in ``layer`` of ``config``
+        (without a config, the bounds that depend on it are left unchecked)."""
+        if value is None and self.none_means:
+            return
+        if self.kind == "components":
+            _check_components(value)
+        elif self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+        elif self.kind == "ratio":
+            if not _is_number(value) or value != value or not (0 < value <= 1):
+                raise ValueError(f"{self.name} must be a number in (0, 1], got {value!r}")
+        else:
+            (lo, lo_name), (hi, hi_name) = _bound(self.low, config, layer), _bound(self.high, config, layer)
+            right_type = _is_int(value) if self.kind == "int" else _is_number(value)
+            if not right_type or (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
+                fmt = str if self.kind == "int" else (lambda b: f"{b:g}")
+                span = f"[{lo_name if lo is None else fmt(lo)}, {hi_name if hi is None else fmt(hi)}]"
+                named = [n for n, b in ((lo_name, lo), (hi_name, hi)) if n and b is not None]
+                span += f" ({', '.join(named)})" if named else ""
+                what = "an integer" if self.kind == "int" else "a number"
+                raise ValueError(f"{self.name} must be {what} in {span}{' or None' if self.none_means else ''}, got {value!r}")
+            if self.divides_n_embd and config is not None and config.n_embd % value:
+                raise ValueError(f"{self.name} must divide n_embd={config.n_embd}, got {value!r}")
+
+
+def _check_components(names):
+    """One layer's component set: any non-empty set of known names, each once."""
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"sparse_components must be a non-empty list drawn from {COMPONENTS}, got {names!r}")
+    for c in names:
+        if c not in COMPONENTS:
+            raise ValueError(f"sparse_components: unknown component {c!r}; allowed: {COMPONENTS}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"sparse_components: duplicate component in {list(names)!r}")
+
+
+def _bound(bound, config, layer):
+    """(value, name) of a bound: a number, or a name resolved on ``config`` (None without one)."""
+    if not isinstance(bound, str):
+        return bound, ""
+    if config is None:
+        return None, bound
+    value = {
+        "n_embd": lambda: config.n_embd,
+        "n_positions": lambda: max(1, config.n_positions),
+        "poly_degree + 1": lambda: config.knob("poly_degree", layer) + 1,
+    }[bound]()
+    return value, f"{bound} = {value}" if " " in bound else bound
+
+
 SPARSE_KNOBS = (
-    "sparse_components", "poly_keep_ratio", "poly_degree", "poly_num_terms", "poly_domain", "k_freq",
-    "spectral_selection", "micro_steps", "micro_keep_ratio", "micro_group_size", "feedback_rank",
-    "feedback_window", "tensor_blocks", "gate_kind", "poly_coefficients",
+    Knob("sparse_components", None, "The components of each layer's FFN (any non-empty set); a list of such lists gives one per layer.",
+         "components", none_means="all five", spec_field="components"),
+    Knob("poly_keep_ratio", 0.35, "Fraction of the dense MLP's hidden neurons kept by the polynomial backbone.",
+         "ratio", "polynomial", spec_field="poly_neurons"),
+    Knob("poly_degree", 8, "Degree of the Chebyshev activation.", "int", "polynomial", 1, 64),
+    Knob("poly_num_terms", None, "Non-zero Chebyshev coefficients (the largest of the fit).",
+         "int", "polynomial", 1, "poly_degree + 1", none_means="all: poly_degree + 1"),
+    Knob("poly_domain", 4.0, "Half-width s of the polynomial's input domain [-s, s]; beyond +s the activation is linear.",
+         "number", "polynomial", *POLY_DOMAIN_RANGE),
+    Knob("poly_coefficients", "shared", "One Chebyshev series per layer ('shared') or one per kept neuron ('per_neuron').",
+         "choice", "polynomial", choices=POLY_COEFFICIENTS),
+    Knob("k_freq", None, "DCT frequencies of x kept by the spectral part.", "int", "spectral", 1, "n_embd",
+         none_means="n_embd // 16", spec_field="spectral_freqs"),
+    Knob("spectral_selection", "static", "'static' (a fixed frequency set) or 'topk' (per token, the k_freq largest of 2 * k_freq analysed).",
+         "choice", "spectral", choices=SPECTRAL_SELECTIONS),
+    Knob("micro_steps", 2, "Micro refinement iterations.", "int", "micro", 1, 64),
+    Knob("micro_keep_ratio", 0.25, "Fraction of the channel groups the micro steps refine.", "ratio", "micro",
+         spec_field="micro_groups"),
+    Knob("micro_group_size", None, "Channels per micro group.", "int", "micro", 1, "n_embd",
+         none_means="16, or the divisor of n_embd nearest it", divides_n_embd=True),
+    Knob("feedback_rank", None, "Rank of the causal token-feedback path.", "int", "feedback", 1, "n_embd",
+         none_means="n_embd // 48"),
+    Knob("feedback_window", 4, "Causal window (tokens) the feedback aggregates.", "int", "feedback", 1, "n_positions"),
+    Knob("tensor_blocks", None, "Monarch blocks: n_embd = tensor_blocks * block size.", "int", "tensor", 1, "n_embd",
+         none_means="the divisor of n_embd nearest sqrt(n_embd)", divides_n_embd=True),
+    Knob("gate_kind", "scalar", "'scalar' (one learned gate per component) or 'token' (times a token-dependent 2 * sigmoid(w . x + b)).",
+         "choice", choices=GATE_KINDS, legacy={"channel": "scalar"}),
 )
+"""The sparse knobs, in the order the config, the flags and the card list them."""
+
+KNOBS = {knob.name: knob for knob in SPARSE_KNOBS}
+
+CONVERSION_DEFAULTS = {
+    "sparse_components": (list(FUSED_COMPONENTS), "tensor and micro cost more time than their FLOPs and did not pay back their budget (FUSED_COMPONENTS)"),
+    "poly_keep_ratio": (None, "the kept neurons come from --ffn_flops_ratio unless this is given"),
+    "poly_num_terms": (6, "at degree 8 GELU is T_1 plus five even terms; the odd ones above T_1 vanish, so 6 lose nothing"),
+    "micro_keep_ratio": (0.125, "micro starts at zero output and only healing trains it, so calibration-only conversion keeps fewer groups"),
+}
+"""Where tools/conversion.py starts from other values than a bare config, each with its reason.
+``poly_domain`` is no flag there: the conversion picks it per layer from the calibration pre-activations."""
 
 AUTO_MAP = {
     "AutoConfig": "configuration_sparse_gpt2.SparseGPT2Config",
@@ -54,7 +196,7 @@ class FFNLayerSpec:
     poly_degree: int
     poly_num_terms: int  # number of non-zero Chebyshev coefficients
     poly_domain: float
-    poly_coefficients: str  # "shared": one Chebyshev series per layer, "per_neuron": one per kept neuron
+    poly_coefficients: str  # "shared" (one series per layer) or "per_neuron"
     spectral_freqs: int  # k_freq: frequencies kept per token
     spectral_candidates: int  # frequencies analysed (k_freq, or 2 * k_freq for per-token top-k)
     spectral_selection: str
@@ -74,74 +216,39 @@ def _divisor_near(n: int, target: float) -> int:
 
 class SparseGPT2Config(GPT2Config):
     r"""
-    GPT-2 configuration plus the UltraEfficientSparseFFN knobs. Each knob below (except
-    ``sparse_components``, which takes a list of names or a list of such lists) accepts one value or a
-    list of ``n_layer`` values.
+    GPT-2 configuration plus the UltraEfficientSparseFFN knobs of ``SPARSE_KNOBS``. Each knob accepts
+    one value or a list of ``n_layer`` values (``sparse_components``: a list of names, or a list of
+    such lists).
 
     Args:
-        sparse_components (`list[str]`): subset of ``"spectral"``, ``"polynomial"``, ``"micro"``,
-            ``"feedback"``, ``"tensor"``; ``"polynomial"`` is the backbone and must be present.
-        poly_keep_ratio (`float`, (0, 1]): fraction of the dense MLP's hidden neurons kept.
-        poly_degree (`int`, >= 1): degree of the Chebyshev activation.
-        poly_num_terms (`int`, 1..poly_degree+1, or None for all): non-zero Chebyshev coefficients.
-        poly_domain (`float`, [1e-6, 1e4]): half-width ``s`` of the polynomial's input domain ``[-s, s]``.
-        k_freq (`int`, 1..n_embd, or None for n_embd // 16): DCT frequencies kept by the spectral part.
-        spectral_selection (`str`): ``"static"`` (fixed frequency set) or ``"topk"`` (per token, the
-            k_freq largest of 2 * k_freq analysed frequencies).
-        micro_steps (`int`, >= 1): refinement iterations.
-        micro_keep_ratio (`float`, (0, 1]): fraction of channel groups refined.
-        micro_group_size (`int`, divides n_embd, or None for 16 or the nearest divisor).
-        feedback_rank (`int`, 1..n_embd, or None for n_embd // 48): rank of the token-feedback path.
-        feedback_window (`int`, 1..n_positions): causal window (tokens) of the feedback aggregation.
-        tensor_blocks (`int`, divides n_embd, or None for the divisor nearest sqrt(n_embd)): Monarch blocks.
-        gate_kind (`str`): ``"scalar"`` (a learned gate per component) or ``"token"`` (that gate times
-            a token-dependent ``2 * sigmoid(w . x + b)``); ``"channel"`` (version 0.1) loads as ``"scalar"``.
-        poly_coefficients (`str`): ``"shared"`` (one Chebyshev series per layer) or ``"per_neuron"``
-            (one per kept neuron, trained while healing).
     """
 
     model_type = "sparse_gpt2"
-
-    sparse_components: Any = None
-    poly_keep_ratio: Any = 0.35
-    poly_degree: Any = 8
-    poly_num_terms: Any = None
-    poly_domain: Any = 4.0
-    k_freq: Any = None
-    spectral_selection: Any = "static"
-    micro_steps: Any = 2
-    micro_keep_ratio: Any = 0.25
-    micro_group_size: Any = None
-    feedback_rank: Any = None
-    feedback_window: Any = 4
-    tensor_blocks: Any = None
-    gate_kind: Any = "scalar"
-    poly_coefficients: Any = "shared"
+    # one dataclass field per knob (typed Any: one value or one per layer), default from SPARSE_KNOBS
+    __annotations__ = {knob.name: Any for knob in SPARSE_KNOBS}
+    vars().update({knob.name: knob.default for knob in SPARSE_KNOBS})
 
     def __post_init__(self, **kwargs):
         for key in kwargs:  # unknown keys are kept as attributes without a word; a misspelt knob deserves one
-            close = difflib.get_close_matches(key, SPARSE_KNOBS, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, list(KNOBS), n=1, cutoff=0.8)
             if close:
                 logger.warning(f"SparseGPT2Config: unknown key {key!r} has no effect; did you mean {close[0]!r}?")
         super().__post_init__(**kwargs)
         if self.sparse_components is None:
             self.sparse_components = list(COMPONENTS)
-        kinds = self.gate_kind if isinstance(self.gate_kind, (list, tuple)) else [self.gate_kind]
-        if any(k in LEGACY_GATE_KINDS for k in kinds):
-            normalised = [LEGACY_GATE_KINDS.get(k, k) for k in kinds]
-            self.gate_kind = normalised if isinstance(self.gate_kind, (list, tuple)) else normalised[0]
+        for knob in SPARSE_KNOBS:  # values older checkpoints wrote ("channel" gates), stored as their present name
+            if knob.legacy:
+                setattr(self, knob.name, knob.normalise(getattr(self, knob.name)))
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
         self.validate_sparse_knobs()
 
     # ------------------------------------------------------------------ per-layer access
-    def _per_layer(self, name: str):
+    def _per_layer(self, name: str) -> list:
         value = getattr(self, name)
-        if isinstance(value, (list, tuple)) and name != "sparse_components":
-            return list(value)
-        if name == "sparse_components" and value and isinstance(value[0], (list, tuple)):
-            return [list(v) for v in value]
-        return [value] * self.n_layer
+        if name == "sparse_components":
+            return [list(v) for v in value] if isinstance(value[0], (list, tuple)) else [value] * self.n_layer
+        return list(value) if isinstance(value, (list, tuple)) else [value] * self.n_layer
 
     def knob(self, name: str, layer_idx: int):
         """The value of knob ``name`` for layer ``layer_idx`` (lists are per layer)."""
@@ -185,91 +292,32 @@ class SparseGPT2Config(GPT2Config):
 
     # ------------------------------------------------------------------ validation
     def validate_sparse_knobs(self):
-        """Raise ``ValueError`` naming the knob and its allowed range for any invalid value."""
-        n_layer, d = self.n_layer, self.n_embd
-        if not isinstance(n_layer, int) or isinstance(n_layer, bool) or n_layer < 1:
-            raise ValueError(f"n_layer must be an integer >= 1, got {n_layer!r}")
-        if not isinstance(d, int) or isinstance(d, bool) or d < 1:
-            raise ValueError(f"n_embd must be an integer >= 1, got {d!r}")
+        """Raise ``ValueError`` naming the knob and its allowed values for any invalid value."""
+        n_layer = self.n_layer
+        for name in ("n_layer", "n_embd"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner < 1):
             raise ValueError(f"n_inner must be None or an integer >= 1, got {self.n_inner!r}")
-
-        def values(name):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)) and name != "sparse_components":
-                if len(value) != n_layer:
-                    raise ValueError(
-                        f"{name} given per layer must have n_layer={n_layer} entries, got {len(value)}"
-                    )
-                return list(value)
-            return [value]
-
-        comps = self.sparse_components
-        if not isinstance(comps, (list, tuple)) or len(comps) == 0:
-            raise ValueError(f"sparse_components must be a non-empty list drawn from {COMPONENTS}, got {comps!r}")
-        per_layer = isinstance(comps[0], (list, tuple))
-        if per_layer and len(comps) != n_layer:
-            raise ValueError(f"sparse_components given per layer must have n_layer={n_layer} entries, got {len(comps)}")
-        for layer_comps in comps if per_layer else [comps]:
-            if not isinstance(layer_comps, (list, tuple)):
-                raise ValueError(f"sparse_components: mix of names and per-layer lists in {comps!r}")
-            for c in layer_comps:
-                if c not in COMPONENTS:
-                    raise ValueError(f"sparse_components: unknown component {c!r}; allowed: {COMPONENTS}")
-            if len(set(layer_comps)) != len(layer_comps):
-                raise ValueError(f"sparse_components: duplicate component in {list(layer_comps)!r}")
-            if "polynomial" not in layer_comps:
-                raise ValueError(
-                    f"sparse_components: 'polynomial' (the backbone of kept neurons) must be present, got {list(layer_comps)!r}"
-                )
-
-        for v in values("poly_keep_ratio"):
-            _check_ratio("poly_keep_ratio", v)
-        for v in values("micro_keep_ratio"):
-            _check_ratio("micro_keep_ratio", v)
-        degrees = values("poly_degree")
-        for v in degrees:
-            _check_int("poly_degree", v, 1, 64)
-        terms = values("poly_num_terms")
-        per_layer_degrees = degrees * n_layer if len(degrees) == 1 else degrees
-        for v, deg in zip(terms * n_layer if len(terms) == 1 else terms, per_layer_degrees):  # every layer's degree
-            if v is not None:
-                _check_int("poly_num_terms", v, 1, deg + 1, extra=f" (poly_degree + 1 = {deg + 1}) or None")
-        lo, hi = POLY_DOMAIN_RANGE
-        for v in values("poly_domain"):
-            if not _is_number(v) or not (lo <= v <= hi):
-                raise ValueError(f"poly_domain must be a number in [{lo:g}, {hi:g}], got {v!r}")
-        for v in values("k_freq"):
-            if v is not None:
-                _check_int("k_freq", v, 1, d, extra=" (n_embd) or None")
-        for v in values("spectral_selection"):
-            if v not in SPECTRAL_SELECTIONS:
-                raise ValueError(f"spectral_selection must be one of {SPECTRAL_SELECTIONS}, got {v!r}")
-        for v in values("micro_steps"):
-            _check_int("micro_steps", v, 1, 64)
-        for v in values("micro_group_size"):
-            if v is not None:
-                _check_int("micro_group_size", v, 1, d, extra=" (n_embd) or None")
-                if d % v:
-                    raise ValueError(f"micro_group_size must divide n_embd={d}, got {v!r}")
-        for v in values("feedback_rank"):
-            if v is not None:
-                _check_int("feedback_rank", v, 1, d, extra=" (n_embd) or None")
-        for v in values("feedback_window"):
-            _check_int("feedback_window", v, 1, max(1, self.n_positions), extra=" (n_positions)")
-        for v in values("tensor_blocks"):
-            if v is not None:
-                _check_int("tensor_blocks", v, 1, d, extra=" (n_embd) or None")
-                if d % v:
-                    raise ValueError(f"tensor_blocks must divide n_embd={d}, got {v!r}")
-        for v in values("gate_kind"):
-            if v not in GATE_KINDS:
-                raise ValueError(f"gate_kind must be one of {GATE_KINDS}, got {v!r}")
-        for v in values("poly_coefficients"):
-            if v not in POLY_COEFFICIENTS:
-                raise ValueError(f"poly_coefficients must be one of {POLY_COEFFICIENTS}, got {v!r}")
+        for knob in SPARSE_KNOBS:  # in declaration order: poly_degree is checked before poly_num_terms reads it
+            value = getattr(self, knob.name)
+            if knob.kind == "components":
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise ValueError(f"sparse_components must be {knob.allowed}, got {value!r}")
+                per_layer = isinstance(value[0], (list, tuple))
+            else:
+                per_layer = isinstance(value, (list, tuple))
+            if per_layer and len(value) != n_layer:
+                raise ValueError(f"{knob.name} given per layer must have n_layer={n_layer} entries, got {len(value)}")
+            for i in range(n_layer):
+                knob.check(self.knob(knob.name, i), self, i)
         if not _is_number(self.resid_pdrop) or not (0 <= self.resid_pdrop < 1):
             raise ValueError(f"resid_pdrop must be a number in [0, 1), got {self.resid_pdrop!r}")
+
+
+SparseGPT2Config.__doc__ = SparseGPT2Config.__doc__.rstrip(" ") + "".join(
+    f"        {k.name} (`{k.kind}`, {k.allowed}; default {k.default!r}): {k.help}\n" for k in SPARSE_KNOBS
+)
 
 
 def _is_int(v) -> bool:
@@ -280,14 +328,4 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_int(name, v, lo, hi, extra=""):
-    if not _is_int(v) or not (lo <= v <= hi):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}]{extra}, got {v!r}")
-
-
-def _check_ratio(name, v):
-    if not _is_number(v) or v != v or not (0 < v <= 1):
-        raise ValueError(f"{name} must be a number in (0, 1], got {v!r}")
-
-
-__all__ = ["SparseGPT2Config", "FFNLayerSpec", "COMPONENTS"]
+__all__ = ["SparseGPT2Config", "FFNLayerSpec", "COMPONENTS", "SPARSE_KNOBS", "Knob"]

@@ -141,32 +141,45 @@ class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
             init.zeros_(module.blocks)  # zero output until trained or fitted
 
     # ------------------------------------------------------------------ FLOPs
-    def flops_report(self, batch_size: int = 1, seq_len: int | None = None) -> dict:
-        """Analytic FFN FLOPs of one forward of ``batch_size x seq_len`` tokens.
+    def flops_breakdown(self, batch_size: int = 1, seq_len: int | None = None) -> list[dict]:
+        """Analytic FFN FLOPs of one forward of ``batch_size x seq_len`` tokens, per block:
+        ``{"matmul": {component: FLOPs}, "elementwise": {component: FLOPs}, "dense_equivalent": FLOPs}``.
 
-        Keys: ``FLOPs/block_{i}_{component}`` (matmul FLOPs, multiply-add = 2, what executes),
-        ``FLOPs/block_{i}_ffn`` (the block's sum, gates included), ``FLOPs/ffn_total``,
-        ``FLOPs/ffn_dense_equivalent`` (GPT-2's MLP of the same shape), ``FLOPs/ffn_ratio``, and the
-        elementwise work (activations, gates; not counted in GPT-2's MLP FLOPs either) under
-        ``ElementwiseFLOPs/block_{i}_{component}`` and ``ElementwiseFLOPs/ffn_total``.
+        Matmul FLOPs count a multiply-add as 2, for what executes ("gates" included: 0 unless the
+        gates are token-dependent); elementwise work (activations, gates) is apart, as GPT-2's GELU
+        is not counted in its MLP FLOPs either; ``dense_equivalent`` is GPT-2's MLP of the same shape.
         """
         tokens = batch_size * (seq_len if seq_len is not None else self.config.n_positions)
-        report, total, dense, elementwise = {}, 0, 0, 0
-        for i, ffn in enumerate(sparse_ffns(self)):
-            block_total = 0
-            for name, (mm, ew) in ffn.flops_per_token().items():
-                if name != "gates" or ffn.gates.token:
-                    report[f"FLOPs/block_{i}_{name}"] = mm * tokens
-                report[f"ElementwiseFLOPs/block_{i}_{name}"] = ew * tokens
-                block_total += mm * tokens
-                elementwise += ew * tokens
-            report[f"FLOPs/block_{i}_ffn"] = block_total
-            total += block_total
-            dense += ffn.dense_flops_per_token() * tokens
-        report["FLOPs/ffn_total"] = total
-        report["FLOPs/ffn_dense_equivalent"] = dense
-        report["FLOPs/ffn_ratio"] = total / dense
-        report["ElementwiseFLOPs/ffn_total"] = elementwise
+        blocks = []
+        for ffn in sparse_ffns(self):
+            per_token = ffn.flops_per_token()
+            blocks.append({
+                "matmul": {name: mm * tokens for name, (mm, _) in per_token.items()},
+                "elementwise": {name: ew * tokens for name, (_, ew) in per_token.items()},
+                "dense_equivalent": ffn.dense_flops_per_token() * tokens,
+            })  # fmt: skip
+        return blocks
+
+    def flops_report(self, batch_size: int = 1, seq_len: int | None = None) -> dict:
+        """``flops_breakdown`` flattened into the keys the Trainer logs.
+
+        ``FLOPs/block_{i}_{component}`` (matmul; the gates' key only when they cost any),
+        ``FLOPs/block_{i}_ffn`` (the block's sum), ``FLOPs/ffn_total``, ``FLOPs/ffn_dense_equivalent``,
+        ``FLOPs/ffn_ratio``, ``ElementwiseFLOPs/block_{i}_{component}`` and ``ElementwiseFLOPs/ffn_total``.
+        """
+        blocks = self.flops_breakdown(batch_size, seq_len)
+        report = {}
+        for i, block in enumerate(blocks):
+            for name, flops in block["matmul"].items():
+                if flops or name != "gates":
+                    report[f"FLOPs/block_{i}_{name}"] = flops
+            for name, flops in block["elementwise"].items():
+                report[f"ElementwiseFLOPs/block_{i}_{name}"] = flops
+            report[f"FLOPs/block_{i}_ffn"] = sum(block["matmul"].values())
+        report["FLOPs/ffn_total"] = sum(sum(b["matmul"].values()) for b in blocks)
+        report["FLOPs/ffn_dense_equivalent"] = sum(b["dense_equivalent"] for b in blocks)
+        report["FLOPs/ffn_ratio"] = report["FLOPs/ffn_total"] / report["FLOPs/ffn_dense_equivalent"]
+        report["ElementwiseFLOPs/ffn_total"] = sum(sum(b["elementwise"].values()) for b in blocks)
         return report
 
     def mean_gate_values(self) -> dict:

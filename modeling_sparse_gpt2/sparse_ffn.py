@@ -103,6 +103,8 @@ class UltraEfficientSparseFFN(nn.Module):
         One kernel (``ffn_kernels``: Triton on CUDA, its torch reference elsewhere); the per-token
         top-k spectral selection is not in the kernel and runs on the components' own code.
         """
+        if not self.segments:  # only tensor / micro: nothing between the (empty) GEMMs
+            return h[..., :0]
         spectral = self.components["spectral"] if "spectral" in self.components else None
         if spectral is None or not spectral.topk:
             return self._middle_op(h, ctx)
@@ -111,7 +113,7 @@ class UltraEfficientSparseFFN(nn.Module):
             self.components[name].activate(h[..., seg], ctx) * self.gates.factor(name, tau)
             for name, seg in self.segments.items()
         ]
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0] if parts else h[..., :0]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         width = {name: seg.stop - seg.start for name, seg in self.segments.items()}

@@ -8,9 +8,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from modeling_sparse_gpt2 import SparseGPT2Config, SparseGPT2LMHeadModel  # noqa: E402
+from modeling_sparse_gpt2 import COMPONENTS, SparseGPT2Config, SparseGPT2LMHeadModel  # noqa: E402
 
-ALL = ["polynomial", "spectral", "micro", "feedback", "tensor"]
+ALL = list(COMPONENTS)
 
 
 def tiny_config(**overrides) -> SparseGPT2Config:

@@ -147,3 +147,21 @@ def test_components_own_their_slices_of_c_fc_and_c_proj():
     ffn.use_fused = False
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), after, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "components",
+    [["tensor"], ["spectral"], ["micro"], ["feedback", "micro"], ["spectral", "tensor"], ["polynomial"]],
+    ids="-".join,
+)
+def test_any_component_set_builds_trains_and_matches_the_reference(components):
+    """Without the polynomial backbone too (a Monarch-only or spectral-only FFN from scratch)."""
+    model = tiny_model(sparse_components=components, gate_kind="token").train()
+    x = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(x, labels=x).loss.backward()
+    ffn_params = [p for n, p in model.named_parameters() if ".mlp." in n and p.numel()]
+    assert ffn_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in ffn_params)
+    with torch.no_grad():
+        fused = model(x).logits
+        model.set_fused_ffn(False)
+        torch.testing.assert_close(model(x).logits, fused, atol=1e-5, rtol=0)

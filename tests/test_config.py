@@ -1,10 +1,15 @@
+import itertools
+import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, GPT2Config
 
-from modeling_sparse_gpt2 import SparseGPT2Config
-from modeling_sparse_gpt2.tooling.conversion import _layer_flops_ratio, preset_config
+from modeling_sparse_gpt2 import COMPONENTS, SparseGPT2Config
+from modeling_sparse_gpt2.configuration_sparse_gpt2 import CONVERSION_DEFAULTS, SPARSE_KNOBS
+from modeling_sparse_gpt2.tooling.budget import layer_flops_ratio
+from modeling_sparse_gpt2.tooling.conversion import FITTED_KNOBS, ConversionArguments, preset_config, sparse_config_for_budget
 
 from conftest import tiny_config
 
@@ -41,7 +46,8 @@ def test_per_layer_knobs_give_per_layer_shapes():
         ("poly_degree", 0, "poly_degree"),
         ("poly_num_terms", 10, "poly_num_terms"),
         ("sparse_components", ["polynomial", "wavelet"], "unknown component 'wavelet'"),
-        ("sparse_components", ["spectral"], "'polynomial'"),
+        ("sparse_components", ["spectral", "spectral"], "duplicate component"),
+        ("poly_coefficients", "per_channel", "poly_coefficients must be one of ('shared', 'per_neuron')"),
         ("sparse_components", [], "sparse_components"),
         ("poly_keep_ratio", [0.5], "n_layer=2 entries"),
         ("micro_steps", -1, "micro_steps"),
@@ -83,5 +89,67 @@ def test_config_presets_are_what_the_conversion_picks_and_meet_their_budget(rati
     preset = SparseGPT2Config.from_json_file(str(path))
     expected = preset_config(ratio)
     assert preset.to_diff_dict() == expected.to_diff_dict(), "run scripts/make_config_presets.py"
-    achieved = [_layer_flops_ratio(preset, i) for i in range(preset.n_layer)]
+    achieved = [layer_flops_ratio(preset, i) for i in range(preset.n_layer)]
     assert ratio - 0.005 <= min(achieved) and max(achieved) <= ratio
+
+
+@pytest.mark.parametrize("size", range(1, len(COMPONENTS) + 1))
+def test_every_non_empty_component_set_is_a_valid_config(size):
+    for components in itertools.combinations(COMPONENTS, size):
+        config = tiny_config(sparse_components=list(reversed(components)))
+        assert config.layer_spec(0).components == components  # in canonical order
+
+
+def test_config_fields_are_the_declared_knobs_with_their_defaults():
+    config = SparseGPT2Config()
+    written = json.loads(config.to_json_string(use_diff=False))
+    for knob in SPARSE_KNOBS:
+        expected = list(COMPONENTS) if knob.name == "sparse_components" else knob.default
+        assert getattr(config, knob.name) == expected, knob.name
+        assert written[knob.name] == expected, knob.name  # a dataclass field, so it is saved
+
+
+def test_legacy_channel_gates_load_as_scalar_and_save_as_scalar(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "gate_kind": ["channel", "token"]}))
+    loaded = SparseGPT2Config.from_pretrained(tmp_path)
+    assert loaded.gate_kind == ["scalar", "token"]
+    assert loaded.layer_spec(0).gate_kind == "scalar"
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["gate_kind"] == ["scalar", "token"]
+
+
+def _other_valid_value(knob):
+    """A valid value of ``knob`` for an n_embd=32 model that is neither its config nor its conversion default."""
+    if knob.kind == "choice":
+        return next(c for c in knob.choices if c != knob.default)
+    if knob.kind == "int":
+        return 2 if knob.divides_n_embd else 3
+    return {"components": ["polynomial", "tensor"], "ratio": 0.5, "number": 2.5}[knob.kind]
+
+
+def test_conversion_arguments_are_the_knobs_with_the_stated_defaults_and_reach_the_config():
+    own = {"ffn_flops_ratio", "neuron_selection", "budget_mode", "ridge", "calibration_batch_size"}
+    knobs = [k for k in SPARSE_KNOBS if k.name not in FITTED_KNOBS]
+    assert {f.name for f in fields(ConversionArguments)} == own | {k.name for k in knobs}
+    defaults = ConversionArguments()
+    for knob in knobs:
+        assert getattr(defaults, knob.name) == CONVERSION_DEFAULTS.get(knob.name, (knob.default,))[0], knob.name
+    dense = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=97, bos_token_id=0, eos_token_id=0)
+    chosen = {k.name: _other_valid_value(k) for k in knobs}
+    config = sparse_config_for_budget(dense, ConversionArguments(**chosen, ffn_flops_ratio=0.9))
+    for name, value in chosen.items():
+        if name != "poly_keep_ratio":
+            assert config.knob(name, 1) == value, name
+    assert config.poly_keep_ratio == [0.5, 0.5]  # given, it overrides the budget
+
+
+def test_conversion_arguments_refuse_a_bad_knob_before_any_work():
+    with pytest.raises(ValueError, match=r"gate_kind must be one of \('scalar', 'token'\)"):
+        ConversionArguments(gate_kind="softmax")
+    with pytest.raises(ValueError, match=r"k_freq must be an integer in \[1, n_embd\]"):
+        ConversionArguments(k_freq=0)
+    with pytest.raises(ValueError, match="add polynomial to --sparse_components"):
+        ConversionArguments(sparse_components=["spectral", "tensor"])

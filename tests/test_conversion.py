@@ -8,8 +8,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 from modeling_sparse_gpt2.tooling.conversion import (
+    TOKENS_PER_FEATURE,
     ConversionArguments,
     convert_gpt2_to_sparse,
+    largest_fit,
     select_neurons,
     select_neurons_obs,
     sparse_config_for_budget,
@@ -35,7 +37,7 @@ def trained():
     """The small dense GPT-2 shipped with the package, with real calibration and held-out text."""
     dense = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
     tok = load_tokenizer(DEFAULT_MODEL)
-    cal = tokenize_blocks(load_texts(DEFAULT_CALIBRATION), tok, 128, 16)
+    cal = tokenize_blocks(load_texts(DEFAULT_CALIBRATION), tok, 128, 19)  # 17 fitted x 128 >= 2 x (1,024 neurons + 1)
     val = token_stream(load_texts(DEFAULT_VALIDATION), tok)[:4096]
     return dense, cal, val
 
@@ -44,7 +46,7 @@ def trained():
 @pytest.mark.parametrize("mode", ["uniform", "sensitivity"])
 def test_achieved_ffn_flops_ratio_is_at_or_under_the_request(ratio, mode):
     dense = tiny_dense(n_embd=64)
-    sparse, report = convert_gpt2_to_sparse(dense, calib(), ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode))
+    sparse, report = convert_gpt2_to_sparse(dense, calib(24), ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode))
     assert report["ffn_flops_ratio"] <= ratio + 1e-9
     assert report["ffn_flops_ratio"] > ratio - 0.05  # and it spends the budget
     assert sparse.flops_report(1, 32)["FLOPs/ffn_ratio"] == pytest.approx(report["ffn_flops_ratio"])
@@ -115,7 +117,7 @@ def test_obs_selection_reconstructs_better_than_importance(trained):
 
     m = 300
     obs = select_neurons_obs(mlp, [x], [y], m, ridge=1e-3)
-    imp, _ = select_neurons(mlp, [x], m)
+    imp = select_neurons(mlp, [x], m)
     assert len(obs) == m
     assert refit_error(obs) < refit_error(imp)
 
@@ -124,8 +126,10 @@ def test_perplexity_rises_monotonically_as_the_budget_shrinks(trained):
     dense, cal, val = trained
     ppl = [perplexity(dense, val, 128)["perplexity"]]
     for ratio in (0.7, 0.4, 0.15):
-        sparse, _ = convert_gpt2_to_sparse(dense, cal, ConversionArguments(ffn_flops_ratio=ratio))
+        sparse, report = convert_gpt2_to_sparse(dense, cal, ConversionArguments(ffn_flops_ratio=ratio))
         ppl.append(perplexity(sparse, val, 128)["perplexity"])
+        for layer in report["layers"]:  # on real text the fit is better on its own tokens than on new ones
+            assert layer["rel_error_sparse_ffn_held_out"] > layer["rel_error_sparse_ffn"], (ratio, layer)
     assert all(a < b for a, b in zip(ppl, ppl[1:])), ppl
     assert ppl[1] < 1.5 * ppl[0], ppl  # a generous budget stays close to dense
 
@@ -148,6 +152,65 @@ def test_empty_or_too_long_calibration_is_refused():
         convert_gpt2_to_sparse(tiny_dense(), torch.zeros(0, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds the model's n_positions"):
         convert_gpt2_to_sparse(tiny_dense(), calib(2, 100))
+
+
+def test_a_two_token_calibration_file_is_refused_naming_the_flags_and_the_floor(tmp_path):
+    tok = load_tokenizer(DEFAULT_MODEL)
+    path = tmp_path / "two_tokens.txt"
+    path.write_text("import")
+    ids = tokenize_blocks(load_texts(str(path)), tok, 2, 64)
+    assert ids.shape == (1, 2)  # "import" and the end-of-text token
+    with pytest.raises(ValueError) as err:
+        convert_gpt2_to_sparse(tiny_dense(vocab_size=len(tok)), ids)
+    message = str(err.value)
+    features = 4 * 32 + 1  # the OBS selection's least squares over every dense neuron + bias
+    assert "\n" not in message
+    for part in ("--num_calibration_samples", "--block_size", "--calibration_file", f"{features} features",
+                 f"needs {2 * features} tokens", "give 2 tokens to fit"):
+        assert part in message, (part, message)
+
+
+def test_calibration_floor_is_two_fitted_tokens_per_feature_of_the_largest_fit():
+    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5)
+    features, _ = largest_fit(sparse_config_for_budget(dense.config, args), "obs")
+    assert features == 4 * 32 + 1
+    assert TOKENS_PER_FEATURE == 2
+    fitted_sequences = -(-2 * features // 32)  # 9 of 32 tokens, plus 1 in 8 held out
+    with pytest.raises(ValueError, match="calibration too small"):
+        convert_gpt2_to_sparse(dense, calib(fitted_sequences), args)
+    convert_gpt2_to_sparse(dense, calib(fitted_sequences + 1), args)
+    imp = ConversionArguments(ffn_flops_ratio=0.5, neuron_selection="importance")  # no fit over all neurons
+    spec = sparse_config_for_budget(dense.config, imp).layer_spec(0)
+    assert largest_fit(sparse_config_for_budget(dense.config, imp), "importance")[0] == spec.poly_neurons + spec.spectral_candidates + 1
+
+
+def test_held_out_sequences_are_never_fitted_and_their_error_is_reported():
+    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5)
+    ids = calib(16)
+    other = ids.clone()
+    other[7::8] = calib(2, seed=9)  # only the held-out sequences (every 8th) differ
+    logs = []
+    torch.manual_seed(0)  # the parts no fit sets (feedback's w_in) start from the same random draw
+    sparse, report = convert_gpt2_to_sparse(dense, ids, args, progress=logs.append)
+    torch.manual_seed(0)
+    sparse_other, report_other = convert_gpt2_to_sparse(dense, other, args)
+    for (name, a), b in zip(sparse.state_dict().items(), sparse_other.state_dict().values()):
+        assert torch.equal(a, b), name  # the fit never saw them
+    held_out = [layer["rel_error_sparse_ffn_held_out"] for layer in report["layers"]]
+    assert held_out != [layer["rel_error_sparse_ffn_held_out"] for layer in report_other["layers"]]
+    assert (report["calibration_tokens_fitted"], report["calibration_tokens_held_out"]) == (14 * 32, 2 * 32)
+    for layer, line in zip(report["layers"], logs):
+        assert layer["rel_error_sparse_ffn_held_out"] != pytest.approx(layer["rel_error_sparse_ffn"], rel=1e-2)
+        assert f"{layer['rel_error_sparse_ffn_held_out']:.4f} held out" in line
+    captured = []  # layer 0's held-out error, recomputed from the dense MLP's input on those sequences
+    hook = dense.transformer.h[0].mlp.register_forward_hook(lambda mod, i, o: captured.append((i[0], o)))
+    with torch.no_grad():
+        dense(ids[7::8])
+        hook.remove()
+        x, y = captured[0]
+        residual = (sparse.transformer.h[0].mlp(x) - y).pow(2).sum()
+    centred = (y - y.reshape(-1, y.shape[-1]).mean(0)).pow(2).sum()
+    assert held_out[0] == pytest.approx((residual / centred).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("bad", [dict(ffn_flops_ratio=0), dict(budget_mode="greedy"), dict(neuron_selection="random"), dict(ridge=-1)])

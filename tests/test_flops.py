@@ -7,6 +7,7 @@ from transformers import GPT2Config, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from modeling_sparse_gpt2.tooling.budget import flops_by_component
 from modeling_sparse_gpt2.tooling.callbacks import attach_flops_callback
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
 
@@ -51,6 +52,23 @@ def test_analytic_ffn_flops_match_flop_counter_mode(name):
         assert sum(parts) == report[f"FLOPs/block_{i}_ffn"]
         for comp in model.config.layer_spec(i).components:
             assert f"FLOPs/block_{i}_{comp}" in report
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_flops_report_is_the_structured_breakdown_flattened(name):
+    model = tiny_model(**CONFIGS[name])
+    blocks = model.flops_breakdown(batch_size=2, seq_len=48)
+    report = model.flops_report(batch_size=2, seq_len=48)
+    assert len(blocks) == model.config.n_layer
+    for i, block in enumerate(blocks):
+        assert set(block["matmul"]) == set(block["elementwise"]) == {*model.config.layer_spec(i).components, "gates"}
+        assert report[f"FLOPs/block_{i}_ffn"] == sum(block["matmul"].values())
+        for comp, flops in block["elementwise"].items():
+            assert report[f"ElementwiseFLOPs/block_{i}_{comp}"] == flops
+    assert report["FLOPs/ffn_dense_equivalent"] == sum(block["dense_equivalent"] for block in blocks)
+    by_component = flops_by_component(model, batch_size=2, seq_len=48)
+    assert sum(by_component.values()) == report["FLOPs/ffn_total"]
+    assert ("gates" in by_component) == (model.config.gate_kind == "token")
 
 
 def test_dense_equivalent_is_the_gpt2_mlp_flops():

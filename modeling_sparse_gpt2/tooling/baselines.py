@@ -50,7 +50,7 @@ def prune_neurons(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, ffn_flo
             xs.append(x)
             ys.append(y)
             resid.append(out - y)
-        neurons, _ = select_neurons(dense_block.mlp, xs, m)
+        neurons = select_neurons(dense_block.mlp, xs, m)
         block.mlp.c_fc.weight.copy_(dense_block.mlp.c_fc.weight[:, neurons])
         block.mlp.c_fc.bias.copy_(dense_block.mlp.c_fc.bias[neurons])
         block.mlp.c_proj.weight.copy_(dense_block.mlp.c_proj.weight[neurons])

@@ -1,11 +1,17 @@
 """Dense GPT-2 -> SparseGPT2, as a pipeline of named steps.
 
     1. check_dense_gpt2          the input is a GPT2LMHeadModel (any size: distilgpt2 .. gpt2-xl)
-    2. sparse_config_for_budget  knobs from --ffn_flops_ratio (uniform, or by layer sensitivity)
-    3. copy_shared_weights       attention, embeddings, norms, head: bit for bit
-    4. per layer, in order, on the outputs of the already converted layers (as SparseGPT does):
+    2. sparse_config_for_budget  knobs from --ffn_flops_ratio (tooling/budget.py: uniform, or by
+                                 layer sensitivity)
+    3. split_calibration         every 8th calibration sequence is held out of every fit;
+       check_calibration_size    refuse fewer fitted tokens than 2 per feature of the largest fit
+    4. copy_shared_weights       attention, embeddings, norms, head: bit for bit
+    5. per layer, in order, on the outputs of the already converted layers (as SparseGPT does):
        a. capture              the MLP input x and the dense MLP output y on calibration tokens
-       b. select_neurons       keep S = top-m neurons by E|gelu(h_j)| * ||W2[j]||
+       b. select_neurons_obs   keep the m neurons whose removal least raises the least-squares
+                               error of the layer output (Optimal Brain Surgeon on whole neurons;
+                               --neuron_selection importance: select_neurons, top-m by
+                               E|gelu(h_j)| * ||W2[j]||)
        c. fit_polynomial       the Chebyshev activation, fitted to GELU where h_S actually lies
        d. accumulate_gram      streamed statistics of [a_S, x, 1] and y (never all activations)
        e. fit_output_side      ridge regression of the layer output: the Monarch (tensor) factor
@@ -14,46 +20,44 @@
                                jointly (the mean residual lands in the bias)
        f. place_micro          micro groups on the channels with the largest remaining error;
                                micro and feedback start at zero output behind gates of 1
-    5. report                   achieved FLOPs ratio and per-layer reconstruction error
+       g. held_out_error       the fitted FFN's relative error on the held-out sequences
+    6. report                   achieved FLOPs ratio and per-layer error, fitted and held out
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from ..configuration_sparse_gpt2 import FUSED_COMPONENTS, SparseGPT2Config
+from ..configuration_sparse_gpt2 import CONVERSION_DEFAULTS, SPARSE_KNOBS, SparseGPT2Config
 from ..modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 from ..sparse_ffn import UltraEfficientSparseFFN
 from ..spectral import dct_rows
+from .budget import kept_neurons_by_sensitivity, kept_neurons_within, with_kept_neurons
+
+FITTED_KNOBS = ("poly_domain",)  # picked per layer from the calibration pre-activations (fit_polynomial)
+HELD_OUT_EVERY = 8  # every 8th calibration sequence (the last one if fewer) is held out of the fits
+TOKENS_PER_FEATURE = 2
+"""The floor: fitted calibration tokens per feature of the largest least-squares fit of a layer. With
+N tokens and p features a least-squares fit's error on its own tokens is about (1 - p / N) of its
+error on new ones, so at N = 2p the fitted error already reads half, and below p it reads 0."""
 
 
 @dataclass
-class ConversionArguments:
-    """Knobs of the conversion (the script exposes each as ``--name``)."""
+class ConversionOptions:
+    """The conversion's own options; ``ConversionArguments`` adds one field per sparse knob."""
 
-    ffn_flops_ratio: float = field(default=0.4, metadata={"help": "Target FFN FLOPs as a fraction of the dense MLP."})
-    sparse_components: list[str] = field(
-        default_factory=lambda: list(FUSED_COMPONENTS),
-        metadata={"help": "Components to use (default: the three that ride in the fused GEMMs; add tensor and micro for all five)."},
+    ffn_flops_ratio: float = field(default=0.4, metadata={"help": "Target FFN FLOPs as a fraction of the dense MLP, in (0, 1.5]."})
+    neuron_selection: Literal["obs", "importance"] = field(
+        default="obs", metadata={"help": "obs (least-squares-aware, Optimal Brain Surgeon on neurons) or importance (E|gelu(h)| * ||W2||)."}
     )
-    poly_keep_ratio: float | None = field(default=None, metadata={"help": "Kept neurons; overrides the budget if set."})
-    poly_degree: int = field(default=8, metadata={"help": "Chebyshev degree."})
-    poly_num_terms: int | None = field(default=6, metadata={"help": "Non-zero Chebyshev coefficients (None: all)."})
-    k_freq: int | None = field(default=None, metadata={"help": "DCT frequencies (default n_embd // 16)."})
-    spectral_selection: str = field(default="static", metadata={"help": "static or topk."})
-    feedback_rank: int | None = field(default=None, metadata={"help": "Token-feedback rank (default n_embd // 48)."})
-    feedback_window: int = field(default=4, metadata={"help": "Token-feedback causal window."})
-    tensor_blocks: int | None = field(default=None, metadata={"help": "Monarch blocks (default ~sqrt(n_embd))."})
-    micro_steps: int = field(default=2, metadata={"help": "Micro refinement steps."})
-    micro_keep_ratio: float = field(default=0.125, metadata={"help": "Fraction of channel groups refined."})
-    micro_group_size: int | None = field(default=None, metadata={"help": "Channels per micro group."})
-    gate_kind: str = field(default="channel", metadata={"help": "channel or token gates."})
-    neuron_selection: str = field(default="obs", metadata={"help": "obs (least-squares-aware, Optimal Brain Surgeon on neurons) or importance (E|gelu(h)| * ||W2||)."})
-    budget_mode: str = field(default="uniform", metadata={"help": "uniform, or sensitivity (more for layers with larger reconstruction error)."})
+    budget_mode: Literal["uniform", "sensitivity"] = field(
+        default="uniform", metadata={"help": "uniform, or sensitivity (more for layers with larger reconstruction error)."}
+    )
     ridge: float = field(default=1e-3, metadata={"help": "Ridge strength, relative to each feature's energy."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration forward."})
 
@@ -68,6 +72,46 @@ class ConversionArguments:
             raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
         if self.calibration_batch_size < 1:
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size!r}")
+        for knob in CONVERSION_KNOBS:  # the bounds that depend on the dense model are checked by the config
+            value = knob.normalise(getattr(self, knob.name))
+            setattr(self, knob.name, value)
+            if value is not None or knob.name not in CONVERSION_DEFAULTS:
+                knob.check(value)
+        if "polynomial" not in self.sparse_components:
+            raise ValueError(
+                "the conversion builds on the polynomial backbone (the dense MLP's kept neurons): add polynomial to "
+                f"--sparse_components, got {list(self.sparse_components)}"
+            )
+
+
+CONVERSION_KNOBS = tuple(k for k in SPARSE_KNOBS if k.name not in FITTED_KNOBS)
+
+
+def _knob_field(knob):
+    """(name, type, field) of the ConversionArguments field for ``knob``: its default and help from
+    SPARSE_KNOBS, or from CONVERSION_DEFAULTS where the conversion starts elsewhere (with the reason)."""
+    default, reason = CONVERSION_DEFAULTS.get(knob.name, (knob.default, None))
+    kind = {"components": list[str], "ratio": float, "int": int, "number": float, "choice": str}[knob.kind]
+    if knob.kind == "choice":
+        kind = Literal[knob.choices]
+    if knob.none_means or default is None:
+        kind = kind | None
+    help = knob.help if knob.kind == "choice" else f"{knob.help} Allowed: {knob.allowed}."  # choices: --help lists them
+    if reason:
+        help += f" The config's default is {knob.default!r}; here {default!r}: {reason}."
+    if isinstance(default, list):
+        return knob.name, kind, field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help})
+    return knob.name, kind, field(default=default, metadata={"help": help})
+
+
+ConversionArguments = make_dataclass(
+    "ConversionArguments", [_knob_field(k) for k in CONVERSION_KNOBS], bases=(ConversionOptions,),
+)  # fmt: skip
+ConversionArguments.__module__ = __name__
+ConversionArguments.__doc__ = (
+    "Options of the conversion (the script exposes each as ``--name``): its own, then one per sparse knob of "
+    "SPARSE_KNOBS (poly_domain apart: it is fitted), with CONVERSION_DEFAULTS' values where they differ."
+)
 
 
 # ---------------------------------------------------------------------------- 1. check
@@ -92,43 +136,9 @@ def _sparse_config(dense_config, args: ConversionArguments, keep_ratios) -> Spar
     kwargs = dense_config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
         kwargs.pop(key, None)
-    kwargs.update(
-        sparse_components=list(args.sparse_components),
-        poly_keep_ratio=list(keep_ratios),
-        poly_degree=args.poly_degree,
-        poly_num_terms=args.poly_num_terms,
-        k_freq=args.k_freq,
-        spectral_selection=args.spectral_selection,
-        feedback_rank=args.feedback_rank,
-        feedback_window=args.feedback_window,
-        tensor_blocks=args.tensor_blocks,
-        micro_steps=args.micro_steps,
-        micro_keep_ratio=args.micro_keep_ratio,
-        micro_group_size=args.micro_group_size,
-        gate_kind=args.gate_kind,
-        architectures=["SparseGPT2LMHeadModel"],
-    )
+    kwargs.update({knob.name: getattr(args, knob.name) for knob in CONVERSION_KNOBS})
+    kwargs.update(poly_keep_ratio=list(keep_ratios), architectures=["SparseGPT2LMHeadModel"])
     return SparseGPT2Config(**kwargs)
-
-
-def _layer_flops_ratio(config: SparseGPT2Config, layer: int) -> float:
-    with torch.device("meta"):
-        ffn = UltraEfficientSparseFFN(config, layer)
-    return sum(mm for mm, _ in ffn.flops_per_token().values()) / ffn.dense_flops_per_token()
-
-
-def _max_neurons_within(config_for, layer: int, target: float, f: int) -> int:
-    """The most kept neurons m whose layer FLOPs ratio is <= target (FLOPs grow linearly in m)."""
-    base = _layer_flops_ratio(config_for(1 / f), layer)  # m = 1
-    per_neuron = _layer_flops_ratio(config_for(2 / f), layer) - base
-    m = 1 + math.floor((target - base) / per_neuron + 1e-9)
-    if m < 1:
-        raise ValueError(
-            f"ffn_flops_ratio={target} cannot be met: with one kept neuron the other components already cost "
-            f"{base:.3f} of the dense FFN FLOPs in layer {layer}; raise --ffn_flops_ratio or shrink/switch off "
-            "components (--k_freq, --feedback_rank, --tensor_blocks, --micro_keep_ratio, --sparse_components)"
-        )
-    return min(m, f)
 
 
 def sparse_config_for_budget(dense_config, args: ConversionArguments, layer_weights=None) -> SparseGPT2Config:
@@ -138,26 +148,12 @@ def sparse_config_for_budget(dense_config, args: ConversionArguments, layer_weig
     total FFN FLOPs stay within the budget.
     """
     n_layer = dense_config.n_layer
-    f = dense_config.n_inner if dense_config.n_inner is not None else 4 * dense_config.n_embd
     if args.poly_keep_ratio is not None:
         return _sparse_config(dense_config, args, [args.poly_keep_ratio] * n_layer)
-
-    def config_for(ratio):
-        return _sparse_config(dense_config, args, [min(1.0, max(ratio, 1e-9))] * n_layer)
-
-    m_uniform = [_max_neurons_within(config_for, i, args.ffn_flops_ratio, f) for i in range(n_layer)]
+    config = _sparse_config(dense_config, args, [1.0] * n_layer)
     if layer_weights is None:
-        return _sparse_config(dense_config, args, [m / f for m in m_uniform])
-    w = torch.as_tensor(layer_weights, dtype=torch.float64)
-    w = w / w.mean()
-    total = sum(m_uniform)
-    m = torch.clamp((torch.tensor(m_uniform, dtype=torch.float64) * w).round(), 1, f)
-    for _ in range(20):  # rescale the free layers until the total neuron count matches the uniform one
-        free = (m > 1) & (m < f)
-        if not free.any() or abs(m.sum().item() - total) < 1:
-            break
-        m[free] = torch.clamp((m[free] * (total - m[~free].sum()) / m[free].sum()).floor(), 1, f)
-    return _sparse_config(dense_config, args, [float(v) / f for v in m.tolist()])
+        return with_kept_neurons(config, kept_neurons_within(config, args.ffn_flops_ratio))
+    return with_kept_neurons(config, kept_neurons_by_sensitivity(config, args.ffn_flops_ratio, layer_weights))
 
 
 def preset_config(ffn_flops_ratio: float) -> SparseGPT2Config:
@@ -168,7 +164,49 @@ def preset_config(ffn_flops_ratio: float) -> SparseGPT2Config:
     return config
 
 
-# ---------------------------------------------------------------------------- 3. copy
+# ---------------------------------------------------------------------------- 3. calibration
+def split_calibration(calibration_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fitted, held-out) sequences: every HELD_OUT_EVERY-th is held out, the last one if there are fewer."""
+    held = torch.zeros(len(calibration_ids), dtype=torch.bool)
+    held[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] = True
+    if len(calibration_ids) > 1 and not held.any():
+        held[-1] = True
+    return calibration_ids[~held], calibration_ids[held]
+
+
+def largest_fit(config: SparseGPT2Config, neuron_selection: str) -> tuple[int, str]:
+    """(features, which fit) of the largest least-squares fit the conversion makes in any layer."""
+    fits = []
+    for i in range(config.n_layer):
+        s = config.layer_spec(i)
+        if neuron_selection == "obs":
+            fits.append((s.f + 1, f"the OBS selection over all {s.f} neurons + bias"))
+        k = s.spectral_candidates if "spectral" in s.components else 0
+        fits.append((s.poly_neurons + k + 1, f"the output-side ridge over {s.poly_neurons} neurons + {k} frequencies + bias in layer {i}"))
+        if "tensor" in s.components:
+            fits.append((s.d, f"the Monarch fit over the {s.d} channels of x"))
+    return max(fits, key=lambda fit: fit[0])
+
+
+def check_calibration_size(config: SparseGPT2Config, args: ConversionArguments, shape) -> int:
+    """Refuse calibration with fewer fitted tokens than TOKENS_PER_FEATURE per feature of the largest
+    fit, or with no held-out sequence; returns the floor (fitted tokens)."""
+    n, block = shape
+    features, which = largest_fit(config, args.neuron_selection)
+    floor = TOKENS_PER_FEATURE * features
+    fitted = lambda k: len(split_calibration(torch.arange(k))[0])  # noqa: E731  (sequences fitted of k)
+    if n < 2 or fitted(n) * block < floor:
+        need = next(k for k in range(2, floor + 3) if fitted(k) * block >= floor)
+        raise ValueError(
+            f"calibration too small: {n} sequence(s) of {block} tokens give {fitted(n) * block} tokens to fit and "
+            f"{n - fitted(n)} sequence(s) held out (1 in {HELD_OUT_EVERY}, at least one), but {which} has {features} "
+            f"features and needs {floor} tokens ({TOKENS_PER_FEATURE} per feature); raise --num_calibration_samples "
+            f"(to {need} at this --block_size) or --block_size, or give a longer --calibration_file"
+        )
+    return floor
+
+
+# ---------------------------------------------------------------------------- 4. copy
 def copy_shared_weights(dense: GPT2LMHeadModel, sparse: SparseGPT2LMHeadModel):
     """Copy every non-MLP tensor bit for bit; returns the copied names."""
     sparse_sd = sparse.state_dict()
@@ -184,7 +222,7 @@ def copy_shared_weights(dense: GPT2LMHeadModel, sparse: SparseGPT2LMHeadModel):
     return copied
 
 
-# ---------------------------------------------------------------------------- 4. per layer
+# ---------------------------------------------------------------------------- 5. per layer
 class _StopForward(Exception):
     pass
 
@@ -225,8 +263,8 @@ def _run_block_capturing_mlp(block, hidden, args, kwargs):
     return out, seen["x"], seen["y"]
 
 
-def select_neurons(mlp: GPT2MLP, xs: list[torch.Tensor], m: int):
-    """Importance E|act(h_j)| * ||W2[j]||; returns (top-m neuron indices sorted, importance)."""
+def select_neurons(mlp: GPT2MLP, xs: list[torch.Tensor], m: int) -> torch.Tensor:
+    """The top-m neurons (sorted) by importance E|act(h_j)| * ||W2[j]||."""
     w1, b1 = mlp.c_fc.weight.double(), mlp.c_fc.bias.double()
     score, n = torch.zeros(w1.shape[1], dtype=torch.float64, device=w1.device), 0
     for x in xs:
@@ -234,7 +272,7 @@ def select_neurons(mlp: GPT2MLP, xs: list[torch.Tensor], m: int):
         score += a.abs().sum(0)
         n += a.shape[0]
     importance = score / n * mlp.c_proj.weight.double().norm(dim=1)
-    return torch.topk(importance, m).indices.sort().values, importance
+    return torch.topk(importance, m).indices.sort().values
 
 
 def activation_gram(act, w1, b1, xs, ys):
@@ -397,6 +435,13 @@ def place_micro(micro, residual_energy: torch.Tensor):
     micro.set_groups(torch.topk(groups, micro.groups).indices.sort().values.cpu())
 
 
+def held_out_error(ffn: UltraEfficientSparseFFN, xs, ys) -> float:
+    """Relative error of the FFN on tokens no fit saw: sum |ffn(x) - y|^2 / sum |y - mean(y)|^2."""
+    y = torch.cat([t.reshape(-1, t.shape[-1]) for t in ys]).double()
+    pred = torch.cat([ffn(x).reshape(-1, x.shape[-1]) for x in xs]).double()
+    return float((pred - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
 # ---------------------------------------------------------------------------- pipeline
 @torch.no_grad()
 def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, args: ConversionArguments | None = None, progress=None):
@@ -404,7 +449,8 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
 
     Returns ``(sparse_model, report)``; ``report`` has the achieved FLOPs ratio and, per layer, the
     relative reconstruction error of the FFN output (residual energy / energy of the centred dense
-    output) of the pruned+refit polynomial alone and of the whole fitted sparse FFN.
+    output) of the pruned+refit polynomial alone and of the whole fitted sparse FFN, on the fitted
+    tokens and on the held-out ones (every 8th sequence, which no fit sees).
     """
     args = args or ConversionArguments()
     check_dense_gpt2(dense)
@@ -416,35 +462,40 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
     device = dense.device
     log = progress or (lambda msg: None)
 
-    layer_weights = None
+    config = sparse_config_for_budget(dense.config, args)
+    check_calibration_size(config, args, calibration_ids.shape)
+    fit_ids, held_ids = split_calibration(calibration_ids)
     if args.budget_mode == "sensitivity" and args.poly_keep_ratio is None:
-        layer_weights = layer_sensitivity(dense, calibration_ids, args)
-        log(f"layer sensitivity (relative error at the uniform budget): {[round(v, 4) for v in layer_weights]}")
-        layer_weights = [math.sqrt(max(v, 1e-6)) for v in layer_weights]
-    config = sparse_config_for_budget(dense.config, args, layer_weights)
+        sensitivity = layer_sensitivity(dense, fit_ids, args)
+        log(f"layer sensitivity (relative error at the uniform budget): {[round(v, 4) for v in sensitivity]}")
+        config = sparse_config_for_budget(dense.config, args, [math.sqrt(max(v, 1e-6)) for v in sensitivity])
+        check_calibration_size(config, args, calibration_ids.shape)  # a layer may now keep more neurons
     sparse = SparseGPT2LMHeadModel(config).to(device=device, dtype=torch.float32).eval()
     copy_shared_weights(dense, sparse)
 
-    batches = _block_inputs(dense, calibration_ids, args.calibration_batch_size)
-    hidden = [h.float() for h, _, _ in batches]
+    batches = {"fit": _block_inputs(dense, fit_ids, args.calibration_batch_size),
+               "held_out": _block_inputs(dense, held_ids, args.calibration_batch_size)}  # fmt: skip
+    hidden = {part: [h.float() for h, _, _ in b] for part, b in batches.items()}
     layers = []
     domains = []
     for i, (dense_block, sparse_block) in enumerate(zip(dense.transformer.h, sparse.transformer.h)):
         mlp, ffn = dense_block.mlp, sparse_block.mlp
-        xs, ys, resid = [], [], []
-        for h, (_, bargs, bkwargs) in zip(hidden, batches):
-            out, x, y = _run_block_capturing_mlp(dense_block, h.to(dense.dtype), bargs, bkwargs)
-            xs.append(x.float())
-            ys.append(y.float())
-            resid.append(out.float() - y.float())
+        m = config.layer_spec(i).poly_neurons
+        xs, ys, resid = {}, {}, {}
+        for part in batches:
+            captured = [_run_block_capturing_mlp(dense_block, h.to(dense.dtype), bargs, bkwargs)
+                        for h, (_, bargs, bkwargs) in zip(hidden[part], batches[part])]  # fmt: skip
+            xs[part] = [x.float() for _, x, _ in captured]
+            ys[part] = [y.float() for _, _, y in captured]
+            resid[part] = [out.float() - y.float() for out, _, y in captured]
         poly = ffn.components["polynomial"]
         if args.neuron_selection == "obs":
-            neurons = select_neurons_obs(mlp, xs, ys, poly.rows, args.ridge)
+            neurons = select_neurons_obs(mlp, xs["fit"], ys["fit"], m, args.ridge)
         else:
-            neurons, _ = select_neurons(mlp, xs, poly.rows)
-        domains.append(fit_polynomial(ffn, mlp, xs, neurons))
-        stats = GramStats(poly.rows, config.n_embd, device)
-        for x, y in zip(xs, ys):
+            neurons = select_neurons(mlp, xs["fit"], m)
+        domains.append(fit_polynomial(ffn, mlp, xs["fit"], neurons))
+        stats = GramStats(m, config.n_embd, device)
+        for x, y in zip(xs["fit"], ys["fit"]):
             a = poly.activate(F.linear(x, ffn.w_in("polynomial"), ffn.b_in("polynomial")), None)
             stats.add(a, x, y)
         residual, residual_pruned = fit_output_side(ffn, stats, args.ridge)
@@ -453,23 +504,26 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
         centred = (stats.yy.diagonal() - stats.by[-1] ** 2 / stats.n).sum()
         err = {
             "layer": i,
-            "kept_neurons": int(poly.rows),
+            "kept_neurons": m,
             "poly_domain": domains[-1],
             "rel_error_pruned_refit": float(residual_pruned.sum() / centred),
             "rel_error_sparse_ffn": float(residual.sum() / centred),
+            "rel_error_sparse_ffn_held_out": held_out_error(ffn, xs["held_out"], ys["held_out"]),
         }
         layers.append(err)
         log(
-            f"layer {i}: kept {err['kept_neurons']} neurons, relative error {err['rel_error_sparse_ffn']:.4f} "
-            f"(pruned+refit alone {err['rel_error_pruned_refit']:.4f})"
+            f"layer {i}: kept {m} neurons, relative error {err['rel_error_sparse_ffn']:.4f} fitted, "
+            f"{err['rel_error_sparse_ffn_held_out']:.4f} held out (pruned+refit alone {err['rel_error_pruned_refit']:.4f} fitted)"
         )
-        hidden = [r + ffn(x) for r, x in zip(resid, xs)]
+        hidden = {part: [r + ffn(x) for r, x in zip(resid[part], xs[part])] for part in batches}
     config.poly_domain = domains
     report = sparse.flops_report(batch_size=1, seq_len=calibration_ids.shape[1])
     return sparse, {
         "ffn_flops_ratio": report["FLOPs/ffn_ratio"],
         "requested_ffn_flops_ratio": args.ffn_flops_ratio if args.poly_keep_ratio is None else None,
         "calibration_tokens": int(calibration_ids.numel()),
+        "calibration_tokens_fitted": int(fit_ids.numel()),
+        "calibration_tokens_held_out": int(held_ids.numel()),
         "layers": layers,
         "arguments": asdict(args),
     }
@@ -479,7 +533,7 @@ def convert_gpt2_to_sparse(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor
 def layer_sensitivity(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, args: ConversionArguments) -> list[float]:
     """Relative reconstruction error of each dense layer pruned to the uniform budget with an LS
     refit (measured on the dense model's own activations): larger means more sensitive."""
-    uniform = sparse_config_for_budget(dense.config, ConversionArguments(**{**asdict(args), "budget_mode": "uniform"}))
+    uniform = sparse_config_for_budget(dense.config, args)
     xs = {i: [] for i in range(dense.config.n_layer)}
     ys = {i: [] for i in range(dense.config.n_layer)}
     def keep(i):
@@ -499,7 +553,7 @@ def layer_sensitivity(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, arg
     errors = []
     for i, block in enumerate(dense.transformer.h):
         m = uniform.layer_spec(i).poly_neurons
-        neurons, _ = select_neurons(block.mlp, xs[i], m)
+        neurons = select_neurons(block.mlp, xs[i], m)
         gram, cross = activation_gram(block.mlp.act, block.mlp.c_fc.weight[:, neurons], block.mlp.c_fc.bias[neurons], xs[i], ys[i])
         y = torch.cat([t.reshape(-1, t.shape[-1]) for t in ys[i]]).double()
         yy, ysum, n = (y * y).sum(), y.sum(0), y.shape[0]
