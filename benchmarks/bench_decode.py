@@ -192,7 +192,7 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
             rows.append(dict(kind="sparse", target=target, status="error", **H.error_record(exc)))
             continue
         del models
-        models_info.update({f"{kind}@{target}": v for kind, v in info.items()})
+        models_info.update({H.model_name(kind, v["target"]): v for kind, v in info.items()})
         for stage, mode in plan(S):
             for batch in S["batches"]:
                 for kind in kinds:

@@ -145,7 +145,7 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
         except Exception as exc:  # noqa: BLE001
             rows.append(dict(kind="sparse", target=target, status="error", **H.error_record(exc)))
             continue
-        models_info.update({f"{kind}@{target}": i for kind, i in info.items()})
+        models_info.update({H.model_name(kind, i["target"]): i for kind, i in info.items()})
         infer = {kind: H.inference_copy(m, S) for kind, m in models.items()} if "prefill" in S["stages"] else {}
         for stage in S["stages"]:
             for mode in S["modes"]:

@@ -127,31 +127,31 @@ def configure_torch(S):
 
 
 # ============================================================================ environment
-def _git(*cmd) -> str | None:
-    res = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30)
+def _git(repo, *cmd) -> str:
+    res = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True, timeout=30)
     if res.returncode:
         raise RuntimeError(res.stderr.strip() or f"git {' '.join(cmd)} failed")
     return res.stdout
 
 
-def git_state(ignore=(RESULTS_DIR,)) -> dict:
+def git_state(repo=REPO, ignore=(RESULTS_DIR,)) -> dict:
     """``commit`` of HEAD and whether the tree is clean; a dirty tree adds ``diff_sha256`` and the files.
 
     Paths under ``ignore`` (the results folder the benchmarks write to) do not make the tree dirty.
     """
     try:
-        commit = _git("rev-parse", "HEAD").strip()
-        lines = [ln for ln in _git("status", "--porcelain").splitlines() if ln.strip()]
+        commit = _git(repo, "rev-parse", "HEAD").strip()
+        lines = [ln for ln in _git(repo, "status", "--porcelain", "--untracked-files=all").splitlines() if ln.strip()]
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         return dict(commit=None, dirty=None, git_error=str(err)[:300])
     changed = [ln[3:] for ln in lines if not any(ln[3:].startswith(p) for p in ignore)]
     state = dict(commit=commit, dirty=bool(changed))
     if changed:
-        diff = _git("diff", "HEAD", "--", ".", *[f":(exclude){p}" for p in ignore])
+        diff = _git(repo, "diff", "HEAD", "--", ".", *[f":(exclude){p}" for p in ignore])
         untracked = [p for ln, p in zip(lines, [ln[3:] for ln in lines]) if ln.startswith("??") and p in changed]
         h = hashlib.sha256(diff.encode())
         for path in untracked:
-            full = REPO / path
+            full = Path(repo) / path
             if full.is_file():
                 h.update(path.encode() + b"\0" + full.read_bytes())
         state.update(diff_sha256=h.hexdigest(), dirty_files=changed[:50])
@@ -168,7 +168,8 @@ def warn_if_dirty(state: dict):
               "!!! Commit first for results that name the code they measured.\n", file=sys.stderr, flush=True)
 
 
-def environment(S) -> dict:
+def environment(device: str) -> dict:
+    """Date, machine, versions, the command, the git state (``git_state``) and the GPU, if any."""
     env = dict(
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=platform.node(), platform=platform.platform(), cpu_count=os.cpu_count(),
@@ -181,8 +182,8 @@ def environment(S) -> dict:
         import triton
 
         env["triton"] = triton.__version__
-    if S["gpu"]:
-        props = torch.cuda.get_device_properties(torch.device(S["device"]))
+    if str(device).startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    gpu_sm_count=props.multi_processor_count)
     return env
@@ -217,7 +218,7 @@ class Results:
     def __init__(self, path, S: dict, benchmark: str):
         self.path = Path(path).absolute()
         self.budget = Budget(S["budget_s"])
-        env = environment(S)
+        env = environment(S["device"])
         warn_if_dirty(env)
         self.data = dict(benchmark=benchmark, environment=env, settings=S)
 
@@ -272,6 +273,11 @@ def row_summary(row: dict) -> str:
 def error_record(exc: BaseException) -> dict:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
     return dict(error=f"{type(exc).__name__}: {exc}"[:2000], traceback="".join(tb[-3:])[-3000:])
+
+
+def model_name(kind: str, target) -> str:
+    """How rows and tables name a model: ``dense``, ``sparse@0.4``, ``ideal@0.4``, ``pruned@0.4``."""
+    return kind if kind == "dense" or target is None else f"{kind}@{target}"
 
 
 def ratio(a, b):
