@@ -103,18 +103,21 @@ def _header(data, benchmark):
 
 def test_bench_ffn_smoke(tmp_path):
     out = tmp_path / "ffn.json"
-    bench_ffn.main(TINY + ["--output", str(out)])
+    bench_ffn.main(TINY + ["--ratios", "0.5,0.3", "--output", str(out)])
     data = json.loads(out.read_text())
     _header(data, "bench_ffn")
     rows = data["ffn"]["rows"]
     _ok(rows)
-    assert [(r["kind"], r["target"]) for r in rows] == [("dense", None), ("sparse", 0.5), ("ideal", 0.5)]
+    assert [(r["kind"], r["target"]) for r in rows] == [("dense", None)] + [(k, t) for t in (0.5, 0.3) for k in ("sparse", "ideal")]
     for r in rows:
         for key in ("fwd", "fwd_bwd"):
             assert r[key]["median_ms"] > 0 and len(r[key]["reps_ms"]) == 2 and {"settled", "warmup_samples", "drift"} <= set(r[key])
-    sparse, ideal = rows[1], rows[2]
-    assert sparse["fwd_bwd_median_ms_vs_ideal"] == pytest.approx(sparse["fwd_bwd"]["median_ms"] / ideal["fwd_bwd"]["median_ms"])
-    assert sparse["inner"] == ideal["inner"] and sparse["fwd_gpu_kernel_ms_vs_dense"] is None  # no GPU: no kernel time
+    dense = rows[0]
+    for sparse, ideal in (rows[1:3], rows[3:5]):  # each sparse FFN against its own ideal and the one dense MLP
+        assert sparse["fwd_bwd_median_ms_vs_ideal"] == pytest.approx(sparse["fwd_bwd"]["median_ms"] / ideal["fwd_bwd"]["median_ms"])
+        assert sparse["fwd_median_ms_vs_dense"] == pytest.approx(sparse["fwd"]["median_ms"] / dense["fwd"]["median_ms"])
+        assert sparse["inner"] == ideal["inner"] and sparse["fwd_gpu_kernel_ms_vs_dense"] is None  # no GPU: no kernel time
+    assert rows[3]["inner"] < rows[1]["inner"]
     table = make_report.kernel_tables(dict(data, ffn_cpu=data.pop("ffn")))
     assert "| eager | 64 | 0.5 | fwd_bwd |" in table
 
