@@ -182,17 +182,9 @@ def plan(S):
 
 def bench(S: dict, results: H.Results, section: str = SECTION):
     rows = results.section(section, S)
-    models_info = results.data[section].setdefault("models", {})
-    for i, target in enumerate(S["ratios"]):
-        kinds = ("dense", "sparse", "ideal") if i == 0 else ("sparse", "ideal")
-        try:
-            models, info = H.build_models(S["model"], target, S, kinds=kinds)
-            infer = {kind: H.inference_copy(m, S) for kind, m in models.items()}
-        except Exception as exc:  # noqa: BLE001
-            rows.append(dict(kind="sparse", target=target, status="error", **H.error_record(exc)))
-            continue
+    for target, kinds, models, info in H.models_per_target(S, results, section):
+        infer = {kind: H.inference_copy(m, S) for kind, m in models.items()}
         del models
-        models_info.update({H.model_name(kind, v["target"]): v for kind, v in info.items()})
         for stage, mode in plan(S):
             for batch in S["batches"]:
                 for kind in kinds:
@@ -211,27 +203,12 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
                     results.measure(rows, row, fn, label=f"{section} {stage} {mode} b={batch} {kind}@{target}")
                     H.free_memory(S)
         del infer
-        H.reset_compiler()
-        H.free_memory(S)
-    add_ratios(rows)
+    H.add_stage_ratios(rows)
     results.save()
 
 
-def add_ratios(rows):
-    """time (and kernel time) over dense's and the ideal's of the same stage, mode, batch (and target)."""
-    values = {"median_ms": lambda r: r["median_ms"], "gpu_kernel_ms": lambda r: r.get("gpu_kernel_ms")}
-    H.add_ratios(rows, values, keys={"dense": lambda r: (r.get("stage"), r.get("mode"), r.get("batch")),
-                                     "ideal": lambda r: (r.get("stage"), r.get("mode"), r.get("batch"), r.get("target"))})
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    S = settings(args)
-    H.configure_torch(S)
-    results = H.Results(args.output, S, benchmark="bench_decode")
-    H.warm_gpu(S)
-    bench(S, results)
-    return results.data
+    return H.run_main(parse_args, settings, bench, argv, benchmark="bench_decode")
 
 
 if __name__ == "__main__":

@@ -137,15 +137,7 @@ def measure_prefill(model, S, compile_: bool) -> dict:
 
 def bench(S: dict, results: H.Results, section: str = SECTION):
     rows = results.section(section, S)
-    models_info = results.data[section].setdefault("models", {})
-    for i, target in enumerate(S["ratios"]):
-        kinds = ("dense", "sparse", "ideal") if i == 0 else ("sparse", "ideal")  # dense once, for every target
-        try:
-            models, info = H.build_models(S["model"], target, S, kinds=kinds)
-        except Exception as exc:  # noqa: BLE001
-            rows.append(dict(kind="sparse", target=target, status="error", **H.error_record(exc)))
-            continue
-        models_info.update({H.model_name(kind, i["target"]): i for kind, i in info.items()})
+    for target, kinds, models, info in H.models_per_target(S, results, section):
         infer = {kind: H.inference_copy(m, S) for kind, m in models.items()} if "prefill" in S["stages"] else {}
         for stage in S["stages"]:
             for mode in S["modes"]:
@@ -159,27 +151,12 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
                     results.measure(rows, row, fn, label=f"{section} {stage} {mode} {kind}@{target}")
                     H.free_memory(S)
         del models, infer
-        H.reset_compiler()
-        H.free_memory(S)
-    add_ratios(rows)
+    H.add_stage_ratios(rows)
     results.save()
 
 
-def add_ratios(rows):
-    """time (and kernel time) over dense's and the ideal's of the same stage, mode and target."""
-    values = {"median_ms": lambda r: r["median_ms"], "gpu_kernel_ms": lambda r: r.get("gpu_kernel_ms")}
-    H.add_ratios(rows, values, keys={"dense": lambda r: (r.get("stage"), r.get("mode"), r.get("batch")),
-                                     "ideal": lambda r: (r.get("stage"), r.get("mode"), r.get("batch"), r.get("target"))})
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    S = settings(args)
-    H.configure_torch(S)
-    results = H.Results(args.output, S, benchmark="bench_e2e")
-    H.warm_gpu(S)
-    bench(S, results)
-    return results.data
+    return H.run_main(parse_args, settings, bench, argv, benchmark="bench_e2e")
 
 
 if __name__ == "__main__":

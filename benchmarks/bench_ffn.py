@@ -126,13 +126,7 @@ def add_ratios(rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    S = settings(args)
-    H.configure_torch(S)
-    results = H.Results(args.output, S, benchmark="bench_ffn")
-    H.warm_gpu(S)
-    bench(S, results)
-    return results.data
+    return H.run_main(parse_args, settings, bench, argv, benchmark="bench_ffn")
 
 
 if __name__ == "__main__":

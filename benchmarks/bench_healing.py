@@ -130,13 +130,7 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    S = settings(args)
-    H.configure_torch(S)
-    results = H.Results(args.output, S, benchmark="bench_healing")
-    H.warm_gpu(S)
-    bench(S, results)
-    return results.data
+    return H.run_main(parse_args, settings, bench, argv, benchmark="bench_healing")
 
 
 if __name__ == "__main__":

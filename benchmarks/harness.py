@@ -298,6 +298,24 @@ def add_ratios(rows: list, values: dict, keys: dict):
                 r[f"{name}_vs_{ref_kind}"] = ratio(mine, get(ref) if ref is not None else None)
 
 
+def add_stage_ratios(rows: list):
+    """Time (and kernel time) over dense's and the ideal's of the same stage, mode, batch (and target)."""
+    values = {"median_ms": lambda r: r["median_ms"], "gpu_kernel_ms": lambda r: r.get("gpu_kernel_ms")}
+    add_ratios(rows, values, keys={"dense": lambda r: (r.get("stage"), r.get("mode"), r.get("batch")),
+                                   "ideal": lambda r: (r.get("stage"), r.get("mode"), r.get("batch"), r.get("target"))})
+
+
+def run_main(parse_args, settings, bench, argv, benchmark: str) -> dict:
+    """A benchmark's ``main``: flags -> settings -> results file -> ``bench`` -> the results."""
+    args = parse_args(argv)
+    S = settings(args)
+    configure_torch(S)
+    results = Results(args.output, S, benchmark=benchmark)
+    warm_gpu(S)
+    bench(S, results)
+    return results.data
+
+
 # ============================================================================ timing
 def sync(S):
     if S["gpu"]:
@@ -519,6 +537,27 @@ def build_models(shape: dict, target: float, S: dict, kinds=("dense", "sparse", 
             info[kind].update(components=list(sparse_config.sparse_components),
                               poly_keep_ratio=sparse_config.poly_keep_ratio[0])
     return models, info
+
+
+def models_per_target(S: dict, results: Results, section: str):
+    """For each FFN FLOPs target of ``S["ratios"]``: ``(target, kinds, models, info)`` from
+    ``build_models`` (dense for the first target only: one reference for every target); a build
+    that fails is an error row of ``section``; compiled code and memory are freed after each."""
+    rows = results.section(section, S)
+    models_info = results.data[section].setdefault("models", {})
+    for i, target in enumerate(S["ratios"]):
+        kinds = ("dense", "sparse", "ideal") if i == 0 else ("sparse", "ideal")
+        try:
+            models, info = build_models(S["model"], target, S, kinds=kinds)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(kind="sparse", target=target, status="error", **error_record(exc)))
+            results.save()
+            continue
+        models_info.update({model_name(kind, v["target"]): v for kind, v in info.items()})
+        yield target, kinds, models, info
+        del models
+        reset_compiler()
+        free_memory(S)
 
 
 def build_ffns(d: int, target: float, S: dict):

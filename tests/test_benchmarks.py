@@ -95,17 +95,18 @@ def _ok(rows):
     assert rows and all(r["status"] == "ok" for r in rows), [H.row_summary(r) for r in rows if r["status"] != "ok"]
 
 
-def _header(data, benchmark):
-    assert data["benchmark"] == benchmark
-    env = data["environment"]
-    assert {"commit", "dirty", "torch", "transformers", "command", "date_utc"} <= set(env)
+def smoke(module, tmp_path, *args) -> dict:
+    """``module.main`` with the tiny settings on the CPU; the JSON it wrote, checked to name its run."""
+    out = tmp_path / "out.json"
+    module.main(TINY + list(args) + ["--output", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == module.__name__.split(".")[-1]
+    assert {"commit", "dirty", "torch", "transformers", "command", "date_utc"} <= set(data["environment"])
+    return data
 
 
 def test_bench_ffn_smoke(tmp_path):
-    out = tmp_path / "ffn.json"
-    bench_ffn.main(TINY + ["--ratios", "0.5,0.3", "--output", str(out)])
-    data = json.loads(out.read_text())
-    _header(data, "bench_ffn")
+    data = smoke(bench_ffn, tmp_path, "--ratios", "0.5,0.3")
     rows = data["ffn"]["rows"]
     _ok(rows)
     assert [(r["kind"], r["target"]) for r in rows] == [("dense", None)] + [(k, t) for t in (0.5, 0.3) for k in ("sparse", "ideal")]
@@ -123,10 +124,7 @@ def test_bench_ffn_smoke(tmp_path):
 
 
 def test_bench_e2e_smoke(tmp_path):
-    out = tmp_path / "e2e.json"
-    bench_e2e.main(TINY + ["--output", str(out)])
-    data = json.loads(out.read_text())
-    _header(data, "bench_e2e")
+    data = smoke(bench_e2e, tmp_path)
     rows = data["e2e"]["rows"]
     _ok(rows)
     assert {(r["stage"], r["mode"], r["kind"]) for r in rows} == {(s, "eager", k) for s in ("train", "prefill") for k in ("dense", "sparse", "ideal")}
@@ -136,10 +134,7 @@ def test_bench_e2e_smoke(tmp_path):
 
 
 def test_bench_decode_smoke_and_the_step_it_times_is_a_true_decode_step(tmp_path):
-    out = tmp_path / "decode.json"
-    bench_decode.main(TINY + ["--batches", "2", "--output", str(out)])
-    data = json.loads(out.read_text())
-    _header(data, "bench_decode")
+    data = smoke(bench_decode, tmp_path, "--batches", "2")
     rows = data["decode"]["rows"]
     measured = [r for r in rows if r["status"] == "ok"]
     assert {(r["stage"], r["mode"]) for r in measured} == {("generate", "eager"), ("step", "eager")}
@@ -160,10 +155,7 @@ def test_bench_decode_smoke_and_the_step_it_times_is_a_true_decode_step(tmp_path
 
 
 def test_bench_healing_smoke(tmp_path):
-    out = tmp_path / "healing.json"
-    bench_healing.main(TINY + ["--steps", "2", "--output", str(out)])
-    data = json.loads(out.read_text())
-    _header(data, "bench_healing")
+    data = smoke(bench_healing, tmp_path, "--steps", "2")
     rows = data["healing"]["rows"]
     _ok(rows)
     sparse, pruned = rows
@@ -173,16 +165,13 @@ def test_bench_healing_smoke(tmp_path):
 
 
 def test_bench_all_smoke_writes_every_section_asked_for(tmp_path, capsys):
-    out = tmp_path / "all.json"
-    bench_all.main(TINY + ["--sections", "ffn_cpu,ffn", "--ffn-args", "--ratios 0.4", "--output", str(out)])
-    data = json.loads(out.read_text())
-    _header(data, "bench_all")
+    data = smoke(bench_all, tmp_path, "--sections", "ffn_cpu,ffn", "--ffn-args", "--ratios 0.4")
     assert set(data) >= {"ffn", "ffn_cpu"} and not {"e2e", "decode", "healing"} & set(data)
     _ok(data["ffn"]["rows"] + data["ffn_cpu"]["rows"])
     assert {r["target"] for r in data["ffn"]["rows"]} == {None, 0.4} and data["ffn_cpu"]["settings"]["dtype"] == "fp32"
     assert "sparse  @0.4" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--sections: unknown"):
-        bench_all.main(TINY + ["--sections", "ffn,warp", "--output", str(out)])
+        bench_all.main(TINY + ["--sections", "ffn,warp", "--output", str(tmp_path / "x.json")])
 
 
 def test_make_report_builds_the_docs_tables_from_the_committed_results():
