@@ -5,7 +5,8 @@ Rules every benchmark follows through this module (docs/benchmarks.md states the
 * **Environment**: each results file names the commit it measured (``git rev-parse HEAD``) and
   whether the tree was clean (``git status --porcelain``, results folder excepted). A dirty tree is
   recorded as ``dirty: true`` with the sha256 of ``git diff HEAD`` and the changed files, and a
-  warning goes to stderr.
+  warning goes to stderr. ``source_sha256`` (the package's and the benchmarks' Python files) names
+  the code also where the tree has no ``.git``.
 * **Warm-up settles before timing**: ``settle`` repeats the timed sample until the median of the
   last ``SETTLE_WINDOW`` (3) samples moves by less than ``--settle-tol`` (2%) against the median of
   the window one sample earlier, or ``--warmup-max`` samples have run. Every timing records
@@ -158,6 +159,15 @@ def git_state(repo=REPO, ignore=(RESULTS_DIR,)) -> dict:
     return state
 
 
+def source_sha256(root=REPO, folders=("modeling_sparse_gpt2", "benchmarks")) -> str:
+    """sha256 over the paths and bytes of the ``.py`` files of ``folders``: names the code measured
+    even where no ``.git`` travels with the tree (recompute it at a commit to check a results file)."""
+    h = hashlib.sha256()
+    for path in sorted(p for f in folders for p in Path(root, f).rglob("*.py") if "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def warn_if_dirty(state: dict):
     if state.get("commit") is None:
         print(f"\n!!! WARNING: no git commit recorded ({state.get('git_error')}); these results name no code version.\n",
@@ -177,7 +187,7 @@ def environment(device: str) -> dict:
         cuda=torch.version.cuda, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         torch_threads=torch.get_num_threads(), gpu_name=None, triton=None,
     )
-    env.update(git_state())
+    env.update(git_state(), source_sha256=source_sha256())
     with contextlib.suppress(ImportError):
         import triton
 

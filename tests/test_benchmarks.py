@@ -11,7 +11,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from benchmarks import bench_all, bench_decode, bench_e2e, bench_ffn, bench_healing, make_report
+from benchmarks import bench_all, bench_decode, bench_e2e, bench_ffn, bench_healing, make_report, profile_ffn
 from benchmarks import harness as H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +61,9 @@ def test_git_state_names_the_commit_and_a_dirty_tree(tmp_path):
     assert H.git_state(tmp_path, ignore=("results/",))["diff_sha256"] != dirty["diff_sha256"]
     assert H.git_state(tmp_path / "results")["commit"] is not None  # inside the repository too
     assert H.git_state("/")["commit"] is None  # no repository: recorded as such, not guessed
+    before = H.source_sha256(tmp_path, folders=("",))
+    (tmp_path / "code.py").write_text("a = 4\n")
+    assert H.source_sha256(tmp_path, folders=("",)) != before
 
 
 def test_rows_past_the_budget_are_recorded_as_skipped_with_no_ratios(tmp_path):
@@ -181,6 +184,15 @@ def test_make_report_builds_the_docs_tables_from_the_committed_results():
     e2e = make_report.e2e_table(load("speed_e2e_h200.json"), [load(n) for n in make_report.DECODE_RUNS])
     assert "| prefill ms, compiled blocks | 4.92 (**1.00x**)" in e2e
     assert "| 0.4 | sparse-gpt2 (default: polynomial + spectral + feedback) | 0.400 | 15.233 |" in make_report.quality_tables(load("quality.json"))
+
+
+def test_profile_ffn_builds_each_component_set_within_the_budget():
+    S = dict(device="cpu", gpu=False, dtype="fp32", align=1, sparse_kwargs={})
+    built = profile_ffn.modules(64, 0.5, S)
+    assert list(built) == ["dense", "ideal", *profile_ffn.COMPONENT_SETS]
+    for name, comps in profile_ffn.COMPONENT_SETS.items():
+        ffn, info = built[name]
+        assert list(ffn.components) == comps and 0.45 < info["ffn_flops_ratio"] <= 0.5
 
 
 # ---------------------------------------------------------------------------- the long benchmarks (slow)
