@@ -1,10 +1,10 @@
 """Healing across GPUs with accelerate: DDP and FSDP against one GPU, the same steps and global batch.
 
     # on a machine with N >= 2 GPUs (GPT-2-medium shape: d=1024, 24 layers, 16 heads; bf16)
-    python benchmarks/bench_distributed.py --num_gpus 2 --tokenizer_name_or_path path/to/gpt2-tokenizer \
+    python -m benchmarks.bench_distributed --num_gpus 2 --tokenizer_name_or_path path/to/gpt2-tokenizer \
         --output docs/benchmarks/results/distributed_h200x2.json
     # CPU smoke run of the same code path (gloo, a tiny model), about a minute
-    python benchmarks/bench_distributed.py --cpu --tiny --output /tmp/distributed_cpu.json
+    python -m benchmarks.bench_distributed --cpu --tiny --output /tmp/distributed_cpu.json
 
 Steps: (1) a dense GPT-2 teacher of the chosen shape (random init, seed 0: throughput and loss
 parity do not need trained weights) and a sparse student at ``--ffn_flops_ratio`` built from it
@@ -22,7 +22,6 @@ loss difference to one process.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,15 @@ import tempfile
 import time
 
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from modeling_sparse_gpt2.tooling import baselines
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
+from modeling_sparse_gpt2.tooling.distillation import fsdp_accelerate_config
 
-from modeling_sparse_gpt2.tooling import baselines  # noqa: E402
-from modeling_sparse_gpt2.tooling.distillation import fsdp_accelerate_config  # noqa: E402
-from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from . import harness as H
+
+ROOT = str(H.REPO)
 
 
 def build_models(args, work: str) -> dict:
@@ -102,13 +101,6 @@ def compare_to_single(runs: dict, n: int):
         run["max_relative_loss_difference"] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], single["losses"]))
 
 
-def save_json_atomically(path: str, obj: dict):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--num_gpus", type=int, default=2, help="processes of the DDP and FSDP runs")
@@ -134,11 +126,10 @@ def main():
         raise ValueError(f"--num_gpus {n} but this machine has {torch.cuda.device_count()} GPU(s)")
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_distributed_")
     models = build_models(args, work)
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "device": "cpu" if args.cpu else torch.cuda.get_device_name(),
-        "settings": vars(args), "model": {k: v for k, v in models.items() if k != "paths"}, "runs": {},
-    }
+    environment = H.environment("cpu" if args.cpu else "cuda")
+    H.warn_if_dirty(environment)
+    result = {"environment": environment, "device": "cpu" if args.cpu else torch.cuda.get_device_name(),
+              "settings": vars(args), "model": {k: v for k, v in models.items() if k != "paths"}, "runs": {}}
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     fsdp_config = os.path.join(work, "fsdp.yaml")
     with open(fsdp_config, "w") as f:
@@ -153,10 +144,15 @@ def main():
         result["runs"][name] = heal(args, models, os.path.join(work, name), launcher, batch)
         print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k not in ("command", "losses", "tokens_per_s_windows")}), flush=True)
         compare_to_single(result["runs"], n)
-        save_json_atomically(args.output, result)  # after every run: a later run that hangs loses nothing
+        H.write_json_atomic(args.output, result)  # after every run: a later run that hangs loses nothing
+
+    def cell(run, key, fmt):  # a figure that was not measured prints as n/a, never as a default
+        return format(run[key], fmt) if run.get(key) is not None else "n/a"
+
     for name, run in result["runs"].items():
-        print(f"{name:10s} tokens/s {run.get('tokens_per_s', float('nan')):10.0f} (whole run {run.get('tokens_per_s_whole_run', float('nan')):.0f})  speed-up {run.get('speedup', 1.0):.2f}  "
-              f"efficiency {run.get('scaling_efficiency', 1.0):.2f}  max loss diff {run.get('max_relative_loss_difference', 0.0):.2e}"
+        print(f"{name:10s} tokens/s {cell(run, 'tokens_per_s', '10.0f')} (whole run {cell(run, 'tokens_per_s_whole_run', '.0f')})  "
+              f"speed-up {cell(run, 'speedup', '.2f')}  efficiency {cell(run, 'scaling_efficiency', '.2f')}  "
+              f"max loss diff {cell(run, 'max_relative_loss_difference', '.2e')}"
               + (f"  ERROR {run['error'][-300:]}" if "error" in run else ""))
 
 

@@ -2,7 +2,7 @@
 
 One command (H200: the reference's pre-training takes --pretrain_minutes, each row ~20 s):
 
-    python benchmarks/bench_quality.py --train_tokens tokens/gpt2/train.npy --validation_tokens tokens/gpt2/validation.npy \
+    python -m benchmarks.bench_quality --train_tokens tokens/gpt2/train.npy --validation_tokens tokens/gpt2/validation.npy \
         --tokenizer_name_or_path path/to/gpt2-tokenizer --work_dir /tmp/ref512 --output docs/benchmarks/results/quality.json
 
 Within a per-call time limit, split it: ``--deadline_minutes`` stops starting new rows, and the
@@ -21,13 +21,11 @@ windows of 512 tokens (stride 512). Results are written after every row.
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
-import transformers
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -38,6 +36,8 @@ from modeling_sparse_gpt2.tooling.distillation import DistillationArguments, bui
 from modeling_sparse_gpt2.tooling.evaluation import perplexity
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
 from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_dense_reference
+
+from . import harness as H
 
 
 def windows(tokens, block, n, seed):
@@ -105,11 +105,9 @@ def main():
     args = p.parse_args()
     t_start = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {
-        "machine": platform.node(), "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": vars(args), "rows": [],
-    }
+    environment = H.environment(device)
+    H.warn_if_dirty(environment)
+    result = {"environment": environment, "date": environment["date_utc"], "settings": vars(args), "rows": []}
     done = {}
     if args.resume and os.path.isfile(args.output):
         with open(args.output) as f:
@@ -121,9 +119,7 @@ def main():
         done = {(r["ffn_flops_ratio_target"], r["method"]): r for r in previous.get("rows", []) if "error" not in r and "ppl_healed" in r}
 
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
+        H.write_json_atomic(args.output, result)
 
     curve_file = os.path.join(args.work_dir, "training_curve.json")
     if args.dense_model is None and os.path.isfile(curve_file):  # a reference trained by an earlier call
@@ -169,6 +165,8 @@ def main():
             continue
         if args.deadline_minutes is not None and (time.time() - t_start) / 60 >= args.deadline_minutes:
             print(f"deadline: not starting {method} at {ratio}", flush=True)
+            result["rows"].append({"ffn_flops_ratio_target": ratio, "method": method, "status": "skipped",
+                                   "reason": f"deadline ({args.deadline_minutes} min) passed"})
             continue
         t = time.time()
         torch.manual_seed(args.seed)
@@ -202,8 +200,9 @@ def main():
             model, row["heal_s"] = heal(model, dense, heal_blocks, args.heal_steps, args.heal_batch, args.heal_lr, args.seed)
             row["ppl_healed"] = perplexity(model, val, block, batch_size=16)["perplexity"]
             row["params_ffn"] = sum(p.numel() for b in model.transformer.h for p in b.mlp.parameters())
+            row["status"] = "ok"
         except Exception as err:  # record and go on: one failure must not hide the other rows
-            row["error"] = repr(err)[:1000]
+            row.update(status="error", error=repr(err)[:1000])
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
         save()
