@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from modeling_sparse_gpt2.tooling.conversion import ConversionArguments, convert_gpt2_to_sparse
 
 SHAPES = {
-    "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64),
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64),
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
@@ -102,6 +102,7 @@ def convert_one(spec) -> dict:
         row["peak_over_dense_gib"] = round(row["peak_memory_gib"] - row["dense_model_gib"], 3)
     else:
         row["peak_rss_gib"] = round(_rss_gib(), 3)
+        row["peak_over_before_gib"] = round(row["peak_rss_gib"] - row["rss_before_gib"], 3)
     row["sparse_params"] = sum(p.numel() for p in sparse.parameters())
     row["ffn_flops_ratio"] = sparse.flops_report(1, spec["block"])["FLOPs/ffn_ratio"]
     return row

@@ -241,3 +241,24 @@ def test_measure_loss_smoke_reports_each_impl(tmp_path, one_thread):
     assert {"plain", "chunked"} <= rows.keys() and all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["chunked"]["speedup_vs_plain"] == pytest.approx(rows["chunked"]["tokens_per_s"] / rows["plain"]["tokens_per_s"], rel=1e-2)
     assert json.loads((tmp_path / "loss_speed.json").read_text())["rows"] == result["rows"]
+
+
+def test_prune_with_obs_selection_fits_the_first_mlp_better(one_thread):
+    """The healing curve's prune_obs_ls row: the conversion's OBS rule picks the neurons, the LS refit follows;
+    on the calibration tokens its first MLP reproduces the dense one better than importance selection does."""
+    from modeling_sparse_gpt2.tooling import baselines
+
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
+    calib = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    h = dense.transformer.h[0]
+    with torch.no_grad():
+        embeddings = dense(calib, output_hidden_states=True).hidden_states[0]
+        x = h.ln_2(embeddings + h.attn(h.ln_1(embeddings))[0])  # the first MLP's input
+        errors = {}
+        for selection in ("importance", "obs"):
+            pruned = baselines.prune_neurons(dense, calib, 0.25, refit=True, selection=selection)
+            errors[selection] = (pruned.transformer.h[0].mlp(x) - h.mlp(x)).pow(2).mean().item()
+    assert pruned.config.n_inner == 32 and errors["obs"] < errors["importance"]
+    with pytest.raises(ValueError, match="selection"):
+        baselines.prune_neurons(dense, calib, 0.25, refit=True, selection="random")
