@@ -193,7 +193,9 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     """
     impl = resolve_loss_impl(loss_impl, student_hidden.device)
     if impl == "plain":
-        return distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), labels, temperature, alpha_kl)
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_hidden)
+        return distillation_loss(student_head(student_hidden), teacher_logits, labels, temperature, alpha_kl)
     h = student_hidden[:, :-1].flatten(0, 1)
     teacher_h = teacher_hidden[:, :-1].flatten(0, 1).detach()
     target = labels[:, 1:].flatten()
