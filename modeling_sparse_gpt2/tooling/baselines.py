@@ -23,6 +23,7 @@ from .conversion import (
     activation_gram,
     copy_shared_weights,
     select_neurons,
+    select_neurons_obs,
     sparse_config_for_budget,
 )
 from ..modeling_sparse_gpt2 import SparseGPT2LMHeadModel
@@ -34,7 +35,10 @@ def _inner(config):
 
 @torch.no_grad()
 def prune_neurons(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, ffn_flops_ratio: float, refit: bool,
-                  ridge: float = 1e-3, batch_size: int = 8) -> GPT2LMHeadModel:
+                  ridge: float = 1e-3, batch_size: int = 8, selection: str = "importance") -> GPT2LMHeadModel:
+    """``selection``: importance, or obs (the conversion's least-squares-aware rule) to isolate what the components add."""
+    if selection not in ("importance", "obs"):
+        raise ValueError(f"selection must be 'importance' or 'obs', got {selection!r}")
     dense = dense.eval()
     f = _inner(dense.config)
     m = max(1, int(ffn_flops_ratio * f))
@@ -50,7 +54,10 @@ def prune_neurons(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, ffn_flo
             xs.append(x)
             ys.append(y)
             resid.append(out - y)
-        neurons = select_neurons(dense_block.mlp, xs, m)
+        if selection == "obs":
+            neurons = select_neurons_obs(dense_block.mlp, xs, ys, m, ridge)
+        else:
+            neurons = select_neurons(dense_block.mlp, xs, m)
         block.mlp.c_fc.weight.copy_(dense_block.mlp.c_fc.weight[:, neurons])
         block.mlp.c_fc.bias.copy_(dense_block.mlp.c_fc.bias[neurons])
         block.mlp.c_proj.weight.copy_(dense_block.mlp.c_proj.weight[neurons])
