@@ -499,10 +499,7 @@ def _meta_ffn(config):
 
 def fused_width(ffn) -> int:
     """Rows of the sparse FFN's fused down-projection (its ``c_fc`` width): the ideal's ``n_inner``."""
-    c_fc = getattr(ffn, "c_fc", None)
-    if c_fc is not None:
-        return c_fc.out_features
-    return ffn.fused_weights()[0].shape[0]
+    return ffn.c_fc.out_features
 
 
 def ffn_flops_ratio(model) -> float:
@@ -600,12 +597,8 @@ def _init_dense_mlp(mlp: GPT2MLP) -> GPT2MLP:
 
 
 def inference_copy(model, S):
-    """The model as it is served: ``S["dtype"]``, eval mode, the sparse FFNs' fused weights frozen."""
-    m = copy.deepcopy(model).to(DTYPES[S["dtype"]]).eval()
-    freeze = getattr(m, "freeze_ffn_for_inference", None)
-    if freeze is not None:
-        freeze()
-    return m
+    """The model as it is served: ``S["dtype"]``, eval mode."""
+    return copy.deepcopy(model).to(DTYPES[S["dtype"]]).eval()
 
 
 def matmul_flops_per_token(module) -> int:
