@@ -242,6 +242,7 @@ if triton is not None:
     ):
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
+        domain = domain.to(tl.float32)  # compiled graphs pass the schema's float as fp64
         b = (pid_t // n_tiles_t).to(tl.int64)
         tt = pid_t % n_tiles_t
         n_act = m + k + r
@@ -311,6 +312,7 @@ if triton is not None:
     ):
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
+        domain = domain.to(tl.float32)  # compiled graphs pass the schema's float as fp64
         n_act = m + k + r
         fb0 = m + k
         col0 = pid_c * BC
