@@ -242,7 +242,7 @@ if triton is not None:
     ):
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
-        domain = domain.to(tl.float32)  # compiled graphs pass the schema's float as fp64
+        domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
         b = (pid_t // n_tiles_t).to(tl.int64)
         tt = pid_t % n_tiles_t
         n_act = m + k + r
@@ -312,7 +312,7 @@ if triton is not None:
     ):
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
-        domain = domain.to(tl.float32)  # compiled graphs pass the schema's float as fp64
+        domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
         n_act = m + k + r
         fb0 = m + k
         col0 = pid_c * BC
