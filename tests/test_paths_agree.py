@@ -87,3 +87,14 @@ def test_decoding_with_a_cache_equals_one_forward_over_random_configs(model, see
         for t in range(prefill, ids.shape[1]):
             steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=RTOL * whole.std().item(), rtol=0)
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 6), extra=st.integers(1, 6))
+def test_spectral_topk_keeps_exactly_the_k_largest_frequencies_of_each_token(seed, k, extra):
+    """z * [|z| >= kth(|z|)]: per token the k largest-magnitude of the analysed frequencies, the others 0."""
+    spectral = SparseGPT2LMHeadModel(tiny_config(n_layer=1, spectral_selection="topk", k_freq=k)).transformer.h[0].mlp.components["spectral"]
+    z = torch.randn(3, 5, k + extra, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = spectral.activate(z, None)
+    keep = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, z.abs().topk(k, dim=-1).indices, True)
+    torch.testing.assert_close(got, torch.where(keep, z, torch.zeros_like(z)), atol=0, rtol=0)

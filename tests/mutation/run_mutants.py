@@ -125,7 +125,7 @@ def run_one(mutant, timeout):
         source = open(path).read()
         open(path, "w").write(source.replace(original, replacement, 1))
         env = dict(os.environ, PYTHONPATH=tmp, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", "--hypothesis-profile=mutation", *tests]
         try:
             res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -139,6 +139,16 @@ def run_one(mutant, timeout):
         return dict(id=mid, file=rel, breaks=breaks, tests=" ".join(tests), status=status, by=by, tail=res.stdout[-400:] if status.startswith("error") else "")
 
 
+def markdown_table(results):
+    done = {r["id"]: r for r in results}
+    rows = ["| mutant | file | what it breaks | result | killed by |", "|---|---|---|---|---|"]
+    for mid, rel, _, _, breaks, tests in MUTANTS:
+        r = done.get(mid)
+        status, by = (r["status"], r["by"]) if r else ("not run", " ".join(tests))
+        rows.append(f"| {mid} | {rel} | {breaks} | {status} | `{by or '-'}` |")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that every original snippet is found once")
@@ -146,7 +156,11 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     parser.add_argument("--out", default="mutation_results.json")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.load(open(args.table))))
+        return
     mutants = [m for m in MUTANTS if not args.only or m[0] in args.only]
     if args.only and len(mutants) != len(args.only):
         sys.exit(f"unknown mutant ids: {sorted(set(args.only) - {m[0] for m in MUTANTS})}")
