@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from modeling_sparse_gpt2 import SparseGPT2LMHeadModel, UltraEfficientSparseFFN
+from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 
 from conftest import make_nonzero, tiny_config
 
@@ -44,10 +44,11 @@ def models(draw):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     model = make_nonzero(SparseGPT2LMHeadModel(config), seed)
-    with torch.no_grad():
-        for ffn in model.modules():
-            if isinstance(ffn, UltraEfficientSparseFFN) and ffn.gates.token:
-                ffn.gates.token_weight.normal_(std=0.3)
+    with torch.no_grad():  # no FFN parameter left at its zero init (the bias, token gates), so each one shows
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if ".mlp." in name and p.is_floating_point() and not p.any():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model.double().eval()
 
 
