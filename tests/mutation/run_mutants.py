@@ -62,7 +62,7 @@ MUTANTS = [
     ("M15", "polynomial.py", "    return out + F.relu(h - domain)", "    return out", "activation loses its linear tail beyond the domain", COMPONENTS),
     ("M16", "polynomial.py", "active = torch.argsort(c.abs(), descending=True)[: self.num_terms]", "active = torch.argsort(c.abs(), descending=True)[: self.num_terms + 1]",
      "one Chebyshev coefficient too many", CONVERSION),
-    ("M17", "spectral.py", "return z * (z.abs() >= kth).to(z.dtype)", "return z", "spectral top-k selection is a no-op", COMPONENTS),
+    ("M17", "spectral.py", "return z * (z.abs() >= kth).to(z.dtype)", "return z", "spectral top-k selection is a no-op", ["tests/test_paths_agree.py", "-k", "topk"]),
     ("M18", "spectral.py", "rows[freqs == 0] = 1.0 / math.sqrt(d)", "rows[freqs == 0] = 1.0", "DCT row 0 not normalised", COMPONENTS),
     ("M19", "tensor.py", "h = torch.matmul(self.left, xt)", "h = torch.matmul(self.left.transpose(1, 2), xt)", "Monarch left factor transposed", COMPONENTS),
     ("M20", "tensor.py", "return 2 * self.nb * self.bs * self.bs + 2 * self.bs * self.nb * self.nb", "return 2 * self.nb * self.bs * self.bs",
@@ -75,7 +75,7 @@ MUTANTS = [
     # ---- modeling_sparse_gpt2.py: masks, cache, FLOPs report
     ("M24", "modeling_sparse_gpt2.py", "inputs[TOKEN_MASK_KWARG] = token_mask.clone(memory_format=torch.contiguous_format)", "pass",
      "static cache: the token mask does not reach the feedback (issue 13.1)", PADDED_STATIC),
-    ("M25", "modeling_sparse_gpt2.py", "            kwargs[TOKEN_MASK_KWARG] = mask", "            pass", "2-D padding mask not passed to the FFN", PADDED),
+    ("M25", "modeling_sparse_gpt2.py", "            kwargs[TOKEN_MASK_KWARG] = mask", "            pass", "2-D padding mask not passed to the FFN (a direct forward with a mask)", FORMULA),
     ("M26", "modeling_sparse_gpt2.py", "layer_idx = self.mlp.layer_idx if cache is not None else 0", "layer_idx = 0", "every layer shares one feedback state", CACHE),
     ("M27", "modeling_sparse_gpt2.py", "        reorder_feedback_states(cache, beam_idx)\n", "", "beam reorder skips the feedback state", BEAMS),
     ("M28", "modeling_sparse_gpt2.py", "tokens = batch_size * (seq_len if seq_len is not None else self.config.n_positions)",
