@@ -290,6 +290,17 @@ class SparseGPT2LMHeadModel(SparseGPT2PreTrainedModel, GPT2LMHeadModel):
         self.loss_type = "ForCausalLM"  # the class name does not match transformers' loss lookup
         self.post_init()
 
+    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+        """GPT-2's, plus the current tokens' columns of the 2-D padding mask for the token feedback:
+        with a compilable (static) cache ``generate`` passes a 4-D attention mask, which the FFN cannot
+        read. The slice has a fixed shape while decoding, so compiled steps (CUDA graphs) keep replaying."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None and attention_mask.dim() == 2 and _uses_feedback(self.config):
+            current = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            token_mask = attention_mask[:, -current.shape[1] :]
+            inputs[TOKEN_MASK_KWARG] = token_mask.clone(memory_format=torch.contiguous_format)  # fixed stride
+        return inputs
+
     def _reorder_cache(self, cache, beam_idx):
         cache.reorder_cache(beam_idx)
         reorder_feedback_states(cache, beam_idx)

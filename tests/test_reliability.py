@@ -458,14 +458,16 @@ def test_full_model_forward_is_finite_with_huge_embeddings(dtype):
     torch.testing.assert_close(out.last_hidden_state.float(), ref.last_hidden_state, atol=0.1, rtol=0)
 
 
-def train_bf16_on_random_tokens(steps, seed=0):
-    """AdamW under CPU bf16 autocast, every component on (feedback strong); checks each step."""
+def train_bf16_on_random_tokens(steps, seed=0, fixed_batch=False):
+    """AdamW under CPU bf16 autocast, every component on (feedback strong); checks each step.
+    ``fixed_batch``: the same batch at every step (so the loss must fall), else a fresh one."""
     model = tiny_model(seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     losses = []
+    fixed = torch.randint(1, 97, (4, 16), generator=g)
     for step in range(steps):
-        ids = torch.randint(1, 97, (4, 16), generator=g)
+        ids = fixed if fixed_batch else torch.randint(1, 97, (4, 16), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(ids, labels=ids)
         assert out.logits.dtype == torch.bfloat16  # autocast really ran the model in bf16
@@ -482,8 +484,8 @@ def train_bf16_on_random_tokens(steps, seed=0):
 
 
 def test_bf16_autocast_training_50_steps_stays_finite():
-    losses = train_bf16_on_random_tokens(50)
-    assert losses[-1] != losses[0]  # the optimizer did move the weights
+    losses = train_bf16_on_random_tokens(50, fixed_batch=True)
+    assert max(losses[-5:]) < losses[0] - 1.0, losses  # bf16 training does learn: it memorises the batch
 
 
 @pytest.mark.slow
@@ -655,6 +657,7 @@ ALLOWED_IMPORTS = {
     "dataclasses",
     "typing",
     "difflib",  # string matching only: the config's did-you-mean warning for misspelt knobs
+    "triton",  # ffn_kernels' GPU kernels (imported when present; the torch reference runs without it)
 }
 BUILTINS = {"open", "exec", "eval", "compile", "__import__", "input", "breakpoint"}  # called by name
 MODULES = {
@@ -723,6 +726,6 @@ def test_saved_remote_code_imports_only_allowed_modules_and_does_no_io(saved):
     files = sorted(path.glob("*.py"))
     names = {f.stem for f in files}
     assert {"modeling_sparse_gpt2", "configuration_sparse_gpt2", "sparse_ffn", "polynomial", "spectral", "feedback",
-            "tensor", "micro", "gates", "component_base"} <= names  # fmt: skip
+            "tensor", "micro", "gates", "component_base", "ffn_kernels"} <= names  # fmt: skip
     for f in files:
         assert hygiene_violations(f.read_text(), names) == [], f.name

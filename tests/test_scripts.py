@@ -116,25 +116,37 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(dense_dir, tmp_pa
     assert not leftovers(tmp_path, "sparse")
 
 
-KILLER = """
+ARMED = """
 import os, runpy, signal, sys
 from transformers import TrainerCallback
 import modeling_sparse_gpt2.tooling.commands as lib
 
-class KillAfter(TrainerCallback):
+class Watch(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+        if os.environ.get("STEP_LOG"):  # every optimizer step this process runs
+            with open(os.environ["STEP_LOG"], "a") as f:
+                f.write(f"{state.global_step}\\n")
+        if state.global_step == int(os.environ.get("KILL_AT_STEP", -1)):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a crash or an OOM kill
 
 build = lib.build_healing_trainer
 def build_and_arm(*a, **k):
     trainer = build(*a, **k)
-    trainer.add_callback(KillAfter())
+    trainer.add_callback(Watch())
     return trainer
 lib.build_healing_trainer = build_and_arm
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+
+
+def run_armed(tmp_path, args, **env):
+    """The healing script with a callback that logs each step run (STEP_LOG) or SIGKILLs (KILL_AT_STEP)."""
+    armed = tmp_path / "armed.py"
+    armed.write_text(ARMED)
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, armed, os.path.join(ROOT, "scripts", "heal_sparse_gpt2.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_heal_killed_mid_training_resumes_to_the_same_weights_and_loss(dense_dir, tmp_path):
@@ -147,18 +159,18 @@ def test_heal_killed_mid_training_resumes_to_the_same_weights_and_loss(dense_dir
               "--report_to", "none", "--use_cpu", "--seed", 0, "--data_seed", 0, "--disable_tqdm", "true", "--max_steps", 6]
     full, part = tmp_path / "full", tmp_path / "part"
     run("heal_sparse_gpt2.py", *common, "--output_dir", full)
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", KILL_AT_STEP="5")
-    killed = subprocess.run([sys.executable, killer, os.path.join(ROOT, "scripts", "heal_sparse_gpt2.py"), *map(str, common),
-                             "--output_dir", part], env=env, capture_output=True, text=True, timeout=600)
+    killed = run_armed(tmp_path, [*common, "--output_dir", part], KILL_AT_STEP="5")
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILLed after step 5, its last checkpoint is step 3
     assert (part / "checkpoint-3").exists() and not (part / "model.safetensors").exists()
-    run("heal_sparse_gpt2.py", *common, "--output_dir", part, "--resume_from_checkpoint", part / "checkpoint-3")
+    steps = tmp_path / "resumed_steps.txt"
+    resumed = run_armed(tmp_path, [*common, "--output_dir", part, "--resume_from_checkpoint", part / "checkpoint-3"], STEP_LOG=str(steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed process trains only the remaining steps (a restart from step 0 would log 1..6)
+    assert steps.read_text().split() == ["4", "5", "6"]
     a = AutoModelForCausalLM.from_pretrained(full).state_dict()
     b = AutoModelForCausalLM.from_pretrained(part).state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=k)
+    for k in a:  # identical: same CPU kernels, optimizer state, RNG state and data order restored
+        assert torch.equal(a[k], b[k]), k
     log_full = json.loads((full / "healing_log.json").read_text())
     log_part = json.loads((part / "healing_log.json").read_text())
     loss = lambda log, step: next(e["loss"] for e in log if e.get("step") == step and "loss" in e)  # noqa: E731
