@@ -40,21 +40,20 @@ DISTILL = ["tests/test_distillation_loss.py"]
 # (id, file under modeling_sparse_gpt2/, original, replacement, what it breaks, tests)
 MUTANTS = [
     # ---- sparse_ffn.py: the fused and reference paths
-    ("M01", "sparse_ffn.py", "acts.append(a * half_tau[..., i : i + 1] if half_tau is not None else a)",
-     "acts.append(a * half_tau[..., 0:1] if half_tau is not None else a)", "fused path: every component gets the first token gate", FUSED),
-    ("M02", "sparse_ffn.py", "scale = 2.0 if self.gates.token else 1.0", "scale = 1.0", "fused path: token gates halved", FUSED),
-    ("M03", "sparse_ffn.py", "return y + self.gates.channel[i] * y_c", "return y + y_c", "reference path ignores the channel gates", FUSED),
-    ("M04", "sparse_ffn.py", "y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype), self.bias.to(x.dtype))",
-     "y = F.linear(torch.cat(acts, dim=-1), w_up.to(x.dtype))", "fused path drops the FFN bias", FUSED),
-    ("M05", "sparse_ffn.py", "key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)",
-     "key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)", "fused-weight cache misses in-place weight changes", COMPONENTS),
+    ("M01", "ffn_kernels.py", "a = a * (2 * torch.sigmoid(x[..., n_act + i : n_act + i + 1]))",
+     "a = a * (2 * torch.sigmoid(x[..., n_act : n_act + 1]))", "fused path: every component gets the first token gate", FUSED),
+    ("M02", "ffn_kernels.py", "a = a * (2 * torch.sigmoid(", "a = a * (torch.sigmoid(", "fused path: token gates halved", FUSED),
+    ("M03", "sparse_ffn.py", "y = y + self.gates.factor(name, tau) * y_c", "y = y + y_c", "reference path ignores the gates", FUSED),
+    ("M04", "sparse_ffn.py", "y = self.c_proj(self.middle(h, ctx))", "y = F.linear(self.middle(h, ctx), self.c_proj.weight)",
+     "fused path drops the FFN bias", FUSED),
+    # (M05, the fused-weight cache missing in-place weight changes, is retired: the c_fc / c_proj layout keeps no fused copy)
     ("M06", "sparse_ffn.py", "return 2 * 2 * self.spec.d * self.spec.f", "return 2 * self.spec.d * self.spec.f", "dense-equivalent FLOPs halved", FLOPS),
     # ---- feedback.py: the causal window and its decode state
     ("M07", "feedback.py", "for j in range(w - 1):", "for j in range(1, w - 1):", "feedback drops its oldest tap", FORMULA),
     ("M08", "feedback.py", "for j in range(w - 1):", "for j in range(0):", "feedback ignores every earlier token", FORMULA),
     ("M09", "feedback.py", "state.copy_(full[:, -(w - 1) :])", "state.copy_(full[:, : w - 1])", "decode state keeps the oldest, not the newest, values", CACHE),
-    ("M10", "feedback.py", "u = u * ctx.token_mask[:, -u.shape[1] :, None].to(u.dtype)", "pass", "padding leaks into the feedback", PADDED),
-    ("M11", "feedback.py", 's = F.gelu(s, approximate="tanh")', "s = s", "feedback without its gelu", FORMULA),
+    ("M10", "feedback.py", "u = u * token_mask[:, -u.shape[1] :, None].to(u.dtype)", "pass", "padding leaks into the feedback", PADDED),
+    ("M11", "feedback.py", 'return F.gelu(s, approximate="tanh")', "return s", "feedback without its gelu", FORMULA),
     ("M12", "feedback.py", "state.copy_(state.index_select(0, beam_idx.to(state.device)))", "pass", "beam search does not reorder the feedback state", BEAMS),
     ("M13", "feedback.py", "return 2 * self.rows * self.window + 8 * self.rows", "return 8 * self.rows", "feedback's elementwise FLOPs omit the convolution", FLOPS),
     # ---- polynomial.py, spectral.py, tensor.py, micro.py, gates.py
@@ -69,9 +68,9 @@ MUTANTS = [
      "Monarch FLOPs omit the right factor", FLOPS),
     ("M21", "micro.py", "z = z + F.gelu(torch.matmul(self.blocks[s], z), approximate=\"tanh\")", "z = F.gelu(torch.matmul(self.blocks[s], z), approximate=\"tanh\")",
      "micro steps lose their residual", COMPONENTS),
-    ("M22", "gates.py", "return 2 * self.channel.shape[1] * len(self.names) if self.token else 0", "return self.channel.shape[1] * len(self.names) if self.token else 0",
+    ("M22", "sparse_ffn.py", "gate_mm = 2 * d * n_comp if self.gates.token else 0", "gate_mm = d * n_comp if self.gates.token else 0",
      "token-gate FLOPs halved", FLOPS),
-    ("M23", "gates.py", "return 2 * torch.sigmoid(h_tok)", "return torch.sigmoid(h_tok)", "reference token gates halved", FUSED),
+    ("M23", "gates.py", "return 2 * torch.sigmoid(h_gate)", "return torch.sigmoid(h_gate)", "reference token gates halved", FUSED),
     # ---- modeling_sparse_gpt2.py: masks, cache, FLOPs report
     ("M24", "modeling_sparse_gpt2.py", "inputs[TOKEN_MASK_KWARG] = token_mask.clone(memory_format=torch.contiguous_format)", "pass",
      "static cache: the token mask does not reach the feedback (issue 13.1)", PADDED_STATIC),
@@ -81,18 +80,19 @@ MUTANTS = [
     ("M28", "modeling_sparse_gpt2.py", "tokens = batch_size * (seq_len if seq_len is not None else self.config.n_positions)",
      "tokens = batch_size * self.config.n_positions", "flops_report ignores seq_len", FLOPS),
     # ---- tooling/conversion.py
-    ("M29", "tooling/conversion.py", 'comps["polynomial"].w_out.copy_(w_f[:m].T)', 'comps["polynomial"].w_out.copy_(1.1 * w_f[:m].T)', "fitted c_proj scaled by 1.1", CONVERSION),
-    ("M30", "tooling/conversion.py", "ffn.bias.copy_(w_f[-1])", "ffn.bias.zero_()", "fitted bias dropped", CONVERSION),
-    ("M31", "tooling/conversion.py", "spectral.set_frequencies(torch.topk(energy, kc).indices.sort().values.cpu())",
-     "spectral.set_frequencies(torch.arange(kc))", "spectral frequencies not chosen by residual energy", CONVERSION),
-    ("M32", "tooling/conversion.py", "hidden = [r + ffn(x) for r, x in zip(resid, xs)]", "hidden = [r + y for r, y in zip(resid, ys)]",
+    ("M29", "tooling/conversion.py", 'ffn.w_out("polynomial").copy_(w_f[:m].T)', 'ffn.w_out("polynomial").copy_(1.1 * w_f[:m].T)', "fitted c_proj scaled by 1.1", CONVERSION),
+    ("M30", "tooling/conversion.py", "ffn.c_proj.bias.copy_(w_f[-1])", "ffn.c_proj.bias.zero_()", "fitted bias dropped", CONVERSION),
+    ("M31", "tooling/conversion.py", "ffn.set_spectral_frequencies(torch.topk(energy, kc).indices.sort().values.cpu())",
+     "ffn.set_spectral_frequencies(torch.arange(kc))", "spectral frequencies not chosen by residual energy", CONVERSION),
+    ("M32", "tooling/conversion.py", "[r + ffn(x) for r, x in zip(resid[part], xs[part])]", "[r + y for r, y in zip(resid[part], ys[part])]",
      "later layers fitted on dense, not converted, inputs", CONVERSION),
     ("M33", "tooling/conversion.py", "            sparse_sd[name].copy_(tensor)\n", "", "shared weights not copied", CONVERSION),
     # ---- tooling/distillation.py
     ("M34", "tooling/distillation.py", "kl = (kl * valid).sum() / valid.sum().clamp_min(1) * temperature**2", "kl = (kl * valid).sum() / valid.sum().clamp_min(1)",
      "KL term without T^2", DISTILL),
     ("M35", "tooling/distillation.py", "valid = (labels[:, 1:] != -100).float()", "valid = torch.ones_like(labels[:, 1:]).float()", "padding scored in the KL", DISTILL),
-    ("M36", "tooling/distillation.py", "return alpha_kl * kl + (1 - alpha_kl) * ce, kl, ce", "return alpha_kl * kl + ce, kl, ce", "CE not weighted by 1 - alpha", DISTILL),
+    ("M36", "tooling/distillation.py", "ignore_index=-100)\n    return alpha_kl * kl + (1 - alpha_kl) * ce, kl, ce",
+     "ignore_index=-100)\n    return alpha_kl * kl + ce, kl, ce", "CE not weighted by 1 - alpha (the plain loss)", DISTILL),
 ]
 
 
