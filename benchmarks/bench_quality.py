@@ -26,11 +26,14 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 from modeling_sparse_gpt2 import COMPONENTS
+from modeling_sparse_gpt2.component_base import FFNContext
 from modeling_sparse_gpt2.tooling import baselines
+from modeling_sparse_gpt2.tooling.commands import healing_training_arguments
 from modeling_sparse_gpt2.tooling.conversion import ConversionArguments, convert_gpt2_to_sparse
 from modeling_sparse_gpt2.tooling.distillation import DistillationArguments, build_healing_trainer
 from modeling_sparse_gpt2.tooling.evaluation import perplexity
@@ -47,13 +50,9 @@ def windows(tokens, block, n, seed):
 
 
 def heal(model, dense, train_blocks, steps, batch, lr, seed):
+    """The main job's healing run (``commands.healing_training_arguments``), timed."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-            lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 5),
-            save_strategy="no", report_to=[], bf16=torch.cuda.is_available(), seed=seed, disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
+        args = healing_training_arguments(tmp, steps, batch, lr, seed)
         trainer = build_healing_trainer(model.float().train(), dense, train_blocks, None, args, DistillationArguments())
         t = time.time()
         trainer.train()
@@ -61,16 +60,21 @@ def heal(model, dense, train_blocks, steps, batch, lr, seed):
 
 
 def flop_agreement(model, seq_len):
-    """Per component, analytic FLOPs of one sequence against FlopCounterMode (block 0)."""
+    """Per component, analytic FLOPs of one sequence against FlopCounterMode (block 0); a GEMM
+    component runs through its c_fc / c_proj slices, as ``reference_forward`` runs it."""
     ffn = sparse_ffns(model)[0]
     x = torch.randn(1, seq_len, model.config.n_embd, device=model.device)
     out = {}
     per_tok = ffn.flops_per_token()
     for name, comp in ffn.components.items():
-        with FlopCounterMode(display=False) as counter:
-            comp(x) if name in ("tensor", "micro") else comp(x, None)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            if name in ffn.segments:
+                h = F.linear(x, ffn.w_in(name), ffn.b_in(name))
+                F.linear(comp.activate(h, FFNContext(layer_idx=0)), ffn.w_out(name))
+            else:
+                comp(x)
         out[name] = {"analytic": per_tok[name][0] * seq_len, "flop_counter": counter.get_total_flops()}
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
         ffn(x)
     out["ffn_fused_total"] = {"analytic": sum(v[0] for v in per_tok.values()) * seq_len, "flop_counter": counter.get_total_flops()}
     return out

@@ -83,12 +83,12 @@ def sparse_ffn_activation_reference(
     domain: float,
     degree: int,
 ) -> Tensor:
-    """The specification in plain torch (fp32 inside), from the components' own functions."""
-    x = h.float()
+    """The specification in plain torch (fp32 inside, fp64 for fp64 inputs), from the components' own functions."""
+    x = h.to(torch.promote_types(h.dtype, torch.float32))
     n_act = m + k + r
     segments = []
     if m:  # (P, degree+1): P == 1 broadcasts over the neurons
-        segments.append(chebyshev_activation(x[..., :m], coeffs.float(), 1.0, domain, degree))
+        segments.append(chebyshev_activation(x[..., :m], coeffs.to(x.dtype), 1.0, domain, degree))
     if k:
         segments.append(x[..., m : m + k])
     if r:
@@ -97,11 +97,11 @@ def sparse_ffn_activation_reference(
         if squeeze:
             u = u[None]
             token_mask = token_mask.reshape(1, -1) if token_mask is not None else None
-        s = causal_feedback(u, fb_kernel.float(), fb_state if fb_kernel.shape[1] > 1 else None, token_mask)
+        s = causal_feedback(u, fb_kernel.to(x.dtype), fb_state if fb_kernel.shape[1] > 1 else None, token_mask)
         segments.append(s[0] if squeeze else s)
     scaled = []
     for i, a in enumerate(segments):
-        a = a * gates[i].float()
+        a = a * gates[i].to(x.dtype)
         if n_gates:
             a = a * (2 * torch.sigmoid(x[..., n_act + i : n_act + i + 1]))
         scaled.append(a)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ffn_kernels
 from .component_base import FFNContext, GemmComponent
 from .feedback import FeedbackComponent
+from .ffn_kernels import sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
@@ -120,19 +120,20 @@ class UltraEfficientSparseFFN(nn.Module):
         m, k, r = (width.get(name, 0) for name in ("polynomial", "spectral", "feedback"))
         n_seg, n_gates = len(self.segments), len(self.segments) if self.gates.token else 0
         poly, feedback = self.components["polynomial"] if m else None, self.components["feedback"] if r else None
+        inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
         if poly is not None:
-            coeffs, domain, degree = (poly.coeffs * poly.coeff_mask).float().view(-1, poly.degree + 1), poly.domain, poly.degree
+            coeffs, domain, degree = (poly.coeffs * poly.coeff_mask).to(inner).view(-1, poly.degree + 1), poly.domain, poly.degree
         else:
-            coeffs, domain, degree = h.new_zeros(1, 1, dtype=torch.float32), 1.0, 0
+            coeffs, domain, degree = h.new_zeros(1, 1, dtype=inner), 1.0, 0
         state = None
         if feedback is not None:
             like = h[..., self.segments["feedback"]]
             state = feedback.state(ctx, like if like.dim() == 3 else like[None])
         if self.act_width + n_gates < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
             h = h[..., : self.act_width + n_gates].contiguous()
-        return ffn_kernels.sparse_ffn_activation(
-            h, coeffs, self.gates.weight[:n_seg].float(),
-            feedback.kernel.float() if feedback is not None else None, state, ctx.token_mask,
+        return sparse_ffn_activation(
+            h, coeffs, self.gates.weight[:n_seg].to(inner),
+            feedback.kernel.to(inner) if feedback is not None else None, state, ctx.token_mask,
             m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree,
         )  # fmt: skip
 

@@ -2,6 +2,10 @@ import os
 
 import pytest
 import torch
+from hypothesis import Phase, settings
+
+# the mutation run (tests/mutation/run_mutants.py) stops at the first failing example: no shrinking
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

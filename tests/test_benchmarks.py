@@ -213,7 +213,7 @@ def test_bench_quality_resumes_its_rows_and_records_those_after_the_deadline_as_
         np.save(tmp_path / f"{split}.npy", token_stream(load_texts(path), tok).numpy().astype(np.uint16))
     common = ["--train_tokens", str(tmp_path / "train.npy"), "--validation_tokens", str(tmp_path / "validation.npy"),
               "--tokenizer_name_or_path", DEFAULT_MODEL, "--dense_model", DEFAULT_MODEL, "--work_dir", str(tmp_path / "work"),
-              "--output", str(tmp_path / "q.json"), "--heal_steps", "2", "--heal_batch", "2", "--calibration_samples", "8",
+              "--output", str(tmp_path / "q.json"), "--heal_steps", "2", "--heal_batch", "2", "--calibration_samples", "10",
               "--max_eval_tokens", "4096", "--methods", "sparse_gpt2,prune_ls", "--extra_methods", ""]
     run_module("bench_quality", *common, "--ratios", "0.4")
     first = json.loads((tmp_path / "q.json").read_text())

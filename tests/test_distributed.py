@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def models(tmp_path_factory):
         out[name] = base / name
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "convert_gpt2_to_sparse.py"), "--model_name_or_path", str(base / "dense"),
                         "--output_dir", str(out[name]), "--ffn_flops_ratio", "0.6", "--calibration_file", DEFAULT_CALIBRATION,
-                        "--num_calibration_samples", "4", "--block_size", "32", "--sparse_components", *comps.split()],
+                        "--num_calibration_samples", "10", "--block_size", "32", "--sparse_components", *comps.split()],
                        check=True, env=env, capture_output=True)
     return out
 
@@ -56,7 +55,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process(models, tmp_path, student)
                [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"], per_device_batch=2)
     # same global batch of 4 sequences per step. Tolerance: 1% relative per step. Measured: 4e-4 at
-    # the first step and up to 3e-3 after four updates (the cause of the drift is not established).
+    # the first step and up to 3e-3 after four updates. Not rounding: averaging the gradients of two
+    # halves of the same batches, then AdamW, stays within 1e-7 of the full-batch run for 5 steps
+    # (tiny model, CE; measured in one process). So the runs do not see the same computation (which
+    # sequences form each global batch, or the per-rank loss normalisation); until that is found the
+    # tolerance stays where the measurements put it.
     assert len(single) == len(ddp) == 5
     assert ddp[0] == pytest.approx(single[0], rel=2e-3)
     assert ddp == pytest.approx(single, rel=1e-2)
@@ -89,11 +92,12 @@ def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path,
     one must still call it, or the main one waits on it forever; it writes nothing itself."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from modeling_sparse_gpt2 import scripts_lib
+    from modeling_sparse_gpt2.tooling import commands
+    from modeling_sparse_gpt2.tooling.data import HealDataArguments
     from modeling_sparse_gpt2.tooling.distillation import DistillationArguments
 
     saved = []
-    build_healing_trainer = scripts_lib.build_healing_trainer
+    build_healing_trainer = commands.build_healing_trainer
 
     def build_as_second_process(*args, **kwargs):
         trainer = build_healing_trainer(*args, **kwargs)
@@ -101,14 +105,14 @@ def test_heal_and_save_gathers_the_checkpoint_on_every_process(models, tmp_path,
         trainer.save_model = lambda output_dir=None, **kw: saved.append(output_dir)
         return trainer
 
-    monkeypatch.setattr(scripts_lib, "build_healing_trainer", build_as_second_process)
+    monkeypatch.setattr(commands, "build_healing_trainer", build_as_second_process)
     out = tmp_path / "rank1"
-    heal_args = SimpleNamespace(model_name_or_path=str(models["all"]), teacher_model_name_or_path=str(models["dense"]),
-                                train_file=DEFAULT_CALIBRATION, validation_file=None, dataset_name=None, dataset_config_name=None,
-                                block_size=32, max_train_samples=4, text_column="text")
+    heal_args = commands.HealArguments(model_name_or_path=str(models["all"]), teacher_model_name_or_path=str(models["dense"]),
+                                       max_train_samples=4)
+    data_args = HealDataArguments(train_file=DEFAULT_CALIBRATION, block_size=32)
     (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", "--use_cpu", "--report_to", "none",
          "--save_strategy", "no", "--disable_tqdm", "true"])
-    scripts_lib.heal_and_save(heal_args, DistillationArguments(), training_args)
-    assert saved == [str(out)]
+    commands.heal_and_save(heal_args, data_args, DistillationArguments(), training_args)
+    assert len(saved) == 1  # the collective was called once (where to, only the main process uses)
     assert not (out / "healing_log.json").exists() and not (out / "README.md").exists()

@@ -40,7 +40,7 @@ def feedback_models(draw):
         n_embd=n_embd, n_head=2, n_layer=draw(st.integers(1, 2)),
         sparse_components=["polynomial", "feedback", *extra],
         feedback_rank=draw(st.integers(1, 6)), feedback_window=draw(st.integers(1, 5)),
-        gate_kind=draw(st.sampled_from(["channel", "token"])),
+        gate_kind=draw(st.sampled_from(["scalar", "token"])),
         spectral_selection=draw(st.sampled_from(["static", "topk"])),
         k_freq=draw(st.integers(2, 8)), tensor_blocks=4, micro_group_size=4,
     )  # fmt: skip
@@ -54,7 +54,7 @@ def build(config, seed):
     with torch.no_grad():
         for ffn in model.modules():
             if isinstance(ffn, UltraEfficientSparseFFN) and ffn.gates.token:
-                ffn.c_fc.weight[ffn.gate_rows].normal_(std=0.3)
+                ffn.c_fc.weight[ffn.gate_rows].normal_(std=0.3)  # the token-gate rows
     return model.double().eval()
 
 

@@ -204,15 +204,30 @@ def test_text_generation_pipeline(model):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    model.resize_token_embeddings(len(vocab))  # every id the model can choose has a spelling
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # min: no early stop on <eos>
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
-    out = pipe("abc", max_new_tokens=5, do_sample=False)
-    assert out[0]["generated_text"].startswith("abc")
+    out = pipe("abc", **kw)
+    prompt = tokenizer("abc", return_tensors="pt").input_ids
+    greedy = model.generate(prompt, pad_token_id=0, **kw)[0, prompt.shape[1] :]
+    assert len(greedy) == 5, greedy
+    assert out[0]["generated_text"] == "abc" + tokenizer.decode(greedy)  # the pipeline's text is greedy generate's
 
 
 def test_sequence_classification_head():
-    m = SparseGPT2ForSequenceClassification(tiny_config(num_labels=3))
-    out = m(ids(), labels=torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    """Logits = the score head on the hidden state of each row's last non-pad token; loss = their CE."""
+    torch.manual_seed(0)
+    m = make_nonzero(SparseGPT2ForSequenceClassification(tiny_config(num_labels=3))).eval()
+    x = ids(batch=3)
+    x[0, 7:] = 0  # right padding (pad_token_id 0): row 0 ends at position 6, the others at 11
+    x[2, 4:] = 0
+    labels = torch.tensor([0, 2, 1])
+    out = m(x, labels=labels)
+    hidden = m.transformer(x).last_hidden_state
+    expected = m.score(hidden[torch.arange(3), torch.tensor([6, 11, 3])])
+    torch.testing.assert_close(out.logits, expected, atol=1e-6, rtol=1e-6)
+    assert out.logits.shape == (3, 3)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(expected, labels), atol=1e-6, rtol=1e-6)
 
 
 def test_trainer_loss_falls(tmp_path):

@@ -26,8 +26,10 @@ def test_card_says_to_install_from_source_and_gives_context_length_use_and_measu
     assert "pip install sparse-gpt2" not in text
     assert "not published on PyPI" in text and "pip install ." in text
     assert "Context length: **64 tokens**" in text  # n_positions of the tiny model
-    for section in ("## Intended use and limitations", "## How the numbers were measured", "trust_remote_code=True"):
+    for section in ("## Intended use and limitations", "## How the numbers were measured"):
         assert section in text
+    for loader in ("AutoModelForCausalLM", "AutoTokenizer"):  # without the package both need the remote-code flag
+        assert re.search(rf'{loader}\.from_pretrained\("[^"]*", trust_remote_code=True\)', text), loader
 
 
 def test_knob_table_gives_resolved_values_of_active_components_only():

@@ -45,7 +45,7 @@ def leftovers(parent, name):
 def test_convert_script_writes_checkpoint_card_and_report(dense_dir, tmp_path):
     out = tmp_path / "sparse"
     run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", out, "--ffn_flops_ratio", 0.5,
-        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 4, "--block_size", 32, "--k_freq", 4)
+        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32, "--k_freq", 4)
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["ffn_flops_ratio"] <= 0.5
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -69,7 +69,7 @@ def test_convert_script_writes_checkpoint_card_and_report(dense_dir, tmp_path):
 )
 def test_convert_script_bad_input_gives_clear_error_and_no_output(dense_dir, tmp_path, case, extra, message):
     args = {"--model_name_or_path": dense_dir, "--output_dir": tmp_path / "out", "--calibration_file": DEFAULT_CALIBRATION,
-            "--num_calibration_samples": 2, "--block_size": 32}
+            "--num_calibration_samples": 10, "--block_size": 32}
     for k, v in zip(extra[::2], extra[1::2]):
         args[k] = v
     out = run("convert_gpt2_to_sparse.py", *[x for kv in args.items() for x in kv], check=False)
@@ -107,7 +107,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(dense_dir, tmp_pa
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     common = ["--model_name_or_path", dense_dir, "--output_dir", out, "--calibration_file", DEFAULT_CALIBRATION,
-              "--num_calibration_samples", 2, "--block_size", 32]
+              "--num_calibration_samples", 10, "--block_size", 32]
     res = run("convert_gpt2_to_sparse.py", *common, check=False)
     assert res.returncode != 0 and "--overwrite_output_dir" in res.stderr
     assert (out / "keep.txt").read_text() == "user data"
@@ -116,20 +116,23 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(dense_dir, tmp_pa
     assert not leftovers(tmp_path, "sparse")
 
 
-KILLER = """
+ARMED = """
 import os, runpy, signal, sys
 from transformers import TrainerCallback
 import modeling_sparse_gpt2.tooling.commands as lib
 
-class KillAfter(TrainerCallback):
+class Watch(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+        if os.environ.get("STEP_LOG"):  # every optimizer step this process runs
+            with open(os.environ["STEP_LOG"], "a") as f:
+                f.write(f"{state.global_step}\\n")
+        if state.global_step == int(os.environ.get("KILL_AT_STEP", -1)):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a crash or an OOM kill
 
 build = lib.build_healing_trainer
 def build_and_arm(*a, **k):
     trainer = build(*a, **k)
-    trainer.add_callback(KillAfter())
+    trainer.add_callback(Watch())
     return trainer
 lib.build_healing_trainer = build_and_arm
 sys.argv = sys.argv[1:]
@@ -137,28 +140,38 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def run_armed(tmp_path, args, **env):
+    """The healing script with a callback that logs each step run (STEP_LOG) or SIGKILLs (KILL_AT_STEP)."""
+    armed = tmp_path / "armed.py"
+    armed.write_text(ARMED)
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, armed, os.path.join(ROOT, "scripts", "heal_sparse_gpt2.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_heal_killed_mid_training_resumes_to_the_same_weights_and_loss(dense_dir, tmp_path):
     sparse = tmp_path / "sparse"
     run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", sparse, "--ffn_flops_ratio", 0.5,
-        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 4, "--block_size", 32)
+        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32)
     common = ["--model_name_or_path", sparse, "--teacher_model_name_or_path", dense_dir, "--train_file", DEFAULT_CALIBRATION,
               "--validation_file", DEFAULT_VALIDATION, "--block_size", 32, "--max_train_samples", 32,
               "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, "--save_steps", 3, "--logging_steps", 1,
               "--report_to", "none", "--use_cpu", "--seed", 0, "--data_seed", 0, "--disable_tqdm", "true", "--max_steps", 6]
     full, part = tmp_path / "full", tmp_path / "part"
     run("heal_sparse_gpt2.py", *common, "--output_dir", full)
-    killer = tmp_path / "killer.py"
-    killer.write_text(KILLER)
-    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", KILL_AT_STEP="5")
-    killed = subprocess.run([sys.executable, killer, os.path.join(ROOT, "scripts", "heal_sparse_gpt2.py"), *map(str, common),
-                             "--output_dir", part], env=env, capture_output=True, text=True, timeout=600)
+    killed = run_armed(tmp_path, [*common, "--output_dir", part], KILL_AT_STEP="5")
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILLed after step 5, its last checkpoint is step 3
-    assert (part / "checkpoint-3").exists() and not (part / "model.safetensors").exists()
-    run("heal_sparse_gpt2.py", *common, "--output_dir", part, "--resume_from_checkpoint", part / "checkpoint-3")
+    checkpoints = tmp_path / "part.checkpoints"  # the Trainer's checkpoints live beside the output folder
+    assert (checkpoints / "checkpoint-3").exists() and not part.exists()
+    steps = tmp_path / "resumed_steps.txt"
+    resumed = run_armed(tmp_path, [*common, "--output_dir", part, "--resume_from_checkpoint", checkpoints / "checkpoint-3"], STEP_LOG=str(steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed process trains only the remaining steps (a restart from step 0 would log 1..6)
+    assert steps.read_text().split() == ["4", "5", "6"]
     a = AutoModelForCausalLM.from_pretrained(full).state_dict()
     b = AutoModelForCausalLM.from_pretrained(part).state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=k)
+    for k in a:  # identical: same CPU kernels, optimizer state, RNG state and data order restored
+        assert torch.equal(a[k], b[k]), k
     log_full = json.loads((full / "healing_log.json").read_text())
     log_part = json.loads((part / "healing_log.json").read_text())
     loss = lambda log, step: next(e["loss"] for e in log if e.get("step") == step and "loss" in e)  # noqa: E731
@@ -181,7 +194,7 @@ def test_main_job_runs_offline_on_the_embedded_default(tmp_path):
     from modeling_sparse_gpt2.tooling.main_job import main
 
     out = tmp_path / "job"
-    rc = main(["--output_dir", str(out), "--heal_steps", "2", "--heal_batch_size", "2", "--num_calibration_samples", "4",
+    rc = main(["--output_dir", str(out), "--heal_steps", "2", "--heal_batch_size", "2", "--num_calibration_samples", "38",
                "--block_size", "64", "--max_eval_tokens", "1500"])
     assert rc == 0
     results = json.loads((out / "sparse_gpt2_results.json").read_text())
@@ -190,7 +203,7 @@ def test_main_job_runs_offline_on_the_embedded_default(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert card.data.eval_results[0].metric_type == "perplexity"
     assert card.data.library_name == "transformers"
-    assert main(["--output_dir", str(out), "--heal_steps", "0"]) == 2  # exists, no --overwrite_output_dir
+    assert main(["--output_dir", str(out), "--heal_steps", "0"]) == 1  # exists, no --overwrite_output_dir
 
 
 SAVE_KILLER = """
@@ -214,7 +227,7 @@ def test_conversion_killed_while_writing_leaves_no_output_folder(dense_dir, tmp_
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, killer, os.path.join(ROOT, "scripts", "convert_gpt2_to_sparse.py"),
                           "--model_name_or_path", dense_dir, "--output_dir", out, "--calibration_file", DEFAULT_CALIBRATION,
-                          "--num_calibration_samples", "2", "--block_size", "32"], env=env, capture_output=True, text=True, timeout=600)
+                          "--num_calibration_samples", "10", "--block_size", "32"], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == -9, res.stderr[-2000:]
     assert not out.exists()  # only the hidden temporary folder beside it holds the partial write
     assert leftovers(tmp_path, "sparse")
