@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.4, help="FFN FLOPs ratio of the conversion")
     p.add_argument("--output", default="docs/benchmarks/results/conversion_scale.json")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, 4 windows of 32 tokens")
+    p.add_argument("--smoke", action="store_true", help="the tiny shape on the CPU, 20 windows of 32 tokens (above the conversion's calibration floor)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one shape's spec as JSON: run it here, print the row
     args = p.parse_args(argv)
     if args.child:
@@ -145,7 +145,7 @@ def main(argv=None):
         p.error(f"--calibration_file: file not found: {args.calibration_file}")
     if args.smoke:
         args.shapes = "tiny@cpu" if args.shapes == p.get_default("shapes") else args.shapes
-        args.calibration_samples, args.block = min(args.calibration_samples, 4), min(args.block, 32)
+        args.calibration_samples, args.block = 20, min(args.block, 32)
     result = {"environment": environment(), "settings": vars(args), "rows": []}
     for shape, device in parse_shapes(args.shapes, args.smoke):
         spec = {"shape": shape, "device": device, "ratio": args.ratio, "block": args.block, "seed": args.seed,

@@ -178,7 +178,7 @@ def one_thread(monkeypatch):
 
 
 HEALING_SMOKE = ["--smoke", "--methods", "prune_ls,sparse_gpt2_per_neuron", "--ratios", "0.4", "--tokens", "64,128",
-                 "--calibration_samples", "4", "--max_eval_tokens", "256"]
+                 "--calibration_samples", "10", "--max_eval_tokens", "256"]
 
 
 def test_healing_curve_smoke_resumes_to_the_same_curve(tmp_path, one_thread):
@@ -212,10 +212,10 @@ def test_healing_curve_bad_flags():
 
 def test_conversion_scale_row_and_flags(tmp_path, one_thread):
     bench = _bench("bench_conversion_scale")
-    spec = {"shape": "tiny", "device": "cpu", "ratio": 0.4, "block": 16, "seed": 0, "calibration_samples": 2,
+    spec = {"shape": "tiny", "device": "cpu", "ratio": 0.4, "block": 16, "seed": 0, "calibration_samples": 37,
             "calibration_file": None, "tokenizer_name_or_path": None}
     row = bench.convert_one(spec)
-    assert row["convert_s"] > 0 and row["peak_rss_gib"] >= row["rss_before_gib"] > 0 and row["calibration_tokens"] == 32
+    assert row["convert_s"] > 0 and row["peak_rss_gib"] >= row["rss_before_gib"] > 0 and row["calibration_tokens"] == 37 * 16
     assert row["ffn_flops_ratio"] <= 0.4 and row["sparse_params"] < row["dense_params"]
     if not torch.cuda.is_available():
         result = bench.main(["--shapes", "gpt2-xl@cuda", "--output", str(tmp_path / "scale.json")])
