@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -67,6 +70,34 @@ def tiny_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = SparseGPT2LMHeadModel(tiny_config(**overrides))
     return make_nonzero(model, seed).eval()
+
+
+def run_without_the_package(body: str, tmp_path, hidden_path: str):
+    """Run ``body`` (Python source) in a fresh process that cannot import this package (as a Hub user
+    without it, remote code only), with its own remote-code cache; returns the CompletedProcess."""
+    prelude = f"""
+import builtins, sys
+real_import = builtins.__import__
+def guarded(name, *a, **k):
+    if name == "modeling_sparse_gpt2" or name.startswith("modeling_sparse_gpt2."):
+        raise ImportError("package not installed: " + name)
+    return real_import(name, *a, **k)
+builtins.__import__ = guarded
+sys.path = [p for p in sys.path if p not in ("", {hidden_path!r})]
+"""
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny shapes: a second OpenMP thread only adds spin-wait (10x slower when the two cores are
+    shared with another process), so a module that asks for this runs with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -5,14 +5,11 @@ import argparse
 import math
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_without_the_package, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_sparse_gpt2.tooling import cli
@@ -189,23 +186,11 @@ def test_tokenizer_loads_without_the_package_and_without_a_prompt(tmp_path):
     needs as well) loads it with no prompt, as GPT-2's tokenizer with the model's context length."""
     ckpt = tmp_path / "ckpt"
     save_model_and_tokenizer(str(ckpt), tiny_model(), load_tokenizer(DEFAULT_MODEL))
-    script = textwrap.dedent(
-        f"""
-        import builtins, sys
-        real_import = builtins.__import__
-        def guarded(name, *a, **k):
-            if name == "modeling_sparse_gpt2" or name.startswith("modeling_sparse_gpt2."):
-                raise ImportError("package not installed: " + name)
-            return real_import(name, *a, **k)
-        builtins.__import__ = guarded
-        sys.path = [p for p in sys.path if p not in ("", {repr(ROOT)})]
+    out = run_without_the_package(f"""
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(ckpt)!r}, trust_remote_code=True)
         print("TOKENIZER", type(tok).__name__, tok.model_max_length, tok("def f(x):")["input_ids"])
-        """
-    )
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        """, tmp_path, ROOT)
     expected = load_tokenizer(DEFAULT_MODEL)("def f(x):")["input_ids"]
     assert f"TOKENIZER GPT2Tokenizer 64 {expected}" in out.stdout, out.stderr[-3000:]
     assert "[y/N]" not in out.stdout + out.stderr and "model of type" not in out.stderr

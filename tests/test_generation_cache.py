@@ -92,12 +92,7 @@ def assert_rows_equal_alone(model, prompts, batch, mask, **kw):
         assert torch.equal(tokens[i], ref_tokens[0]), (i, tokens[i].tolist(), ref_tokens[0].tolist())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: a second thread only spins (see test_reliability)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
@@ -122,18 +117,24 @@ def compiled_static_generation(backend, mode=None):
     return dict(cache_implementation="static", compile_config=config)
 
 
+def three_left_padded_prompts():
+    """Prompts of 3, 6 and 1 tokens right-aligned in 6 columns; the padding holds random token ids
+    (mask 0), so nothing may depend on what it holds."""
+    prompts = [torch.tensor([5, 17, 3]), torch.tensor([8, 2, 44, 61, 9, 12]), torch.tensor([30])]
+    batch = torch.randint(1, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(batch)
+    for i, p in enumerate(prompts):
+        batch[i, 6 - len(p) :] = p
+        mask[i, 6 - len(p) :] = 1
+    return prompts, batch, mask
+
+
 @pytest.mark.slow
 def test_left_padded_static_cache_under_torch_compile_on_cpu():
     """generate's own compiled decode step (aot_eager backend: dynamo tracing, no C++ toolchain)."""
     torch._dynamo.reset()
     model = build(tiny_config(feedback_window=4), seed=1)
-    prompts = [torch.tensor([5, 17, 3]), torch.tensor([8, 2, 44, 61, 9, 12]), torch.tensor([30])]
-    width = 6
-    batch = torch.randint(1, 97, (3, width), generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros_like(batch)
-    for i, p in enumerate(prompts):
-        batch[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
+    prompts, batch, mask = three_left_padded_prompts()
     torch._dynamo.utils.counters.clear()
     assert_rows_equal_alone(model, prompts, batch, mask, **compiled_static_generation("aot_eager"))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the decode steps did run compiled
@@ -146,13 +147,7 @@ def test_left_padded_static_cache_under_cuda_graphs():
     torch._dynamo.reset()
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build(tiny_config(feedback_window=4), seed=1).float().cuda()
-    prompts = [torch.tensor([5, 17, 3]), torch.tensor([8, 2, 44, 61, 9, 12]), torch.tensor([30])]
-    width = 6
-    batch = torch.randint(1, 97, (3, width), generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros_like(batch)
-    for i, p in enumerate(prompts):
-        batch[i, width - len(p) :] = p
-        mask[i, width - len(p) :] = 1
+    prompts, batch, mask = three_left_padded_prompts()
     kw = compiled_static_generation("inductor", mode="reduce-overhead")
     tokens, logits = generate(model, batch.cuda(), attention_mask=mask.cuda(), **kw)
     for i, p in enumerate(prompts):

@@ -1,9 +1,6 @@
 """SparseGPT2 behaves like GPT-2 inside transformers (tiny CPU configs, every component on)."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ from modeling_sparse_gpt2 import (
     UltraEfficientSparseFFN,
 )
 
-from conftest import make_nonzero, tiny_config, tiny_model
+from conftest import make_nonzero, run_without_the_package, tiny_config, tiny_model
 from test_flops import TokenDataset
 
 
@@ -76,26 +73,15 @@ def test_remote_code_loads_without_the_package_installed(model, tmp_path):
     model.save_pretrained(ckpt)
     x = ids()
     torch.save({"ids": x, "logits": model(x).logits.detach()}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import builtins, sys, torch
-        real_import = builtins.__import__
-        def guarded(name, *a, **k):
-            if name == "modeling_sparse_gpt2" or name.startswith("modeling_sparse_gpt2."):
-                raise ImportError("package not installed: " + name)
-            return real_import(name, *a, **k)
-        builtins.__import__ = guarded
-        sys.path = [p for p in sys.path if p not in ("", {repr(os.getcwd())})]
+    out = run_without_the_package(f"""
+        import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         exp = torch.load({str(tmp_path / "expected.pt")!r})
         torch.testing.assert_close(model(exp["ids"]).logits, exp["logits"], atol=1e-6, rtol=0)
         print("REMOTE_OK", type(model).__name__)
-        """
-    )
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        """, tmp_path, os.getcwd())
     assert "REMOTE_OK SparseGPT2LMHeadModel" in out.stdout, out.stderr[-3000:]
 
 

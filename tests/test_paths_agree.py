@@ -52,12 +52,7 @@ def models(draw):
     return model.double().eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: a second thread only spins (see test_reliability)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tokens(seed, batch=2, length=9):

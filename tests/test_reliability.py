@@ -46,14 +46,7 @@ FAST = settings.get_profile("reliability")
 SLOW = settings.get_profile("reliability-slow")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """These shapes are tiny: a second OpenMP thread only adds spin-wait (10x slower when the two cores
-    are shared with another process), so this module runs with one thread and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ====================================================================== 1. config fuzzing
