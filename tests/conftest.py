@@ -90,6 +90,23 @@ sys.path = [p for p in sys.path if p not in ("", {hidden_path!r})]
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
 
 
+def save_tiny_dense_gpt2(path, n_layer: int = 1, **overrides):
+    """A tiny dense GPT-2 with the embedded model's tokenizer (so the scripts can read text), saved
+    to ``path``; returns the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_MODEL, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_MODEL)
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=n_layer, n_head=4, vocab_size=len(tok), n_positions=64,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **overrides)  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
     """Tiny shapes: a second OpenMP thread only adds spin-wait (10x slower when the two cores are

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-from conftest import run_without_the_package, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_sparse_gpt2.tooling import cli
 from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, atomic_output_dir, load_tokenizer, save_model_and_tokenizer
 from modeling_sparse_gpt2.tooling.evaluation import METRIC_PATH, forward_throughput
+
+from conftest import run_without_the_package, save_tiny_dense_gpt2, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,11 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("dense")
-    tok = load_tokenizer(DEFAULT_MODEL)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=len(tok), n_positions=64,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_dense_gpt2(path)
     return path
 
 

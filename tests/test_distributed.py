@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_sparse_gpt2.tooling.distillation import fsdp_accelerate_config
-from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, load_tokenizer
+from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION
+
+from conftest import save_tiny_dense_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,12 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def models(tmp_path_factory):
     """A tiny dense GPT-2 (no dropout, so runs are comparable) and its conversions."""
     base = tmp_path_factory.mktemp("ddp")
-    tok = load_tokenizer(DEFAULT_MODEL)
-    torch.manual_seed(0)
-    dense = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=len(tok), n_positions=64, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
-    dense.save_pretrained(base / "dense")
-    tok.save_pretrained(base / "dense")
+    save_tiny_dense_gpt2(base / "dense", n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1")
     out = {"dense": base / "dense"}
     for name, comps in (("all", "polynomial spectral feedback tensor micro"), ("poly_tensor", "polynomial tensor")):
