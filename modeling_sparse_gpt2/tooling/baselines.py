@@ -2,7 +2,8 @@
 
 * ``prune_neurons``      structured neuron pruning (importance E|gelu(h_j)| * ||W2[j]||), GELU kept,
                          optionally with a layer-sequential least-squares refit of ``c_proj`` (the
-                         strong training-free baseline of DESIGN.md §4); the result is a plain
+                         strong training-free baseline the conversion must beat, docs/benchmarks.md
+                         section 2), or with the conversion's OBS selection; the result is a plain
                          ``GPT2LMHeadModel`` with a narrower ``n_inner``.
 * ``svd_low_rank``       ``c_fc`` and ``c_proj`` replaced by their rank-r truncated SVDs.
 * ``random_sparse``      the SparseGPT2 architecture at the same budget, FFNs randomly initialised
