@@ -58,6 +58,12 @@ class UltraEfficientSparseFFN(nn.Module):
                 self.segments[name] = slice(width, width + comp.rows)
                 width += comp.rows
         self.act_width = width
+        # the op's segment widths (poly m, spectral k, feedback r), fixed by the config: derived once
+        # here rather than on every call of the hot path
+        self.segment_widths = tuple(
+            self.segments[n].stop - self.segments[n].start if n in self.segments else 0
+            for n in ("polynomial", "spectral", "feedback")
+        )
         self.gates = ResidualGates(spec.components, token=spec.gate_kind == "token")
         gate_rows = len(spec.components) if self.gates.token else 0
         self.c_fc = nn.Linear(spec.d, width + gate_rows)
@@ -116,8 +122,7 @@ class UltraEfficientSparseFFN(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
-        width = {name: seg.stop - seg.start for name, seg in self.segments.items()}
-        m, k, r = (width.get(name, 0) for name in ("polynomial", "spectral", "feedback"))
+        m, k, r = self.segment_widths
         n_seg, n_gates = len(self.segments), len(self.segments) if self.gates.token else 0
         poly, feedback = self.components["polynomial"] if m else None, self.components["feedback"] if r else None
         inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
