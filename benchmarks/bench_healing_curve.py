@@ -274,9 +274,12 @@ def dense_reference(args, result, device):
         curve_file = os.path.join(args.work_dir, "training_curve.json")
         if not os.path.isfile(curve_file):
             print(f"training the dense reference into {args.work_dir} (docs/benchmarks.md §1)", flush=True)
+            # §1's recipe with its schedule length fixed (5,933 steps there, fitted to 6 minutes), so a later
+            # session retrains the same reference whatever its step time; --reference_minutes only guards
             train_dense_reference(PretrainArguments(
                 output_dir=args.work_dir, train_tokens=args.train_tokens, validation_tokens=args.validation_tokens,
-                tokenizer_name_or_path=args.tokenizer_name_or_path, max_minutes=6.0, max_steps=20000, compile=True,
+                tokenizer_name_or_path=args.tokenizer_name_or_path, max_steps=args.reference_steps,
+                fit_schedule_to_time=False, max_minutes=args.reference_minutes, compile=True,
             ))
         with open(curve_file) as f:
             result["reference_training"] = {k: v for k, v in json.load(f).items() if k != "curve"}
@@ -395,6 +398,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer_name_or_path", help="needed only to train the reference")
     p.add_argument("--dense_model", default=None, help="the dense reference (a GPT-2 folder); default: --work_dir, trained if absent")
     p.add_argument("--work_dir", default="/tmp/ref512")
+    p.add_argument("--reference_steps", type=int, default=5933, help="schedule length when training the reference")
+    p.add_argument("--reference_minutes", type=float, default=9.0, help="time guard when training the reference")
     p.add_argument("--out_dir", default="runs/healing_curve", help="state: healing_curve.json, runs/<row>/ checkpoints, table, plot")
     p.add_argument("--tokens", default="1M,4M,16M,32M", help="healing token counts to evaluate at (0 is always evaluated)")
     p.add_argument("--methods", default=",".join(METHODS))
