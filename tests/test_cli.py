@@ -53,7 +53,7 @@ def test_no_command_runs_the_main_job(monkeypatch):
     assert seen == [(steps, ratio), (3, ratio), (steps, 0.3)]
 
 
-@pytest.mark.parametrize("name", ["convert", "heal", "evaluate", "run"])
+@pytest.mark.parametrize("name", ["convert", "heal", "evaluate", "run", "prepare-tokens", "pretrain"])
 def test_every_option_is_described_and_defaults_print_once(name):
     parser = cli.command_parser(name)
     for action in parser._actions:
@@ -225,3 +225,120 @@ def test_forward_throughput_counts_the_batch_tokens():
     res = forward_throughput(model, torch.zeros(3, 20, dtype=torch.long), warmup=1, repeats=3)
     assert res["batch_size"] == 3 and res["seq_len"] == 20
     assert res["tokens_per_s"] * res["seconds"] == pytest.approx(60)
+
+
+# ---------------------------------------------------------------------------- prepare-tokens and pretrain
+DOCS = ["def add(a, b):\n    return a + b\n", "The json module encodes and decodes JSON.", "", "Lists are mutable sequences."]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    import json
+
+    def write(name, docs=DOCS):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"text": d, "source": "python/x"}) + "\n" for d in docs))
+        return path
+
+    return write
+
+
+def bare_gpt2_tokenizer_folder(path):
+    """The embedded model's tokenizer as GPT-2's bare pair, vocab.json + merges.txt, and nothing else
+    (what GPT2TokenizerFast.from_pretrained reads when there is no tokenizer.json)."""
+    path.mkdir()
+    load_tokenizer(DEFAULT_MODEL).backend_tokenizer.model.save(str(path))
+    assert sorted(os.listdir(path)) == ["merges.txt", "vocab.json"]
+    return path
+
+
+@pytest.mark.parametrize("kind", ["embedded", "bare_vocab_merges"])
+def test_prepare_tokens_writes_both_streams_with_a_tokenizer_folder(capsys, tmp_path, jsonl, kind):
+    import numpy as np
+
+    from modeling_sparse_gpt2.tooling.data import token_stream
+
+    tokenizer = DEFAULT_MODEL if kind == "embedded" else bare_gpt2_tokenizer_folder(tmp_path / "bare")
+    train, val, out = jsonl("train.jsonl"), jsonl("validation.jsonl", DOCS[:2]), tmp_path / "tokens"
+    assert cli.main(["prepare-tokens", "--train_file", str(train), "--validation_file", str(val),
+                     "--tokenizer_name_or_path", str(tokenizer), "--output_dir", str(out)]) == 0, capsys.readouterr().err
+    reference = load_tokenizer(DEFAULT_MODEL)
+    for split, docs in (("train", DOCS), ("validation", DOCS[:2])):
+        ids = np.load(out / f"{split}.npy")
+        assert ids.dtype == np.uint16
+        assert ids.tolist() == token_stream([d for d in docs if d], reference).tolist()  # EOS after each document
+    assert sorted(os.listdir(out)) == ["train.npy", "validation.npy"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tokens.")] == []  # no temporary folder left
+
+
+def test_prepare_tokens_refuses_a_non_empty_output_dir_and_overwrite_replaces_it(capsys, tmp_path, jsonl):
+    train, out = jsonl("train.jsonl"), tmp_path / "tokens"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    argv = ["prepare-tokens", "--train_file", train, "--validation_file", train, "--tokenizer_name_or_path", DEFAULT_MODEL, "--output_dir", out]
+    err = fails(capsys, *argv)
+    assert f"--output_dir: {out} exists and is not empty; pass --overwrite_output_dir" in err
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    assert cli.main([str(a) for a in argv] + ["--overwrite_output_dir"]) == 0
+    assert sorted(os.listdir(out)) == ["train.npy", "validation.npy"]
+
+
+def test_prepare_tokens_writes_nothing_when_it_fails_half_way(tmp_path, jsonl, monkeypatch):
+    import modeling_sparse_gpt2.tooling.data as data
+
+    real, calls = data.token_stream, []
+
+    def second_split_fails(texts, tokenizer):
+        calls.append(1)
+        if len(calls) == 2:  # train.npy is written by now, in the temporary folder
+            raise RuntimeError("killed")
+        return real(texts, tokenizer)
+
+    monkeypatch.setattr(data, "token_stream", second_split_fails)
+    train, out = jsonl("train.jsonl"), tmp_path / "tokens"
+    with pytest.raises(RuntimeError, match="killed"):
+        cli.main(["prepare-tokens", "--train_file", str(train), "--validation_file", str(train),
+                  "--tokenizer_name_or_path", DEFAULT_MODEL, "--output_dir", str(out)])
+    assert len(calls) == 2 and sorted(os.listdir(tmp_path)) == ["train.jsonl"]  # no output folder, no temporary one
+
+
+def test_prepare_tokens_names_the_flag_of_a_missing_file_or_a_wrong_tokenizer(capsys, tmp_path, jsonl):
+    train, out = jsonl("train.jsonl"), tmp_path / "tokens"
+    err = fails(capsys, "prepare-tokens", "--train_file", tmp_path / "nope.jsonl", "--validation_file", train,
+                "--tokenizer_name_or_path", DEFAULT_MODEL, "--output_dir", out)
+    assert err == f"error: --train_file: data file not found: {tmp_path / 'nope.jsonl'}"
+    not_a_tokenizer = tmp_path / "not_a_tokenizer"
+    not_a_tokenizer.mkdir()
+    (not_a_tokenizer / "config.json").write_text("{}")
+    err = fails(capsys, "prepare-tokens", "--train_file", train, "--validation_file", train,
+                "--tokenizer_name_or_path", not_a_tokenizer, "--output_dir", out)
+    assert err.startswith(f"error: --tokenizer_name_or_path: no tokenizer could be loaded from {not_a_tokenizer}")
+    assert "--tokenizer_name_or_path: model folder not found" in fails(
+        capsys, "prepare-tokens", "--train_file", train, "--validation_file", train, "--tokenizer_name_or_path", "./typo", "--output_dir", out)
+    assert not out.exists()
+
+
+def test_pretrain_refuses_a_non_empty_output_dir_before_any_work(capsys, tmp_path, monkeypatch):
+    import modeling_sparse_gpt2.tooling.tokens as tokens
+
+    out = tmp_path / "dense"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    monkeypatch.setattr(tokens, "load_tokenizer_from_flag", lambda *a, **k: pytest.fail("loaded a tokenizer before checking --output_dir"))
+    err = fails(capsys, "pretrain", "--train_tokens", tmp_path / "t.npy", "--validation_tokens", tmp_path / "v.npy",
+                "--tokenizer_name_or_path", DEFAULT_MODEL, "--output_dir", out)
+    assert f"--output_dir: {out} exists and is not empty; pass --overwrite_output_dir" in err
+    assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+
+
+@pytest.mark.parametrize("missing", ["--train_tokens", "--validation_tokens"])
+def test_pretrain_names_a_missing_token_file(capsys, tmp_path, missing):
+    import numpy as np
+
+    present = tmp_path / "present.npy"
+    np.save(present, np.arange(100, dtype=np.uint16))
+    files = {"--train_tokens": present, "--validation_tokens": present, missing: tmp_path / "absent.npy"}
+    err = fails(capsys, "pretrain", *[x for kv in files.items() for x in kv], "--n_positions", 16, "--n_embd", 16, "--n_head", 2,
+                "--tokenizer_name_or_path", DEFAULT_MODEL, "--output_dir", tmp_path / "dense")
+    assert err == f"error: {missing}: token file not found: {tmp_path / 'absent.npy'}"
+    assert not (tmp_path / "dense").exists()

@@ -1,4 +1,5 @@
-"""The `sparse-gpt2` command: ``convert | heal | evaluate | run`` (``sparse-gpt2`` alone runs the main job).
+"""The `sparse-gpt2` command: ``convert | heal | evaluate | run | prepare-tokens | pretrain`` (``sparse-gpt2``
+alone runs the main job).
 
     sparse-gpt2 --help                 # the commands
     sparse-gpt2 convert --help         # one command's flags (HfArgumentParser dataclasses)
@@ -51,6 +52,8 @@ def _command_table():
     from .data import ConvertDataArguments, EvaluateDataArguments, HealDataArguments, MainJobDataArguments
     from .distillation import DistillationArguments
     from .main_job import MainJobArguments, run_main_job
+    from .pretraining import PretrainArguments, train_dense_reference
+    from .tokens import PrepareTokensArguments, prepare_token_files
 
     def convert(model_args, data_args, conv_args):
         convert_and_save(model_args, data_args, conv_args)
@@ -69,6 +72,17 @@ def _command_table():
     def run(job, data, conv, distill):
         run_main_job(job, data, conv, distill)
 
+    def prepare_tokens(args):
+        import json
+
+        print(json.dumps(prepare_token_files(**dataclasses.asdict(args)), indent=1))
+        print(f"wrote {args.output_dir}")
+
+    def pretrain(args):
+        summary = train_dense_reference(args)
+        print(f"best validation perplexity {summary['best_val_ppl']:.2f} after {summary['steps']} steps ({summary['wall_s']} s); "
+              f"wrote {args.output_dir}")
+
     return {
         "convert": (convert, (ConvertArguments, ConvertDataArguments, ConversionArguments),
                     "Convert a dense GPT-2 into a sparse GPT-2 checkpoint (calibration only; heal it afterwards)."),
@@ -79,6 +93,11 @@ def _command_table():
         "run": (run, (MainJobArguments, MainJobDataArguments, ConversionArguments, DistillationArguments),
                 "The main job: convert, heal briefly, measure (FLOPs, perplexity, forward tokens/s) and save; "
                 "offline on the embedded dense GPT-2 by default."),
+        "prepare-tokens": (prepare_tokens, (PrepareTokensArguments,),
+                           "Tokenize JSON-lines text into .npy token streams (train / validation) for pretrain, "
+                           "with a given tokenizer or a newly trained byte-level BPE one."),
+        "pretrain": (pretrain, (PretrainArguments,),
+                     "Train a dense GPT-2 reference from scratch on prepare-tokens' token files (the model the benchmarks convert)."),
     }
 
 

@@ -16,36 +16,62 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass
 class PretrainArguments:
-    output_dir: str = field(metadata={"help": "Where the dense model, tokenizer and training curve go."})
-    train_tokens: str = field(metadata={"help": ".npy token stream of the training split (scripts/prepare_tokens.py)."})
+    output_dir: str = field(metadata={"help": "Folder the dense model, its tokenizer and training_curve.json are written to (atomically)."})
+    train_tokens: str = field(metadata={"help": ".npy token stream of the training split (sparse-gpt2 prepare-tokens)."})
     validation_tokens: str = field(metadata={"help": ".npy token stream of the validation split."})
-    tokenizer_name_or_path: str = field(metadata={"help": "Tokenizer saved next to the model."})
-    n_embd: int = 512
-    n_layer: int = 8
-    n_head: int = 8
-    n_positions: int = 512
-    dropout: float = 0.1
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    max_steps: int = 3000
-    max_minutes: float = 5.0
-    eval_every: int = 100
-    eval_windows: int = 400
-    patience: int = 3
-    seed: int = 0
-    compile: bool = False
-    fit_schedule_to_time: bool = field(default=True, metadata={"help": "Shorten the cosine schedule so it ends by max_minutes (measured step time)."})
-    save_dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16 weights on disk."})
+    tokenizer_name_or_path: str = field(metadata={"help": "The tokenizer the token files were made with; sets the vocabulary size and is saved with the model."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing non-empty --output_dir."})
+    n_embd: int = field(default=512, metadata={"help": "Hidden size."})
+    n_layer: int = field(default=8, metadata={"help": "Transformer blocks."})
+    n_head: int = field(default=8, metadata={"help": "Attention heads (must divide --n_embd)."})
+    n_positions: int = field(default=512, metadata={"help": "Context length; also the training and evaluation window."})
+    dropout: float = field(default=0.1, metadata={"help": "Residual, embedding and attention dropout."})
+    batch_size: int = field(default=64, metadata={"help": "Windows per training step (and per evaluation forward)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (warm-up, then cosine decay to 10%%)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the matrices (not biases, norms)."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear learning-rate warm-up steps."})
+    max_steps: int = field(default=3000, metadata={"help": "Training steps at most (the cosine schedule's length unless --fit_schedule_to_time shortens it)."})
+    max_minutes: float = field(default=5.0, metadata={"help": "Wall-clock cap on training, in minutes."})
+    eval_every: int = field(default=100, metadata={"help": "Steps between validation evaluations."})
+    eval_windows: int = field(default=400, metadata={"help": "Non-overlapping validation windows of --n_positions tokens per evaluation, at most."})
+    patience: int = field(default=3, metadata={"help": "Stop after this many evaluations without a better validation loss."})
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation and of the training windows."})
+    compile: bool = field(default=False, metadata={"help": "Train through torch.compile."})
+    fit_schedule_to_time: bool = field(default=True, metadata={"help": "Shorten the cosine schedule so it ends by --max_minutes (measured step time)."})
+    save_dtype: str = field(default="float32", metadata={"help": "Weights on disk: float32, float16 or bfloat16."})
+
+    def __post_init__(self):
+        for name in ("n_embd", "n_layer", "n_head", "n_positions", "batch_size", "max_steps", "eval_every", "eval_windows", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_head {self.n_head} must divide --n_embd {self.n_embd}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.max_minutes <= 0:
+            raise ValueError(f"--max_minutes must be > 0, got {self.max_minutes}")
 
 
-def _load_tokens(path: str) -> torch.Tensor:
+def _load_tokens(path: str, flag: str, min_tokens: int, vocab_size: int) -> torch.Tensor:
+    """A 1-D .npy token stream of at least ``min_tokens`` ids below ``vocab_size``; errors name ``flag``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"token file not found: {path}")
-    return torch.from_numpy(np.load(path).astype(np.int64))
+        raise FileNotFoundError(f"{flag}: token file not found: {path}")
+    try:
+        ids = np.load(path)
+    except Exception as err:  # not a .npy file (numpy raises ValueError, OSError or pickle errors)
+        raise ValueError(f"{flag}: {path} is not a .npy token file ({type(err).__name__}: {err})") from err
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{flag}: {path} holds a {ids.dtype} array of shape {ids.shape}; expected a 1-D stream of token ids")
+    if len(ids) < min_tokens:
+        raise ValueError(f"{flag}: {path} holds {len(ids)} tokens, fewer than the {min_tokens} one window of --n_positions needs")
+    if ids.max() >= vocab_size or ids.min() < 0:
+        raise ValueError(f"{flag}: {path} holds token ids {ids.min()}..{ids.max()}, outside the {vocab_size} of --tokenizer_name_or_path")
+    return torch.from_numpy(ids.astype(np.int64))
 
 
 @torch.no_grad()
@@ -65,14 +91,19 @@ def evaluate_windows(model, windows: torch.Tensor, batch_size: int, device) -> f
 
 
 def train_dense_reference(args: PretrainArguments, log=print) -> dict:
-    from transformers import AutoTokenizer
+    """Train, then write the best weights, the tokenizer and ``training_curve.json`` to ``args.output_dir``
+    atomically (the `sparse-gpt2 pretrain` command). An existing non-empty ``output_dir`` is refused
+    before any work unless ``args.overwrite_output_dir``; an empty or absent one is fine."""
+    from .checkpoints import atomic_output_dir, check_output_dir
+    from .tokens import load_tokenizer_from_flag
 
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    T = args.n_positions
+    tokenizer = load_tokenizer_from_flag(args.tokenizer_name_or_path)
+    train = _load_tokens(args.train_tokens, "--train_tokens", T + 1, len(tokenizer))
+    val = _load_tokens(args.validation_tokens, "--validation_tokens", T, len(tokenizer))
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path)
-    train = _load_tokens(args.train_tokens)
-    val = _load_tokens(args.validation_tokens)
-    T = args.n_positions
     val_windows = val[: (len(val) // T) * T].view(-1, T)[: args.eval_windows]
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=T, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
@@ -145,15 +176,15 @@ def train_dense_reference(args: PretrainArguments, log=print) -> dict:
         if last:
             break
     model.load_state_dict(best_state)
-    os.makedirs(args.output_dir, exist_ok=True)
-    model.to(getattr(torch, args.save_dtype)).save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
     summary = {
         "best_val_loss": best, "best_val_ppl": math.exp(best), "eval_window": T, "eval_windows": len(val_windows),
         "steps": curve[-1]["step"], "schedule_steps": horizon, "stop_reason": stop_reason, "train_tokens_seen": curve[-1]["tokens"], "wall_s": round(time.time() - start, 1),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
         "arguments": asdict(args), "curve": curve,
     }
-    with open(os.path.join(args.output_dir, "training_curve.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    with atomic_output_dir(args.output_dir, args.overwrite_output_dir) as tmp:
+        model.to(getattr(torch, args.save_dtype)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "training_curve.json"), "w") as f:
+            json.dump(summary, f, indent=1)
     return summary

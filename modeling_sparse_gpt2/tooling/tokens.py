@@ -1,17 +1,74 @@
-"""Token files for pre-training: text (via `datasets`) -> .npy token streams, optional BPE training."""
+"""Token files for pre-training: JSON-lines text (via `datasets`) -> .npy token streams, optional BPE training.
+
+    sparse-gpt2 prepare-tokens --train_file train.jsonl.xz --validation_file validation.jsonl.xz \
+        --tokenizer_name_or_path gpt2 --output_dir tokens/gpt2
+
+``--output_dir`` receives ``train.npy`` and ``validation.npy`` (one stream each, EOS between documents;
+uint16 when the vocabulary fits, else int32) and, with ``--train_tokenizer_vocab_size``, ``tokenizer/``;
+it is written atomically and an existing non-empty one is refused unless ``--overwrite_output_dir``.
+"""
 
 import os
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
-def _documents(file: str, source_prefix: str | None):
+@dataclass
+class PrepareTokensArguments:
+    train_file: str = field(metadata={"help": "JSON-lines file (optionally .xz/.gz) of training documents, one {\"text\": ...} per line."})
+    validation_file: str = field(metadata={"help": "JSON-lines file (optionally .xz/.gz) of validation documents, the same format."})
+    output_dir: str = field(metadata={"help": "Folder that receives train.npy, validation.npy (and tokenizer/), written atomically."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing non-empty --output_dir."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer to encode with: Hub id or local folder (a bare GPT-2 folder of vocab.json + merges.txt works)."})
+    train_tokenizer_vocab_size: int | None = field(default=None, metadata={
+        "help": "Instead of --tokenizer_name_or_path: train a byte-level BPE tokenizer of this many tokens (> 256) on the "
+                "training texts and save it in OUTPUT_DIR/tokenizer."})
+    source_prefix: str | None = field(default=None, metadata={"help": "Keep only documents whose 'source' field starts with this."})
+
+
+def _documents(file: str, source_prefix: str | None, flag: str) -> list[str]:
+    """The non-empty 'text' fields of an existing JSON-lines file; errors name ``flag`` and the file."""
     import datasets
 
-    ds = datasets.load_dataset("json", data_files={"data": file}, split="data")
+    if not sys.stderr.isatty():  # no "Generating data split" bars in logs
+        datasets.disable_progress_bars()
+    if os.path.getsize(file) == 0:
+        raise ValueError(f"{flag}: data file {file} is empty (0 bytes)")
+    try:
+        ds = datasets.load_dataset("json", data_files={"data": file}, split="data")
+    except Exception as err:  # datasets raises many types for unreadable files, some with empty messages
+        cause = err.__cause__ or err.__context__
+        why = str(err) or (f"{type(cause).__name__}: {cause}" if cause else type(err).__name__)
+        raise ValueError(f"{flag}: data file {file} could not be read as JSON lines: {why}") from err
+    if "text" not in ds.column_names:
+        raise ValueError(f"{flag}: data file {file} has no 'text' field (fields: {ds.column_names})")
     if source_prefix is not None:
+        if "source" not in ds.column_names:
+            raise ValueError(f"--source_prefix: data file {file} has no 'source' field (fields: {ds.column_names})")
         ds = ds.filter(lambda e: str(e.get("source", "")).startswith(source_prefix))
-    return [t for t in ds["text"] if t and t.strip()]
+    texts = [t for t in ds["text"] if t and t.strip()]
+    if not texts:
+        kept = f" whose 'source' starts with {source_prefix!r}" if source_prefix is not None else ""
+        raise ValueError(f"{flag}: data file {file} has no non-empty 'text'{kept}")
+    return texts
+
+
+def load_tokenizer_from_flag(name_or_path: str, flag: str = "--tokenizer_name_or_path"):
+    """``checkpoints.load_tokenizer`` (GPT-2's bare vocab.json + merges.txt fallback included), its
+    failures one line naming ``flag``."""
+    from .checkpoints import load_tokenizer
+
+    try:
+        return load_tokenizer(name_or_path, flag=flag)
+    except (OSError, ValueError) as err:
+        if str(err).startswith(flag):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{flag}: no tokenizer could be loaded from {name_or_path} (it needs tokenizer.json, or GPT-2's "
+                         f"vocab.json + merges.txt): {type(err).__name__}: {first.rstrip(':')}") from err
 
 
 def train_bpe_tokenizer(texts, vocab_size: int, output_dir: str):
@@ -27,24 +84,33 @@ def train_bpe_tokenizer(texts, vocab_size: int, output_dir: str):
 
 
 def prepare_token_files(train_file, validation_file, output_dir, tokenizer_name_or_path=None,
-                        train_tokenizer_vocab_size=None, source_prefix=None) -> dict:
-    from transformers import AutoTokenizer
+                        train_tokenizer_vocab_size=None, source_prefix=None, overwrite_output_dir=False) -> dict:
+    """Tokenize both files into ``output_dir`` (atomically); returns documents and tokens per split.
 
+    Every input is checked before anything is written: the output folder, the tokenizer choice, the
+    two data files, the tokenizer itself (``checkpoints.load_tokenizer``).
+    """
+    from .checkpoints import atomic_output_dir, check_output_dir
     from .data import token_stream
 
-    os.makedirs(output_dir, exist_ok=True)
-    train_texts = _documents(train_file, source_prefix)
-    if train_tokenizer_vocab_size:
-        tok_dir = os.path.join(output_dir, "tokenizer")
-        tokenizer = train_bpe_tokenizer(train_texts, train_tokenizer_vocab_size, tok_dir)
-    elif tokenizer_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-    else:
-        raise ValueError("give --tokenizer_name_or_path or --train_tokenizer_vocab_size")
+    check_output_dir(output_dir, overwrite_output_dir)
+    if (tokenizer_name_or_path is None) == (train_tokenizer_vocab_size is None):
+        raise ValueError("give exactly one of --tokenizer_name_or_path or --train_tokenizer_vocab_size")
+    if train_tokenizer_vocab_size is not None and train_tokenizer_vocab_size <= 256:
+        raise ValueError(f"--train_tokenizer_vocab_size must be > 256 (the byte alphabet), got {train_tokenizer_vocab_size}")
+    for flag, file in (("--train_file", train_file), ("--validation_file", validation_file)):
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{flag}: data file not found: {file}")
+    tokenizer = None if tokenizer_name_or_path is None else load_tokenizer_from_flag(tokenizer_name_or_path)
+    texts = {"train": _documents(train_file, source_prefix, "--train_file"),
+             "validation": _documents(validation_file, source_prefix, "--validation_file")}
     out = {}
-    for split, texts in (("train", train_texts), ("validation", _documents(validation_file, source_prefix))):
-        ids = token_stream(texts, tokenizer).numpy()
+    with atomic_output_dir(output_dir, overwrite_output_dir) as tmp:
+        if tokenizer is None:
+            tokenizer = train_bpe_tokenizer(texts["train"], train_tokenizer_vocab_size, os.path.join(tmp, "tokenizer"))
         dtype = np.uint16 if len(tokenizer) < 65536 else np.int32
-        np.save(os.path.join(output_dir, f"{split}.npy"), ids.astype(dtype))
-        out[split] = {"documents": len(texts), "tokens": int(len(ids))}
+        for split, split_texts in texts.items():
+            ids = token_stream(split_texts, tokenizer).numpy()
+            np.save(os.path.join(tmp, f"{split}.npy"), ids.astype(dtype))
+            out[split] = {"documents": len(split_texts), "tokens": int(len(ids))}
     return out
