@@ -274,12 +274,13 @@ def dense_reference(args, result, device):
         curve_file = os.path.join(args.work_dir, "training_curve.json")
         if not os.path.isfile(curve_file):
             print(f"training the dense reference into {args.work_dir} (docs/benchmarks.md §1)", flush=True)
-            # §1's recipe with its schedule length fixed (5,933 steps there, fitted to 6 minutes), so a later
-            # session retrains the same reference whatever its step time; --reference_minutes only guards
+            # §1's recipe with its schedule length fixed (5,933 steps there, fitted to 6 minutes) and run to
+            # its end (no early stop: a rerun stopped by patience at step 5,600), so a later session retrains
+            # the same reference whatever its step time; --reference_minutes only guards
             train_dense_reference(PretrainArguments(
                 output_dir=args.work_dir, train_tokens=args.train_tokens, validation_tokens=args.validation_tokens,
                 tokenizer_name_or_path=args.tokenizer_name_or_path, max_steps=args.reference_steps,
-                fit_schedule_to_time=False, max_minutes=args.reference_minutes, compile=True,
+                fit_schedule_to_time=False, max_minutes=args.reference_minutes, patience=args.reference_steps, compile=True,
             ))
         with open(curve_file) as f:
             result["reference_training"] = {k: v for k, v in json.load(f).items() if k != "curve"}
