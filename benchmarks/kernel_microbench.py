@@ -22,6 +22,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -191,6 +192,81 @@ def check_fullgraph(device, d, tokens):
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     return {"ok": True, "act": max_err(got, eager), "grads": [max_err(a, b) for a, b in zip(got_g, eager_g)]}
+
+
+def host_us(fn, n=1000, reps=5):
+    """Median wall-clock microseconds per call (CPU), after 100 warm-up calls."""
+    for _ in range(100):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(samples)
+
+
+def host_cost():
+    """Host (CPU) time per call of the op's Python path with the kernel launch stubbed out.
+
+    ``use_kernel`` is forced on and ``_launch`` does nothing, so what is timed is everything the op
+    does around its kernels: the wrapper's checks and argument preparation, the dispatch (the
+    registered ops, or the direct eager path), the output and partial-sum allocations and the
+    reductions of the backward. Tiny tensors (1 or 16 tokens, 51 columns), one thread, so the torch
+    work itself is small. Rows: the op alone, and the FFN's ``_middle_op`` (coefficient masking,
+    state lookup) of a default-component layer, d = 64.
+    """
+    from types import SimpleNamespace
+
+    from modeling_sparse_gpt2.component_base import FFNContext
+    from modeling_sparse_gpt2.configuration_sparse_gpt2 import SparseGPT2Config
+    from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
+
+    torch.set_num_threads(1)
+    saved = fk.use_kernel, fk._launch
+    fk.use_kernel, fk._launch = (lambda h: True), (lambda *a, **k: None)
+    try:
+        mod = SparseMLP(64, 40, 4, 4, token_gates=True)
+        meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
+        h1, state, mask = torch.randn(1, 1, 51), torch.zeros(1, WINDOW - 1, 4), torch.ones(1, 5, dtype=torch.long)
+        h16 = torch.randn(1, 16, 51, requires_grad=True)
+        cfg = SparseGPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97, n_positions=64,
+                               sparse_components=["polynomial", "spectral", "feedback"])
+        ffn = UltraEfficientSparseFFN(cfg, 0)
+        hf1 = torch.randn(1, 1, ffn.c_fc.out_features)
+        hf16 = torch.randn(1, 16, ffn.c_fc.out_features, requires_grad=True)
+        decode_ctx = FFNContext(cache=SimpleNamespace(), token_mask=mask)
+
+        def op_decode():
+            with torch.no_grad():
+                fk.sparse_ffn_activation(h1, *par, state, mask, **meta)
+
+        def op_prefill():
+            with torch.no_grad():
+                fk.sparse_ffn_activation(h16, *par, None, None, **meta)
+
+        def op_fwd_bwd():
+            fk.sparse_ffn_activation(h16, *par, None, None, **meta).sum().backward()
+
+        def ffn_decode():
+            with torch.no_grad():
+                ffn._middle_op(hf1, decode_ctx)
+
+        def ffn_fwd_bwd():
+            ffn._middle_op(hf16, FFNContext()).sum().backward()
+
+        calls = dict(op_decode=op_decode, op_prefill=op_prefill, op_fwd_bwd=op_fwd_bwd, ffn_middle_decode=ffn_decode,
+                     ffn_middle_fwd_bwd=ffn_fwd_bwd)
+        out = {}
+        for direct in (True, False):
+            fk.EAGER_DIRECT = direct
+            for name, fn in calls.items():
+                out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, 300 if "bwd" in name else 1000)
+        return out
+    finally:
+        fk.use_kernel, fk._launch = saved
+        fk.EAGER_DIRECT = True
 
 
 def main():

@@ -35,9 +35,16 @@ Dispatch (``use_kernel``): the Triton ops run on CUDA when triton is installed, 
 when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; this is how
 CI tests them). Everywhere else ``sparse_ffn_activation`` is ``sparse_ffn_activation_reference``
 (plain torch, autograd through torch), so the module imports and works without triton.
+The kernels are registered as ``torch.library`` ops (``triton_op``, autograd by
+``register_autograd``), which ``torch.compile`` and tracing see. A plain eager call (real tensors,
+no compiler, no dispatch mode: ``_plain_eager``) calls the same ``_forward`` / ``_backward``
+directly (an ``autograd.Function`` where gradients are needed): the ops' Python dispatch layers
+cost several times the launch on the host, which is what eager decode and small prefills pay.
 Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, which cannot be traced:
 the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
 """
+
+import functools
 
 import torch
 from torch import Tensor
@@ -58,6 +65,8 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 # Tile sizes (tokens, columns) and the backward's programs per column tile (None: fill the GPU).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
 BACKWARD_TILE = {"tokens": 32, "columns": 64, "token_programs": None}
+# Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
+EAGER_DIRECT = True
 
 
 def use_kernel(h: Tensor) -> bool:
@@ -152,9 +161,9 @@ def sparse_ffn_activation(
     (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
     """
     _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree)
-    meta = dict(m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree)
     if not use_kernel(h):
-        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, **meta)
+        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
+                                               n_gates=n_gates, domain=domain, degree=degree)
     h3 = h if h.dim() == 3 else h[None]
     if token_mask is not None and token_mask.dim() == 1:
         token_mask = token_mask[None]
@@ -165,12 +174,15 @@ def sparse_ffn_activation(
     args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
     leaves = (h, coeffs, gates, fb_kernel)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    direct = _plain_eager(h3)
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
-        act = torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+        act = _forward(*args, True) if direct else torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+    elif not needs_grad and direct:
+        act = _forward(*args, False)
     else:
         if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
             args = args[:4] + (fb_state.clone(),) + args[5:]
-        act = torch.ops.sparse_gpt2.ffn_activation(*args)
+        act = _EagerActivation.apply(*args) if direct else torch.ops.sparse_gpt2.ffn_activation(*args)
         if fb_state is not None:  # ... and the state is advanced here
             with torch.no_grad():
                 u = h3[..., m + k : m + k + r]
@@ -450,6 +462,16 @@ if triton is not None:
         if not PER_NEURON:
             tl.store(tp + N_SEG + di, tl.sum(acc_coeff, axis=0), mask=di < DEGREE + 1)
 
+    def _pow2(n: int) -> int:  # triton.next_power_of_2 / cdiv are constexpr_functions: slow on the host
+        return 1 << max(n - 1, 0).bit_length()
+
+    def _cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    @functools.cache
+    def _sm_count(device) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
     def _launch(kernel, grid, *args, **meta):
         """Launch through ``wrap_triton``; under the interpreter the fake-tensor pass only allocates."""
         if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
@@ -476,8 +498,8 @@ if triton is not None:
         )
 
     def _token_block(tokens: int, preferred: int, window: int) -> int:
-        block = min(preferred, triton.next_power_of_2(max(tokens, 1)))
-        return max(block, triton.next_power_of_2(max(window - 1, 1)))  # the first tile holds the state
+        block = min(preferred, _pow2(max(tokens, 1)))
+        return max(block, _pow2(max(window - 1, 1)))  # the first tile holds the state
 
     def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state):
         h = h if h.stride(-1) == 1 else h.contiguous()
@@ -488,9 +510,9 @@ if triton is not None:
             return out
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt = _token_block(tokens, FORWARD_TILE["tokens"], lay["window"])
-        bc = min(FORWARD_TILE["columns"], triton.next_power_of_2(n_act))
-        n_tiles_t = triton.cdiv(tokens, bt)
-        grid = (batch * n_tiles_t, triton.cdiv(n_act, bc))
+        bc = min(FORWARD_TILE["columns"], _pow2(n_act))
+        n_tiles_t = _cdiv(tokens, bt)
+        grid = (batch * n_tiles_t, _cdiv(n_act, bc))
         _launch(
             _forward_kernel, grid,
             h, out, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
@@ -498,7 +520,7 @@ if triton is not None:
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
             DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
             HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
-            BT=bt, BC=bc, BS=triton.next_power_of_2(max(lay["window"] - 1, 1)),
+            BT=bt, BC=bc, BS=_pow2(max(lay["window"] - 1, 1)),
         )
         return out
 
@@ -511,14 +533,14 @@ if triton is not None:
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         window = lay["window"]
         bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
-        bc = min(BACKWARD_TILE["columns"], triton.next_power_of_2(max(n_act, 1)))
-        n_tiles_t = triton.cdiv(tokens, bt)
+        bc = min(BACKWARD_TILE["columns"], _pow2(max(n_act, 1)))
+        n_tiles_t = _cdiv(tokens, bt)
         n_tiles = batch * n_tiles_t
-        n_tiles_c = triton.cdiv(n_act, bc)
+        n_tiles_c = _cdiv(n_act, bc)
         programs = BACKWARD_TILE["token_programs"]
         if programs is None:
-            sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 2
-            programs = triton.cdiv(4 * sms, n_tiles_c)
+            sms = _sm_count(h.device) if h.is_cuda else 2
+            programs = _cdiv(4 * sms, n_tiles_c)
         programs = max(1, min(programs, n_tiles))
         n_coeff_part = m * (degree + 1) if per_neuron else 0
         n_col_part = n_coeff_part + r * window
@@ -539,7 +561,7 @@ if triton is not None:
                 n_seg, domain, max(n_col_part, 1), n_tile_part, batch * tokens,
                 DEGREE=degree, WINDOW=window, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0,
                 HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"],
-                BT=bt, BC=bc, DP=triton.next_power_of_2(degree + 1), WP=triton.next_power_of_2(window),
+                BT=bt, BC=bc, DP=_pow2(degree + 1), WP=_pow2(window),
             )
         else:
             col_part.zero_()
@@ -558,6 +580,33 @@ if triton is not None:
         else:
             grad_kernel = h.new_empty(0, dtype=torch.float32)
         return grad_h, grad_coeffs, grad_gates, grad_kernel
+
+
+    def _plain_eager(h: Tensor) -> bool:
+        """Plain tensors outside any compiler or tracing mode: the wrapper calls ``_forward`` /
+        ``_backward`` itself instead of the registered ops, whose Python dispatch layers (autograd,
+        ADInplaceOrView with its schema walk, the triton_op backend) cost more host time than the
+        launch. Traced or compiled code always sees the ops."""
+        return (EAGER_DIRECT and type(h) is Tensor and not torch.compiler.is_compiling()
+                and not torch._C._len_torch_dispatch_stack())
+
+    class _EagerActivation(torch.autograd.Function):
+        """``ffn_activation`` with its registered autograd, without the dispatcher (plain eager)."""
+
+        @staticmethod
+        def forward(ctx, h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta):
+            ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
+            ctx.meta = meta
+            return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta, False)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _input_grads(_backward(grad, *ctx.saved_tensors, *ctx.meta), ctx.saved_tensors[3])
+
+    def _input_grads(grads, fb_kernel):
+        """The op's backward outputs as gradients of its 12 inputs."""
+        grad_h, grad_coeffs, grad_gates, grad_kernel = grads
+        return (grad_h, grad_coeffs, grad_gates, grad_kernel if fb_kernel is not None else None) + (None,) * 8
 
 
 def _define_ops():
@@ -595,11 +644,9 @@ def _define_ops():
 
     def backward(ctx, grad):
         h, coeffs, gates, fb_kernel, fb_state, token_mask = ctx.saved_tensors
-        grad_h, grad_coeffs, grad_gates, grad_kernel = torch.ops.sparse_gpt2.ffn_activation_backward(
-            grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, *ctx.meta
-        )
-        grad_kernel = grad_kernel if fb_kernel is not None else None
-        return (grad_h, grad_coeffs, grad_gates, grad_kernel) + (None,) * 8
+        grads = torch.ops.sparse_gpt2.ffn_activation_backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask,
+                                                              *ctx.meta)
+        return _input_grads(grads, fb_kernel)
 
     ffn_activation.register_autograd(backward, setup_context=setup_context)
     if INTERPRET:  # the emulated kernel cannot be traced: AOT keeps the ops opaque, like custom_op

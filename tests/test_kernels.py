@@ -96,6 +96,14 @@ def test_forward_backward_match_reference(case):
 
 
 @kernel_case
+def test_registered_ops_match_reference(monkeypatch):
+    """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
+    the same check through them."""
+    monkeypatch.setattr(fk, "EAGER_DIRECT", False)
+    check_against_reference(*make_inputs(2, 5, 13, 4, 5, True, True, padded=True))
+
+
+@kernel_case
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_and_large_inputs_stay_finite(dtype):
     h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 5, 10, 3, 4, True, True, padded=True, dtype=dtype)
@@ -106,9 +114,12 @@ def test_half_precision_and_large_inputs_stay_finite(dtype):
 
 
 @kernel_case
-def test_decode_state_calls_equal_one_call():
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-ops"])
+def test_decode_state_calls_equal_one_call(direct, monkeypatch):
     """Calls of 2, 1 and 3 tokens with the state equal one call over the 6 (the kernel reads and
-    writes the state under no_grad); the state equals the reference's after each call."""
+    writes the state under no_grad); the state equals the reference's after each call. Directly
+    (plain eager) and through the stateful op."""
+    monkeypatch.setattr(fk, "EAGER_DIRECT", direct)
     h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(2, 6, 6, 2, 5, True, False, window=4, padded=True)
     whole = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
     state = torch.zeros(2, 3, 5, device=h.device)
