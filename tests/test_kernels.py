@@ -4,7 +4,8 @@ On a CUDA machine with triton the cases run on the GPU in this process. On a CPU
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before triton is first
 imported; conftest imports the package first, so ``test_cases_under_the_interpreter`` runs this file
 again in a subprocess with the variable set, and the cases skip themselves in this process.
-Small tiles (4 tokens x 8 columns, 2 backward programs) make every case span several tiles.
+Small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 2 backward programs) make
+every case span several tiles.
 """
 
 import os
@@ -32,6 +33,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.FORWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 2)
 
 
@@ -65,7 +67,9 @@ def assert_close(got, want, dtype, what):
 
 
 def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=torch.float32):
-    leaves = [t.requires_grad_() for t in (h, coeffs, gates, fb_kernel) if t is not None]
+    named = dict(h=h, coeffs=coeffs if meta["m"] else None, gates=gates, fb_kernel=fb_kernel)  # no poly: no coeffs
+    named = {name: t.requires_grad_() for name, t in named.items() if t is not None}
+    leaves = list(named.values())
     want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
     assert torch.isfinite(want).all(), "test inputs overflow the reference"
     weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(want.device)
@@ -74,7 +78,7 @@ def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype
     assert got.dtype == h.dtype and got.shape == want.shape
     got_grads = torch.autograd.grad((got.float() * weight).sum(), leaves)
     assert_close(got, want, dtype, "act")
-    for name, a, b in zip(("h", "coeffs", "gates", "fb_kernel"), got_grads, want_grads):
+    for name, a, b in zip(named, got_grads, want_grads):
         assert_close(a, b, dtype, f"grad {name}")
 
 
@@ -85,6 +89,8 @@ CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padd
     "all per-neuron padded": (2, 6, 10, 5, 6, False, True, True),
     "all one token token-gates": (2, 1, 9, 4, 5, True, True, True),
     "all no batch dim token-gates": (None, 6, 7, 3, 4, True, False, False),
+    "spectral+feedback padded token-gates": (2, 5, 0, 4, 6, True, False, True),
+    "feedback only": (1, 7, 0, 0, 5, False, False, False),
 }
 
 
