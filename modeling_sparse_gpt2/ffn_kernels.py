@@ -45,8 +45,9 @@ CI tests them). Everywhere else ``sparse_ffn_activation`` is ``sparse_ffn_activa
 The kernels are registered as ``torch.library`` ops (``triton_op``, autograd by
 ``register_autograd``), which ``torch.compile`` and tracing see. A plain eager call (real tensors,
 no compiler, no dispatch mode: ``_plain_eager``) calls the same ``_forward`` / ``_backward``
-directly (an ``autograd.Function`` where gradients are needed): the ops' Python dispatch layers
-cost several times the launch on the host, which is what eager decode and small prefills pay.
+directly (an ``autograd.Function`` where gradients are needed) and launches the kernels without
+``wrap_triton``: the ops' Python dispatch layers cost several times the launch on the host, which
+is what eager decode and small prefills pay.
 Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, which cannot be traced:
 the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
 """
@@ -184,9 +185,9 @@ def sparse_ffn_activation(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
     direct = _plain_eager(h3)
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
-        act = _forward(*args, True) if direct else torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+        act = _forward(*args, True, direct=True) if direct else torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
     elif not needs_grad and direct:
-        act = _forward(*args, False)
+        act = _forward(*args, False, direct=True)
     else:
         if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
             args = args[:4] + (fb_state.clone(),) + args[5:]
@@ -534,8 +535,13 @@ if triton is not None:
     def _sm_count(device) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count
 
-    def _launch(kernel, grid, *args, **meta):
-        """Launch through ``wrap_triton``; under the interpreter the fake-tensor pass only allocates."""
+    def _launch(kernel, grid, *args, direct=False, **meta):
+        """Launch through ``wrap_triton`` (which tracing sees), or the kernel itself for a direct eager
+        call (``wrap_triton`` outside an op's backend would route it through the slow HOP dispatch);
+        under the interpreter the fake-tensor pass only allocates."""
+        if direct:
+            kernel[grid](*args, **meta)
+            return
         if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
             return
         wrap_triton(kernel)[grid](*args, **meta)
@@ -563,7 +569,8 @@ if triton is not None:
         block = min(preferred, _pow2(max(tokens, 1)))
         return max(block, _pow2(max(window - 1, 1)))  # the first tile holds the state
 
-    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state):
+    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state,
+                 direct=False):
         h = h if h.stride(-1) == 1 else h.contiguous()
         batch, tokens, _ = h.shape
         n_act = m + k + r
@@ -582,11 +589,12 @@ if triton is not None:
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
             DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
             HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
-            BT=bt, BC=bc, BS=_pow2(max(lay["window"] - 1, 1)),
+            BT=bt, BC=bc, BS=_pow2(max(lay["window"] - 1, 1)), direct=direct,
         )
         return out
 
-    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree):
+    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree,
+                  direct=False):
         """``(grad_h, part)``: part holds each token program's partial sums (``_part_layout``),
         which ``_param_grads`` reduces."""
         h = h if h.stride(-1) == 1 else h.contiguous()
@@ -620,7 +628,7 @@ if triton is not None:
                 _backward_kernel, (programs, n_tiles_c),
                 h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
                 m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
-                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], **flags,
+                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], direct=direct, **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
             _launch(
@@ -629,7 +637,7 @@ if triton is not None:
                 *strides, *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"],
                 lay["fb_idx"], n_seg, n_part, slot0, slot_width, kern_off, batch * tokens,
                 WINDOW=window, HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], BT=bt, BC=bcf, WP=_pow2(window),
-                **flags,
+                direct=direct, **flags,
             )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
@@ -675,11 +683,12 @@ if triton is not None:
         def forward(ctx, h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta):
             ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
             ctx.meta = meta
-            return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta, False)
+            return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta, False, direct=True)
 
         @staticmethod
         def backward(ctx, grad):
-            return _input_grads(_backward(grad, *ctx.saved_tensors, *ctx.meta), ctx.saved_tensors, ctx.meta)
+            grads = _backward(grad, *ctx.saved_tensors, *ctx.meta, direct=True)
+            return _input_grads(grads, ctx.saved_tensors, ctx.meta)
 
     def _input_grads(outputs, saved, meta):
         """The backward op's ``(grad_h, part)`` as gradients of the op's 12 inputs."""

@@ -207,6 +207,25 @@ def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(o
         assert torch.equal(model.generate(ids, attention_mask=mask, **kw), model.generate(ids, attention_mask=mask, use_cache=False, **kw))
 
 
+def test_masked_coefficients_follow_in_place_weight_updates_without_autograd():
+    """No-grad eager calls reuse the FFN's masked coefficients until a weight changes in place
+    (an optimizer step, a new mask): the fused path then still equals the reference path."""
+    from conftest import tiny_model
+
+    model = tiny_model(sparse_components=["polynomial", "spectral", "feedback"]).to(DEVICE)
+    ids = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    poly = model.transformer.h[0].mlp.components["polynomial"]
+    with torch.no_grad():
+        before = model(ids).logits
+        for update in (lambda: poly.coeffs.mul_(-0.5), lambda: poly.coeff_mask[1].zero_()):
+            update()
+            model.set_fused_ffn(True)
+            fused = model(ids).logits
+            model.set_fused_ffn(False)
+            assert_close(fused, model(ids).logits, torch.float32, "fused vs reference after the update")
+            assert not torch.allclose(fused, before)
+            before = fused
+
 def test_cases_under_the_interpreter():
     if fk.triton is None:
         pytest.skip("triton is not installed")
