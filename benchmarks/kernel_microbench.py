@@ -348,7 +348,7 @@ def main(argv=None):
     p.add_argument("--sweep", default="32x64x4,64x64x8,128x64x8,64x128x8",
                    help="backward tiles (tokens x columns x warps) timed at the first width; '' for none")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
-    p.add_argument("--budget-s", type=float, default=110.0, help="rows after this many seconds are skipped")
+    p.add_argument("--budget-s", type=float, default=100.0, help="rows that would start after this many seconds are skipped")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of this script: tiny shapes, fp32, a few timed calls (the kernels under "
                         "TRITON_INTERPRET=1, else the reference)")

@@ -526,10 +526,12 @@ if triton is not None:
         _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
 
     def _pow2(n: int) -> int:  # triton.next_power_of_2 / cdiv are constexpr_functions: slow on the host
+        if type(n) is not int:  # a SymInt (dynamic-shape tracing)
+            return triton.next_power_of_2(n)
         return 1 << max(n - 1, 0).bit_length()
 
     def _cdiv(a: int, b: int) -> int:
-        return -(-a // b)
+        return -(-a // b) if type(a) is int and type(b) is int else triton.cdiv(a, b)
 
     @functools.cache
     def _sm_count(device) -> int:
