@@ -1,17 +1,27 @@
 """The sparse FFN's activation kernel between two GEMMs, against the dense MLP and the ideal.
 
-    python benchmarks/kernel_microbench.py --output kernel_microbench.json      # on a CUDA GPU, bf16
+    python -m benchmarks.kernel_microbench --output kernel_microbench.json   # on a CUDA GPU, bf16 (< 2 min on an H200)
+    python -m benchmarks.kernel_microbench --smoke                           # CPU check of this script
+    TRITON_INTERPRET=1 python -m benchmarks.kernel_microbench --smoke        # ... with the kernels interpreted
+    python -m benchmarks.kernel_microbench --smoke --host                    # + the op's host time per call
 
 For each width d (768, 1024, 1280, 1600) and 8,192 tokens, at FFN FLOPs ratio 0.4 (activation width
 n = 0.4 * 4d rounded to 64; spectral k = d // 16, feedback r = d // 48, polynomial m = n - k - r), it
 times forward and forward+backward (medians of CUDA-event timings after a warm-up that runs until
-the timings settle), eager and under ``torch.compile``, of:
+the timings settle), eager for every width first, then under ``torch.compile``, of:
 
-* dense: GPT-2's MLP, Linear(d, 4d) -> gelu_tanh -> Linear(4d, d);
+* dense: GPT-2's MLP, Linear(d, 4d) -> gelu_tanh -> Linear(4d, d) (eager only);
 * ideal: the same MLP with inner width n;
 * sparse: c_fc = Linear(d, n + n_gates) -> ``sparse_ffn_activation`` -> c_proj = Linear(n, d).
 
-Before timing it checks the kernels against ``sparse_ffn_activation_reference`` on the GPU (max
+After the eager rows it times the op's backward by itself at each width (``_backward``: both
+kernels and the partial buffers; ``_param_grads``, the reductions of the partial sums), against
+``gelu_backward`` of the ideal's width, with each kernel's GPU time from ``torch.profiler``, and
+at the first width under each backward tile of ``--sweep``. Rows past ``--budget-s`` seconds are
+skipped and listed (``skipped``). ``--host`` adds the op's host time per call on the CPU with
+Triton's launcher stubbed out (``host_cost``).
+
+Before timing it checks the kernels against ``sparse_ffn_activation_reference`` on the device (max
 |diff| of the output and of every gradient, fp32 and bf16), runs ``torch.library.opcheck`` on the
 ops, and compiles a forward+backward step through the op with ``torch.compile(fullgraph=True)``.
 Needs torch, triton and the package (``modeling_sparse_gpt2.ffn_kernels``).
@@ -22,6 +32,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,11 +100,22 @@ def gelu_chebyshev(degree, domain):
     return torch.linalg.lstsq(b, target[:, None]).solution[:, 0].float()
 
 
-def cuda_time(fn, inner=5, reps=25, max_warmup=200):
-    """Median ms per call: calls are timed ``inner`` at a time with CUDA events, after a warm-up
-    that ends when the median of the last 5 timings is within 2% of the 5 before."""
+TIMING = dict(inner=5, reps=25, max_warmup=200)  # --smoke: a few calls only
+
+
+def cuda_time(fn):
+    """Median ms per call: calls are timed ``inner`` at a time (CUDA events on a GPU, the wall
+    clock on the CPU), after a warm-up that ends when the median of the last 5 timings is within 2%
+    of the 5 before (or ``max_warmup`` timings)."""
+    inner, reps, max_warmup = TIMING["inner"], TIMING["reps"], TIMING["max_warmup"]
+    gpu = torch.cuda.is_available()
 
     def once():
+        if not gpu:
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - start) * 1e3 / inner
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(inner):
@@ -102,7 +124,7 @@ def cuda_time(fn, inner=5, reps=25, max_warmup=200):
         torch.cuda.synchronize()
         return start.elapsed_time(end) / inner
 
-    history = [once() for _ in range(10)]
+    history = [once() for _ in range(min(10, max_warmup))]
     while len(history) < max_warmup:
         a, b = statistics.median(history[-10:-5]), statistics.median(history[-5:])
         if abs(a - b) <= 0.02 * b:
@@ -129,18 +151,18 @@ def max_err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def check_correctness(device, tokens):
-    """Kernel vs reference on the GPU: output and gradients, two layouts, fp32 and bf16."""
+def check_correctness(device, tokens, d=768, m=300, k=48, r=16):
+    """Kernel vs reference on the device: output and gradients, two layouts, fp32 and bf16."""
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
-    m, k, r = 300, 48, 16
     for dtype in (torch.float32, torch.bfloat16):
         for token_gates, per_neuron, padded in ((False, False, False), (True, True, True)):
-            mod = SparseMLP(768, m, k, r, token_gates, per_neuron).to(device)
+            mod = SparseMLP(d, m, k, r, token_gates, per_neuron).to(device)
             meta = mod.meta
             batch, seq = 4, tokens // 4
             h = (torch.randn(batch, seq, m + k + r + meta["n_gates"], generator=g) * 3).to(device, dtype)
-            h[0, 0, :m] = torch.linspace(-1e4, 1e4, m)  # the linear tail
+            with torch.no_grad():
+                h[0, 0, :m] = torch.linspace(-1e4, 1e4, m)  # the linear tail
             mask = None
             if padded:
                 mask = torch.ones(batch, seq, dtype=torch.long, device=device)
@@ -193,51 +215,228 @@ def check_fullgraph(device, d, tokens):
     return {"ok": True, "act": max_err(got, eager), "grads": [max_err(a, b) for a, b in zip(got_g, eager_g)]}
 
 
-def main():
+def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
+    """The op's backward by itself at width d: ms per call of ``_backward`` (both kernels, the
+    partial buffers, the token-gate row sums) and of the ``_param_grads`` reductions, against
+    ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
+    ``_backward`` under each backward tile of ``sweep`` ((tokens, columns, warps) tuples)."""
+    m, k, r = widths(d, ratio)
+    mod = SparseMLP(d, m, k, r, token_gates).to(device)
+    meta = mod.meta
+    batch = max(1, tokens // 1024)
+    h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
+    grad = torch.randn(batch, tokens // batch, m + k + r, device=device, dtype=dtype)
+    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach())
+    tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
+
+    def bwd():
+        return fk._backward(grad, h, *par, None, None, *tail)
+
+    part = bwd()[1]
+    row = dict(d=d, m=m, k=k, r=r, backward_ms=cuda_time(bwd),
+               param_grads_ms=cuda_time(lambda: fk._param_grads(part, *par, m, r, meta["degree"])))
+    gelu_h, gelu_g = h[..., : m + k + r].contiguous(), grad.contiguous()
+    row["gelu_backward_ms"] = cuda_time(lambda: torch.ops.aten.gelu_backward(gelu_g, gelu_h, approximate="tanh"))
+    row["backward_vs_gelu"] = row["backward_ms"] / row["gelu_backward_ms"]
+    if torch.cuda.is_available():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                bwd()
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+            if us:
+                kernels[e.key] = us / 10 / 1e3  # ms per backward
+        row["kernel_ms"] = kernels
+    saved = dict(fk.BACKWARD_TILE)
+    row["sweep"] = []
+    try:
+        for bt, bc, warps in sweep:
+            fk.BACKWARD_TILE.update(tokens=bt, columns=bc, warps=warps)
+            row["sweep"].append(dict(tokens=bt, columns=bc, warps=warps, backward_ms=cuda_time(bwd)))
+    finally:
+        fk.BACKWARD_TILE.clear()
+        fk.BACKWARD_TILE.update(saved)
+    return row
+
+
+def host_us(fn, n=1000, reps=5):
+    """Median wall-clock microseconds per call (CPU), after n // 10 warm-up calls."""
+    for _ in range(n // 10):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(samples)
+
+
+def host_cost(n=1000):
+    """Host (CPU) time per call of the op's Python path with Triton's launcher stubbed out.
+
+    ``use_kernel`` is forced on and the kernels' ``run`` (Triton's launcher: argument binding,
+    specialization, the driver call) does nothing, so what is timed is everything the op does
+    around it: the wrapper's checks and argument preparation, the dispatch (the direct eager path,
+    or the registered ops: ``*_via_ops``), ``wrap_triton``, the output and partial-sum allocations
+    and the reductions of the backward. Triton's own launcher cost comes on top of these. Tiny tensors (1 or 16 tokens, 51 columns), one thread, so the torch
+    work itself is small. Rows: the op alone, and the FFN's ``_middle_op`` (coefficient masking,
+    state lookup) of a default-component layer, d = 64.
+    """
+    from types import SimpleNamespace
+
+    from modeling_sparse_gpt2.component_base import FFNContext
+    from modeling_sparse_gpt2.configuration_sparse_gpt2 import SparseGPT2Config
+    from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
+
+    torch.set_num_threads(1)
+    kernel_type = type(fk._forward_kernel)  # JITFunction (InterpretedFunction under TRITON_INTERPRET=1)
+    saved = fk.use_kernel, kernel_type.run
+    fk.use_kernel, kernel_type.run = (lambda h: True), (lambda *a, **k: None)
+    try:
+        mod = SparseMLP(64, 40, 4, 4, token_gates=True)
+        meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
+        h1, state, mask = torch.randn(1, 1, 51), torch.zeros(1, WINDOW - 1, 4), torch.ones(1, 5, dtype=torch.long)
+        h16 = torch.randn(1, 16, 51, requires_grad=True)
+        cfg = SparseGPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97, n_positions=64,
+                               sparse_components=["polynomial", "spectral", "feedback"])
+        ffn = UltraEfficientSparseFFN(cfg, 0)
+        hf1 = torch.randn(1, 1, ffn.c_fc.out_features)
+        hf16 = torch.randn(1, 16, ffn.c_fc.out_features, requires_grad=True)
+        decode_ctx = FFNContext(cache=SimpleNamespace(), token_mask=mask)
+
+        def op_decode():
+            with torch.no_grad():
+                fk.sparse_ffn_activation(h1, *par, state, mask, **meta)
+
+        def op_prefill():
+            with torch.no_grad():
+                fk.sparse_ffn_activation(h16, *par, None, None, **meta)
+
+        def op_fwd_bwd():
+            fk.sparse_ffn_activation(h16, *par, None, None, **meta).sum().backward()
+
+        def ffn_decode():
+            with torch.no_grad():
+                ffn._middle_op(hf1, decode_ctx)
+
+        def ffn_fwd_bwd():
+            ffn._middle_op(hf16, FFNContext()).sum().backward()
+
+        calls = dict(op_decode=op_decode, op_prefill=op_prefill, op_fwd_bwd=op_fwd_bwd, ffn_middle_decode=ffn_decode,
+                     ffn_middle_fwd_bwd=ffn_fwd_bwd)
+        out = {}
+        for direct in (True, False):
+            fk.EAGER_DIRECT = direct
+            for name, fn in calls.items():
+                out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, n // 3 if "bwd" in name else n)
+        return out
+    finally:
+        fk.use_kernel, kernel_type.run = saved
+        fk.EAGER_DIRECT = True
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", default="768,1024,1280,1600")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--sweep", default="32x64x4,64x64x8,128x64x8,64x128x8",
+                   help="backward tiles (tokens x columns x warps) timed at the first width; '' for none")
+    p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
+    p.add_argument("--budget-s", type=float, default=100.0, help="rows that would start after this many seconds are skipped")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of this script: tiny shapes, fp32, a few timed calls (the kernels under "
+                        "TRITON_INTERPRET=1, else the reference)")
     p.add_argument("--output", default=None, help="JSON file for the results")
-    args = p.parse_args()
-    if not torch.cuda.is_available() or fk.triton is None:
-        sys.exit("kernel_microbench: needs a CUDA GPU and triton")
-    device, dtype = "cuda", torch.bfloat16
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.smoke:
+        device, dtype = "cpu", torch.float32
+        args.d, args.tokens = "64", 64
+        TIMING.update(inner=1, reps=2, max_warmup=2)
+        sweep = [(8, 16, 4)]
+    else:
+        if not torch.cuda.is_available() or fk.triton is None:
+            sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")
+        device, dtype = "cuda", torch.bfloat16
+        sweep = [tuple(int(v) for v in c.split("x")) for c in args.sweep.split(",") if c]
     torch.manual_seed(0)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=fk.triton.__version__,
-                  tokens=args.tokens, ratio=args.ratio, dtype="bfloat16", degree=DEGREE, window=WINDOW,
-                  token_gates=args.token_gates, rows=[])
-    result["correctness"] = check_correctness(device, 2048)
-    result["opcheck"] = check_opcheck(device)
-    result["compile_fullgraph"] = check_fullgraph(device, 768, 2048)
-    print(json.dumps({k: result[k] for k in ("correctness", "opcheck", "compile_fullgraph")}, indent=1))
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    dims = [int(v) for v in args.d.split(",")]
+    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                  triton=getattr(fk.triton, "__version__", None), kernels=fk.use_kernel(torch.zeros(1, device=device)),
+                  tokens=args.tokens, ratio=args.ratio, dtype=str(dtype).split(".")[-1], degree=DEGREE, window=WINDOW,
+                  token_gates=args.token_gates, forward_tile=dict(fk.FORWARD_TILE),
+                  backward_tile=dict(fk.BACKWARD_TILE), rows=[], backward=[], skipped=[])
+    small = dict(d=64, m=40, k=4, r=4) if args.smoke else {}
+    result["correctness"] = check_correctness(device, 16 if args.smoke else 2048, **small)
+    if result["kernels"]:
+        result["opcheck"] = check_opcheck(device)
+    if not args.no_compile:
+        result["compile_fullgraph"] = check_fullgraph(device, dims[0] if args.smoke else 768, 16 if args.smoke else 2048)
+    print(json.dumps({k: result.get(k) for k in ("correctness", "opcheck", "compile_fullgraph")}, indent=1))
+    print(f"checks done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def over_budget(what):
+        if time.perf_counter() - t0 > args.budget_s:
+            result["skipped"].append(what)
+            print(f"skipped (over --budget-s {args.budget_s:g}): {what}", flush=True)
+            return True
+        return False
+
     heads = ("d", "mode", "model", "width", "fwd ms", "f+b ms", "fwd/ideal", "f+b/ideal", "f+b/dense")
     print(" ".join(f"{h:>9}" for h in heads))
-    for d in (int(v) for v in args.d.split(",")):
+    built = {}
+    for d in dims:
         m, k, r = widths(d, args.ratio)
-        n = m + k + r
         batch = max(1, args.tokens // 1024)  # sequences of 1,024 tokens (the feedback window runs along them)
         x = torch.randn(batch, args.tokens // batch, d, device=device, dtype=dtype, requires_grad=True)
-        gy = torch.randn_like(x)
-        sparse = SparseMLP(d, m, k, r, args.token_gates)
-        models = {"dense": DenseMLP(d, 4 * d), "ideal": DenseMLP(d, n), "sparse": sparse}
+        models = {"dense": DenseMLP(d, 4 * d), "ideal": DenseMLP(d, m + k + r),
+                  "sparse": SparseMLP(d, m, k, r, args.token_gates)}
         for mod in models.values():
             mod.to(device).to_dtype(dtype)
-        for mode in modes:
+        built[d] = models, x, torch.randn_like(x)
+    for mode in ["eager"] + ([] if args.no_compile else ["compiled"]):  # every width eager first, then compiled
+        for d in dims:
+            models, x, gy = built[d]
+            if over_budget(f"{mode} d={d}"):
+                continue
             torch._dynamo.reset()
-            times = {name: time_model(mod, x, gy, mode == "compiled") for name, mod in models.items()}
+            names = ["ideal", "sparse"] + (["dense"] if mode == "eager" else [])  # compiled: against the ideal
+            times = {name: time_model(models[name], x, gy, mode == "compiled") for name in names}
             for name, (fwd, fb) in times.items():
-                row = dict(d=d, mode=mode, model=name, width=4 * d if name == "dense" else n, m=m, k=k, r=r,
+                mk = models["sparse"].meta
+                row = dict(d=d, mode=mode, model=name, width=4 * d if name == "dense" else mk["m"] + mk["k"] + mk["r"],
                            fwd_ms=fwd, fwd_bwd_ms=fb, fwd_vs_ideal=fwd / times["ideal"][0],
-                           fwd_bwd_vs_ideal=fb / times["ideal"][1], fwd_bwd_vs_dense=fb / times["dense"][1])
+                           fwd_bwd_vs_ideal=fb / times["ideal"][1],
+                           fwd_bwd_vs_dense=fb / times["dense"][1] if "dense" in times else None)
                 result["rows"].append(row)
                 cells = [f"{v:>9}" for v in (d, mode, name, row["width"])]
-                cells += [f"{row[key]:>9.3f}" for key in ("fwd_ms", "fwd_bwd_ms", "fwd_vs_ideal", "fwd_bwd_vs_ideal",
-                                                          "fwd_bwd_vs_dense")]
-                print(" ".join(cells))
+                cells += [f"{row[key]:>9.3f}" if row[key] is not None else f"{'-':>9}"
+                          for key in ("fwd_ms", "fwd_bwd_ms", "fwd_vs_ideal", "fwd_bwd_vs_ideal", "fwd_bwd_vs_dense")]
+                print(" ".join(cells), flush=True)
+        if mode == "eager":  # the backward by itself, and the tile sweep at the first width
+            for i, d in enumerate(dims):
+                if not result["kernels"] or over_budget(f"backward alone d={d}"):
+                    continue
+                row = backward_alone(device, dtype, d, args.tokens, args.ratio, args.token_gates, sweep if i == 0 else ())
+                result["backward"].append(row)
+                print(f"backward alone d={d}: {row['backward_ms']:.3f} ms (gelu_backward {row['gelu_backward_ms']:.3f} ms,"
+                      f" {row['backward_vs_gelu']:.1f}x; param-grad sums {row['param_grads_ms']:.3f} ms)", flush=True)
+                for name, ms in sorted(row.get("kernel_ms", {}).items(), key=lambda kv: -kv[1])[:6]:
+                    print(f"    {ms:8.3f} ms  {name[:90]}")
+                for c in row["sweep"]:
+                    print(f"    tile {c['tokens']}x{c['columns']} warps {c['warps']}: {c['backward_ms']:.3f} ms")
+    if args.host or args.smoke:
+        result["host_us_per_call_cpu"] = host_cost(n=50 if args.smoke else 1000)
+        print("host time per call (CPU, launch stubbed), us:",
+              json.dumps({k: round(v, 1) for k, v in result["host_us_per_call_cpu"].items()}))
+    result["wall_s"] = time.perf_counter() - t0
+    print(f"total {result['wall_s']:.1f} s")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))

@@ -17,27 +17,42 @@ FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) 
 linear tail), feedback r·(2·w + 12) (window, gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly
 m·(12·deg + 15) (value and derivative by the differentiated Clenshaw recurrence, then T_i again for
 the coefficient gradients), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
-pre-activations are recomputed from h), gates 4·(m + k + r). Both kernels read h once and write
-their output once (the backward also reads dL/dact); everything else is in registers.
+pre-activations are recomputed from h), gates 4·(m + k + r). The kernels read h once and write
+their output once (the backward also reads dL/dact; the feedback columns re-read w rows of h per
+tap from cache); everything else is in registers.
 
-Kernel design. Both kernels run on programs over (token tiles, column tiles); a tile is ``BT``
-tokens of one sequence times ``BC`` activation columns, and handles the segment(s) its columns
-fall in through scalar ``if``s on the tile's column range plus per-column masks. Feedback columns
-read the ``w - 1`` earlier tokens from ``h`` (or from the decode state / zeros before the sequence
-start); the token gates are read per row. The forward launches one program per tile. The backward
-launches ``G`` programs per column tile; each walks every G-th token tile and accumulates the
-coefficient, gate and feedback-kernel gradients in fp32 registers; at the end every program writes
-its partial sums once (no atomics) and one ``sum`` per partial buffer reduces them. The token-gate
-gradient of a row is a sum over columns, which the column tiles split, so each column tile writes
-its per-row partial and one ``sum`` over the column tiles adds them.
+Kernel design. The kernels run on programs over (token tiles, column tiles); a tile is ``BT``
+tokens of one sequence times ``BC`` activation columns. The forward launches one program per tile;
+a tile handles the segment(s) its columns fall in through scalar ``if``s on the tile's column range
+plus per-column masks. Feedback columns read the ``w - 1`` earlier tokens from ``h`` (or from the
+decode state / zeros before the sequence start); the token gates are read per row. The backward is
+two kernels over disjoint columns: ``_backward_kernel`` on the polynomial and spectral columns
+(no feedback code, so its registers are those of the Clenshaw recurrences) and
+``_feedback_backward_kernel`` on the feedback columns with its own, narrower column tiles. Each
+launches ``G`` programs per column tile (the same ``G`` for both); a program walks every G-th
+token tile and accumulates its gradient sums in fp32 registers as 2-D tiles ``[coefficient or tap,
+column]``: per token tile one token sum (``tl.sum`` over axis 0) per coefficient, landing on the
+tile's own column axis. At the end a program writes its partial sums once (no atomics) into its row
+of one buffer ``part`` (``_part_layout``; for shared coefficients the column reduction is done here,
+once); ``_param_grads`` reduces ``part`` with one sum over the programs and one over the column
+tiles' slots. The token-gate gradient of a row is a sum over columns, which the column tiles split,
+so each column tile writes its per-row partial and one ``sum`` over the column tiles adds them.
 
 Dispatch (``use_kernel``): the Triton ops run on CUDA when triton is installed, and on CPU tensors
 when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; this is how
 CI tests them). Everywhere else ``sparse_ffn_activation`` is ``sparse_ffn_activation_reference``
 (plain torch, autograd through torch), so the module imports and works without triton.
+The kernels are registered as ``torch.library`` ops (``triton_op``, autograd by
+``register_autograd``), which ``torch.compile`` and tracing see. A plain eager call (real tensors,
+no compiler, no dispatch mode: ``_plain_eager``) calls the same ``_forward`` / ``_backward``
+directly (an ``autograd.Function`` where gradients are needed) and launches the kernels without
+``wrap_triton``: the ops' Python dispatch layers cost several times the launch on the host, which
+is what eager decode and small prefills pay.
 Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, which cannot be traced:
 the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
 """
+
+import functools
 
 import torch
 from torch import Tensor
@@ -55,9 +70,12 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
     triton = None
     INTERPRET = False
 
-# Tile sizes (tokens, columns) and the backward's programs per column tile (None: fill the GPU).
+# Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
+# warps and its programs per column tile (None: fill the GPU).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 32, "columns": 64, "token_programs": None}
+BACKWARD_TILE = {"tokens": 64, "columns": 64, "warps": 8, "feedback_columns": 16, "token_programs": None}
+# Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
+EAGER_DIRECT = True
 
 
 def use_kernel(h: Tensor) -> bool:
@@ -152,9 +170,9 @@ def sparse_ffn_activation(
     (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
     """
     _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree)
-    meta = dict(m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree)
     if not use_kernel(h):
-        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, **meta)
+        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
+                                               n_gates=n_gates, domain=domain, degree=degree)
     h3 = h if h.dim() == 3 else h[None]
     if token_mask is not None and token_mask.dim() == 1:
         token_mask = token_mask[None]
@@ -165,12 +183,15 @@ def sparse_ffn_activation(
     args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
     leaves = (h, coeffs, gates, fb_kernel)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    direct = _plain_eager(h3)
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
-        act = torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+        act = _forward(*args, True, direct=True) if direct else torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
+    elif not needs_grad and direct:
+        act = _forward(*args, False, direct=True)
     else:
         if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
             args = args[:4] + (fb_state.clone(),) + args[5:]
-        act = torch.ops.sparse_gpt2.ffn_activation(*args)
+        act = _EagerActivation.apply(*args) if direct else torch.ops.sparse_gpt2.ffn_activation(*args)
         if fb_state is not None:  # ... and the state is advanced here
             with torch.no_grad():
                 u = h3[..., m + k : m + k + r]
@@ -300,16 +321,39 @@ if triton is not None:
         tl.store(out_rows[:, None] + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _row_gate_parts(row_part_ptr, tile_c, n_rows, b, t, T, row_ok, dg, cols, m, fb0, n_act, SPEC_IDX, FB_IDX,
+                        N_SEG):
+        """This column tile's share of dL/dh_gate per row and segment (zeros for segments it lacks)."""
+        rp = row_part_ptr + (tile_c * n_rows + b * T + t) * N_SEG
+        if m > 0:
+            tl.store(rp, tl.sum(tl.where((cols < m)[None, :], dg, 0.0), axis=1), mask=row_ok)
+        if fb0 > m:
+            tl.store(rp + SPEC_IDX, tl.sum(tl.where(((cols >= m) & (cols < fb0))[None, :], dg, 0.0), axis=1),
+                     mask=row_ok)
+        if n_act > fb0:
+            tl.store(rp + FB_IDX, tl.sum(tl.where(((cols >= fb0) & (cols < n_act))[None, :], dg, 0.0), axis=1),
+                     mask=row_ok)
+
+    @triton.jit
+    def _gate_slots(slot_ptr, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX):
+        """Per-segment sums of one column tile's gate accumulator, into its slot."""
+        if m > 0:
+            tl.store(slot_ptr, tl.sum(tl.where(cols < m, acc_gate, 0.0), axis=0))
+        if fb0 > m:
+            tl.store(slot_ptr + SPEC_IDX, tl.sum(tl.where((cols >= m) & (cols < fb0), acc_gate, 0.0), axis=0))
+        if n_act > fb0:
+            tl.store(slot_ptr + FB_IDX, tl.sum(tl.where((cols >= fb0) & (cols < n_act), acc_gate, 0.0), axis=0))
+
+    @triton.jit
     def _backward_kernel(
-        h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
-        col_part_ptr, tile_part_ptr, row_part_ptr,
-        T, n_tiles_t, n_tiles, n_prog_t, n_tiles_c,
-        stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
-        mask_off, m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_col_part, n_tile_part, n_rows,
-        DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
-        HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr,
-        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, WP: tl.constexpr,
+        h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, part_ptr, row_part_ptr,
+        T, n_tiles_t, n_tiles, n_prog_t, stride_hb, stride_ht, stride_gb, stride_gt,
+        m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
+        DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr,
     ):
+        """Polynomial and spectral columns [0, m + k): grad_h, and the partial sums of the
+        coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``)."""
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
@@ -317,29 +361,24 @@ if triton is not None:
         fb0 = m + k
         col0 = pid_c * BC
         cols = col0 + tl.arange(0, BC)
-        col_ok = cols < n_act
+        col_ok = cols < fb0
         is_poly = cols < m
-        rc = cols - fb0
-        is_fb = (cols >= fb0) & col_ok
         di = tl.arange(0, DP)
-        wi = tl.arange(0, WP)
-        seg = tl.where(is_poly, 0, tl.where(cols < fb0, SPEC_IDX, FB_IDX))
-        gate = tl.load(gate_ptr + seg, mask=col_ok, other=0.0).to(tl.float32)
-        acc_coeff = tl.zeros((BC, DP), dtype=tl.float32)  # sum over tokens of dL/da * g * tau * T_i(t)
-        acc_kernel = tl.zeros((BC, WP), dtype=tl.float32)  # sum over tokens of dL/dz * u_{t-w+1+j}
+        gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
+        # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
+        # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
+        acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
         tile = pid_t
         while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
             b = (tile // n_tiles_t).to(tl.int64)
-            tt = tile % n_tiles_t
-            t = tt * BT + tl.arange(0, BT)
+            t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
             row_ok = t < T
             ok = row_ok[:, None] & col_ok[None, :]
-            h_seq = h_ptr + b * stride_hb
-            h_rows = h_seq + t * stride_ht
-            g_seq = gout_ptr + b * stride_gb
+            h_rows = h_ptr + b * stride_hb + t * stride_ht
             x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            go = tl.load((g_seq + t * stride_gt)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            go = tl.load((gout_ptr + b * stride_gb + t * stride_gt)[:, None] + cols[None, :], mask=ok,
+                         other=0.0).to(tl.float32)
             tau, dtau = _token_gates(h_rows, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX, TOKEN_GATES, BT, BC)
             a = x  # spectral: identity, derivative 1
             da = tl.full((BT, BC), 1.0, tl.float32)
@@ -371,87 +410,140 @@ if triton is not None:
                 dpoly = tl.where(inside, (b1 + tc * d1 - d2) / domain, 0.0) + tl.where(x > domain, 1.0, 0.0)
                 a = tl.where(is_poly[None, :], poly, a)
                 da = tl.where(is_poly[None, :], dpoly, da)
-                # coefficient gradients: T_i(t) by the forward recurrence, one column sum per i
+                # coefficient gradients: T_i(t) by the forward recurrence, one token sum per i
                 gp = tl.where(ok & is_poly[None, :], go * gate[None, :] * tau, 0.0)
                 t_prev = tl.full((BT, BC), 1.0, tl.float32)
                 t_cur = tc
-                acc_coeff += tl.where(di[None, :] == 0, tl.sum(gp, axis=0)[:, None], 0.0)
+                acc_coeff += tl.where(di[:, None] == 0, tl.sum(gp, axis=0)[None, :], 0.0)
                 if DEGREE >= 1:
-                    acc_coeff += tl.where(di[None, :] == 1, tl.sum(gp * tc, axis=0)[:, None], 0.0)
+                    acc_coeff += tl.where(di[:, None] == 1, tl.sum(gp * tc, axis=0)[None, :], 0.0)
                 for i in tl.static_range(2, DEGREE + 1):
                     t_next = 2.0 * tc * t_cur - t_prev
                     t_prev = t_cur
                     t_cur = t_next
-                    acc_coeff += tl.where(di[None, :] == i, tl.sum(gp * t_cur, axis=0)[:, None], 0.0)
+                    acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
             gh = go * gate[None, :] * tau * da
-            if (col0 + BC > fb0) & (r > 0):  # feedback: u_t reaches z_{t..t+w-1}
-                state_seq = state_ptr + b * stride_sb
-                mask_seq = mask_ptr + b * stride_mb
-                du = tl.zeros((BT, BC), dtype=tl.float32)
-                for d in tl.static_range(WINDOW):
-                    later = t + d
-                    z = _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, later, rc, is_fb, T, stride_ht, stride_st,
-                                    stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW, BT, BC)
-                    s, ds = _gelu_tanh(z)
-                    if d == 0:
-                        go_d = go
-                        tau_d = tau
-                        a = tl.where(is_fb[None, :], s, a)
-                    else:
-                        later_ok = later < T
-                        go_d = tl.load((g_seq + later * stride_gt)[:, None] + cols[None, :],
-                                       mask=later_ok[:, None] & is_fb[None, :], other=0.0).to(tl.float32)
-                        tau_d, _ = _token_gates(h_seq + later * stride_ht, later_ok, cols, m, k, r, n_act, SPEC_IDX,
-                                                FB_IDX, TOKEN_GATES, BT, BC)
-                    dz = go_d * gate[None, :] * tau_d * ds
-                    kd = tl.load(kern_ptr + rc * WINDOW + (WINDOW - 1 - d), mask=is_fb, other=0.0).to(tl.float32)
-                    du += kd[None, :] * dz
-                    if d == 0:
-                        dz0 = tl.where(ok & is_fb[None, :], dz, 0.0)
-                        for j in tl.static_range(WINDOW):
-                            u = _feedback_u(h_seq, state_seq, mask_seq, t - (WINDOW - 1) + j, rc, is_fb, T, stride_ht,
-                                            stride_st, stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW)
-                            acc_kernel += tl.where(wi[None, :] == j, tl.sum(dz0 * u, axis=0)[:, None], 0.0)
-                if HAS_MASK:
-                    keep = tl.load(mask_seq + (mask_off + t) * stride_mt, mask=row_ok, other=0).to(tl.float32)
-                    du = du * keep[:, None]
-                gh = tl.where(is_fb[None, :], du, gh)
             acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
             gh_rows = gh_ptr + b * stride_hb + t * stride_ht
             tl.store(gh_rows[:, None] + cols[None, :], gh.to(gh_ptr.dtype.element_ty), mask=ok)
-            if TOKEN_GATES:  # this column tile's share of dL/dh_gate per row and segment
+            if TOKEN_GATES:
                 dg = tl.where(ok, go * gate[None, :] * a * dtau, 0.0)
-                rp = row_part_ptr + (pid_c * n_rows + b * T + t) * N_SEG
-                if m > 0:
-                    tl.store(rp, tl.sum(tl.where(is_poly[None, :], dg, 0.0), axis=1), mask=row_ok)
-                if k > 0:
-                    tl.store(rp + SPEC_IDX, tl.sum(tl.where((cols >= m) & (cols < fb0), dg, 0.0)[:, :], axis=1),
-                             mask=row_ok)
-                if r > 0:
-                    tl.store(rp + FB_IDX, tl.sum(tl.where(is_fb[None, :], dg, 0.0), axis=1), mask=row_ok)
+                _row_gate_parts(row_part_ptr, pid_c, n_rows, b, t, T, row_ok, dg, cols, m, fb0, n_act, SPEC_IDX,
+                                FB_IDX, N_SEG)
             tile += n_prog_t
-        # partial sums of this program, written once
-        cp = col_part_ptr + pid_t * n_col_part
+        # this program's partial sums, written once (layout: ``_part_layout``)
+        row = part_ptr + pid_t * n_part
+        slot = row + slot0 + pid_c * slot_width
         if PER_NEURON:
-            tl.store(cp + cols[:, None] * (DEGREE + 1) + di[None, :], acc_coeff,
-                     mask=is_poly[:, None] & (di < DEGREE + 1)[None, :])
-            kern_off = m * (DEGREE + 1)
-        else:
-            kern_off = 0
-        tl.store(cp + kern_off + rc[:, None] * WINDOW + wi[None, :], acc_kernel,
-                 mask=is_fb[:, None] & (wi < WINDOW)[None, :])
-        tp = tile_part_ptr + (pid_t * n_tiles_c + pid_c) * n_tile_part
-        if m > 0:
-            tl.store(tp, tl.sum(tl.where(is_poly, acc_gate, 0.0), axis=0))
-        if k > 0:
-            tl.store(tp + SPEC_IDX, tl.sum(tl.where((cols >= m) & (cols < fb0), acc_gate, 0.0), axis=0))
-        if r > 0:
-            tl.store(tp + FB_IDX, tl.sum(tl.where(is_fb, acc_gate, 0.0), axis=0))
-        if not PER_NEURON:
-            tl.store(tp + N_SEG + di, tl.sum(acc_coeff, axis=0), mask=di < DEGREE + 1)
+            tl.store(row + cols[None, :] * (DEGREE + 1) + di[:, None], acc_coeff,
+                     mask=is_poly[None, :] & (di < DEGREE + 1)[:, None])
+            _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+        else:  # the column reduction, once
+            tl.store(slot + di, tl.sum(acc_coeff, axis=1), mask=di < DEGREE + 1)
+            _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
 
-    def _launch(kernel, grid, *args, **meta):
-        """Launch through ``wrap_triton``; under the interpreter the fake-tensor pass only allocates."""
+    @triton.jit
+    def _feedback_backward_kernel(
+        h_ptr, gout_ptr, gh_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr, part_ptr, row_part_ptr,
+        T, n_tiles_t, n_tiles, n_prog_t, tile_c0,
+        stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
+        mask_off, m, k, r, SPEC_IDX, FB_IDX, N_SEG, n_part, slot0, slot_width, kern_off, n_rows,
+        DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr,
+        WP: tl.constexpr,
+    ):
+        """Feedback columns [m + k, m + k + r): u_t reaches z_{t..t+w-1}, whose pre-activations are
+        recomputed from h; partial sums of the tap and gate gradients."""
+        pid_t = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        n_act = m + k + r
+        fb0 = m + k
+        rc = pid_c * BC + tl.arange(0, BC)
+        cols = fb0 + rc
+        is_fb = rc < r
+        wi = tl.arange(0, WP)
+        gate = tl.load(gate_ptr + FB_IDX + 0 * rc, mask=is_fb, other=0.0).to(tl.float32)
+        acc_kernel = tl.zeros((WP, BC), dtype=tl.float32)  # sum over tokens of dL/dz * u_{t-w+1+j}, row j
+        acc_gate = tl.zeros((BC,), dtype=tl.float32)
+        tile = pid_t
+        while tile < n_tiles:
+            b = (tile // n_tiles_t).to(tl.int64)
+            t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
+            row_ok = t < T
+            ok = row_ok[:, None] & is_fb[None, :]
+            h_seq = h_ptr + b * stride_hb
+            g_seq = gout_ptr + b * stride_gb
+            state_seq = state_ptr + b * stride_sb
+            mask_seq = mask_ptr + b * stride_mb
+            go = tl.load((g_seq + t * stride_gt)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            tau, dtau = _token_gates(h_seq + t * stride_ht, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX,
+                                     TOKEN_GATES, BT, BC)
+            a = tl.zeros((BT, BC), dtype=tl.float32)
+            du = tl.zeros((BT, BC), dtype=tl.float32)
+            for d in tl.static_range(WINDOW):
+                later = t + d
+                z = _feedback_z(h_seq, state_seq, mask_seq, kern_ptr, later, rc, is_fb, T, stride_ht, stride_st,
+                                stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW, BT, BC)
+                s, ds = _gelu_tanh(z)
+                if d == 0:
+                    go_d = go
+                    tau_d = tau
+                    a = s
+                else:
+                    later_ok = later < T
+                    go_d = tl.load((g_seq + later * stride_gt)[:, None] + cols[None, :],
+                                   mask=later_ok[:, None] & is_fb[None, :], other=0.0).to(tl.float32)
+                    tau_d, _ = _token_gates(h_seq + later * stride_ht, later_ok, cols, m, k, r, n_act, SPEC_IDX,
+                                            FB_IDX, TOKEN_GATES, BT, BC)
+                dz = go_d * gate[None, :] * tau_d * ds
+                kd = tl.load(kern_ptr + rc * WINDOW + (WINDOW - 1 - d), mask=is_fb, other=0.0).to(tl.float32)
+                du += kd[None, :] * dz
+                if d == 0:
+                    dz0 = tl.where(ok, dz, 0.0)
+                    for j in tl.static_range(WINDOW):
+                        u = _feedback_u(h_seq, state_seq, mask_seq, t - (WINDOW - 1) + j, rc, is_fb, T, stride_ht,
+                                        stride_st, stride_mt, mask_off, fb0, HAS_MASK, HAS_STATE, WINDOW)
+                        acc_kernel += tl.where(wi[:, None] == j, tl.sum(dz0 * u, axis=0)[None, :], 0.0)
+            if HAS_MASK:
+                keep = tl.load(mask_seq + (mask_off + t) * stride_mt, mask=row_ok, other=0).to(tl.float32)
+                du = du * keep[:, None]
+            acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
+            gh_rows = gh_ptr + b * stride_hb + t * stride_ht
+            tl.store(gh_rows[:, None] + cols[None, :], du.to(gh_ptr.dtype.element_ty), mask=ok)
+            if TOKEN_GATES:
+                dg = tl.where(ok, go * gate[None, :] * a * dtau, 0.0)
+                _row_gate_parts(row_part_ptr, tile_c0 + pid_c, n_rows, b, t, T, row_ok, dg, cols, m, fb0, n_act,
+                                SPEC_IDX, FB_IDX, N_SEG)
+            tile += n_prog_t
+        row = part_ptr + pid_t * n_part
+        tl.store(row + kern_off + rc[None, :] * WINDOW + wi[:, None], acc_kernel,
+                 mask=is_fb[None, :] & (wi < WINDOW)[:, None])
+        slot = row + slot0 + (tile_c0 + pid_c) * slot_width
+        if not PER_NEURON:  # this tile's share of the shared-coefficient sums is zero
+            di = tl.arange(0, DP)
+            tl.store(slot + di, tl.zeros((DP,), dtype=tl.float32), mask=di < DEGREE + 1)
+            slot += DEGREE + 1
+        _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+
+    def _pow2(n: int) -> int:  # triton.next_power_of_2 / cdiv are constexpr_functions: slow on the host
+        if type(n) is not int:  # a SymInt (dynamic-shape tracing)
+            return triton.next_power_of_2(n)
+        return 1 << max(n - 1, 0).bit_length()
+
+    def _cdiv(a: int, b: int) -> int:
+        return -(-a // b) if type(a) is int and type(b) is int else triton.cdiv(a, b)
+
+    @functools.cache
+    def _sm_count(device) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
+    def _launch(kernel, grid, *args, direct=False, **meta):
+        """Launch through ``wrap_triton`` (which tracing sees), or the kernel itself for a direct eager
+        call (``wrap_triton`` outside an op's backend would route it through the slow HOP dispatch);
+        under the interpreter the fake-tensor pass only allocates."""
+        if direct:
+            kernel[grid](*args, **meta)
+            return
         if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
             return
         wrap_triton(kernel)[grid](*args, **meta)
@@ -476,10 +568,11 @@ if triton is not None:
         )
 
     def _token_block(tokens: int, preferred: int, window: int) -> int:
-        block = min(preferred, triton.next_power_of_2(max(tokens, 1)))
-        return max(block, triton.next_power_of_2(max(window - 1, 1)))  # the first tile holds the state
+        block = min(preferred, _pow2(max(tokens, 1)))
+        return max(block, _pow2(max(window - 1, 1)))  # the first tile holds the state
 
-    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state):
+    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state,
+                 direct=False):
         h = h if h.stride(-1) == 1 else h.contiguous()
         batch, tokens, _ = h.shape
         n_act = m + k + r
@@ -488,9 +581,9 @@ if triton is not None:
             return out
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt = _token_block(tokens, FORWARD_TILE["tokens"], lay["window"])
-        bc = min(FORWARD_TILE["columns"], triton.next_power_of_2(n_act))
-        n_tiles_t = triton.cdiv(tokens, bt)
-        grid = (batch * n_tiles_t, triton.cdiv(n_act, bc))
+        bc = min(FORWARD_TILE["columns"], _pow2(n_act))
+        n_tiles_t = _cdiv(tokens, bt)
+        grid = (batch * n_tiles_t, _cdiv(n_act, bc))
         _launch(
             _forward_kernel, grid,
             h, out, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
@@ -498,11 +591,14 @@ if triton is not None:
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
             DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
             HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
-            BT=bt, BC=bc, BS=triton.next_power_of_2(max(lay["window"] - 1, 1)),
+            BT=bt, BC=bc, BS=_pow2(max(lay["window"] - 1, 1)), direct=direct,
         )
         return out
 
-    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree):
+    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree,
+                  direct=False):
+        """``(grad_h, part)``: part holds each token program's partial sums (``_part_layout``),
+        which ``_param_grads`` reduces."""
         h = h if h.stride(-1) == 1 else h.contiguous()
         grad = grad.contiguous()
         batch, tokens, n_down = h.shape
@@ -511,53 +607,97 @@ if triton is not None:
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         window = lay["window"]
         bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
-        bc = min(BACKWARD_TILE["columns"], triton.next_power_of_2(max(n_act, 1)))
-        n_tiles_t = triton.cdiv(tokens, bt)
+        bc = min(BACKWARD_TILE["columns"], _pow2(max(m + k, 1)))
+        bcf = min(BACKWARD_TILE["feedback_columns"], _pow2(max(r, 1)))
+        n_tiles_t = _cdiv(tokens, bt)
         n_tiles = batch * n_tiles_t
-        n_tiles_c = triton.cdiv(n_act, bc)
+        n_tiles_c, n_tiles_f = _cdiv(m + k, bc), _cdiv(r, bcf)
         programs = BACKWARD_TILE["token_programs"]
-        if programs is None:
-            sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 2
-            programs = triton.cdiv(4 * sms, n_tiles_c)
+        if programs is None:  # fill the GPU with the wider of the two grids, at most 8 programs per SM per row
+            sms = _sm_count(h.device) if h.is_cuda else 2
+            programs = min(8 * sms, max(_cdiv(4 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, max(n_tiles_f, 1))))
         programs = max(1, min(programs, n_tiles))
-        n_coeff_part = m * (degree + 1) if per_neuron else 0
-        n_col_part = n_coeff_part + r * window
-        n_tile_part = n_seg + (0 if per_neuron else degree + 1)
+        slot0, slot_width, kern_off, n_part = _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c + n_tiles_f)
         f32 = dict(dtype=torch.float32, device=h.device)
-        col_part = torch.empty(programs, max(n_col_part, 1), **f32)
-        tile_part = torch.empty(programs, n_tiles_c, n_tile_part, **f32)
-        row_part = torch.empty(n_tiles_c, batch * tokens, n_seg, **f32) if n_gates else col_part
+        part = torch.empty(programs, n_part, **f32) if n_tiles > 0 else torch.zeros(1, n_part, **f32)
+        row_part = torch.empty(n_tiles_c + n_tiles_f, batch * tokens, n_seg, **f32) if n_gates else part
         grad_h = torch.empty_like(h)
-        if n_tiles > 0:
+        common = (tokens, n_tiles_t, n_tiles, programs)
+        strides = (h.stride(0), h.stride(1), grad.stride(0), grad.stride(1))
+        flags = dict(DEGREE=degree, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0, DP=_pow2(degree + 1))
+        if n_tiles > 0 and n_tiles_c > 0:
             _launch(
                 _backward_kernel, (programs, n_tiles_c),
-                h, grad, grad_h, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
-                col_part, tile_part, row_part,
-                tokens, n_tiles_t, n_tiles, programs, n_tiles_c,
-                h.stride(0), h.stride(1), grad.stride(0), grad.stride(1),
-                *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"],
-                n_seg, domain, max(n_col_part, 1), n_tile_part, batch * tokens,
-                DEGREE=degree, WINDOW=window, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0,
-                HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"],
-                BT=bt, BC=bc, DP=triton.next_power_of_2(degree + 1), WP=triton.next_power_of_2(window),
+                h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
+                m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
+                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], direct=direct, **flags,
             )
-        else:
-            col_part.zero_()
-            tile_part.zero_()
+        if n_tiles > 0 and n_tiles_f > 0:
+            _launch(
+                _feedback_backward_kernel, (programs, n_tiles_f),
+                h, grad, grad_h, gates, lay["kern"], lay["state"], lay["mask"], part, row_part, *common, n_tiles_c,
+                *strides, *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"],
+                lay["fb_idx"], n_seg, n_part, slot0, slot_width, kern_off, batch * tokens,
+                WINDOW=window, HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], BT=bt, BC=bcf, WP=_pow2(window),
+                direct=direct, **flags,
+            )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
-        # one reduction per gradient (separate tensors: op outputs may not alias each other)
-        if per_neuron:
-            grad_coeffs = col_part[:, :n_coeff_part].sum(0)
-        else:
-            grad_coeffs = tile_part[..., n_seg:].sum((0, 1))
-        grad_coeffs = grad_coeffs.view(coeffs.shape).to(coeffs.dtype)
-        grad_gates = tile_part[..., :n_seg].sum((0, 1)).to(gates.dtype)
-        if fb_kernel is not None:
-            grad_kernel = col_part[:, n_coeff_part:n_col_part].sum(0).view(fb_kernel.shape).to(fb_kernel.dtype)
-        else:
-            grad_kernel = h.new_empty(0, dtype=torch.float32)
-        return grad_h, grad_coeffs, grad_gates, grad_kernel
+        return grad_h, part
+
+    def _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c):
+        """(slot0, slot_width, kern_off, width) of a token program's row of partial sums:
+        ``[per-neuron coefficients m*(degree+1) | one slot per column tile: (shared coefficients
+        degree+1,) gates n_seg | feedback taps r*window]``; every entry is written by one program."""
+        slot0 = m * (degree + 1) if per_neuron else 0
+        slot_width = n_seg + (0 if per_neuron else degree + 1)
+        kern_off = slot0 + n_tiles_c * slot_width
+        return slot0, slot_width, kern_off, kern_off + r * window
+
+    def _param_grads(part, coeffs, gates, fb_kernel, m, r, degree):
+        """Gradients of coeffs, gates and fb_kernel from the partial sums: one sum over the token
+        programs, one over the column tiles' slots (outside the op, so compiled graphs fuse them)."""
+        per_neuron, n_seg = coeffs.shape[0] > 1, gates.shape[0]
+        window = fb_kernel.shape[1] if fb_kernel is not None else 1
+        slot0 = m * (degree + 1) if per_neuron else 0
+        slot_width = n_seg + (0 if per_neuron else degree + 1)
+        total = part.sum(0)
+        kern_off = total.shape[0] - r * window
+        slots = total[slot0:kern_off].view(-1, slot_width).sum(0)
+        grad_coeffs = (total[:slot0] if per_neuron else slots[: degree + 1]).view(coeffs.shape).to(coeffs.dtype)
+        grad_gates = slots[slot_width - n_seg :].to(gates.dtype)
+        grad_kernel = total[kern_off:].view(fb_kernel.shape).to(fb_kernel.dtype) if fb_kernel is not None else None
+        return grad_coeffs, grad_gates, grad_kernel
+
+
+    def _plain_eager(h: Tensor) -> bool:
+        """Plain tensors outside any compiler or tracing mode: the wrapper calls ``_forward`` /
+        ``_backward`` itself instead of the registered ops, whose Python dispatch layers (autograd,
+        ADInplaceOrView with its schema walk, the triton_op backend) cost more host time than the
+        launch. Traced or compiled code always sees the ops."""
+        return (EAGER_DIRECT and type(h) is Tensor and not torch.compiler.is_compiling()
+                and not torch._C._len_torch_dispatch_stack())
+
+    class _EagerActivation(torch.autograd.Function):
+        """``ffn_activation`` with its registered autograd, without the dispatcher (plain eager)."""
+
+        @staticmethod
+        def forward(ctx, h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta):
+            ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
+            ctx.meta = meta
+            return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta, False, direct=True)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grads = _backward(grad, *ctx.saved_tensors, *ctx.meta, direct=True)
+            return _input_grads(grads, ctx.saved_tensors, ctx.meta)
+
+    def _input_grads(outputs, saved, meta):
+        """The backward op's ``(grad_h, part)`` as gradients of the op's 12 inputs."""
+        grad_h, part = outputs
+        h, coeffs, gates, fb_kernel, fb_state, token_mask = saved
+        m, k, r, n_gates, domain, degree = meta
+        return (grad_h, *_param_grads(part, coeffs, gates, fb_kernel, m, r, degree)) + (None,) * 8
 
 
 def _define_ops():
@@ -585,7 +725,7 @@ def _define_ops():
     def ffn_activation_backward(
         grad: Tensor, h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor | None, fb_state: Tensor | None,
         token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         return _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree)
 
     def setup_context(ctx, inputs, output):
@@ -595,11 +735,9 @@ def _define_ops():
 
     def backward(ctx, grad):
         h, coeffs, gates, fb_kernel, fb_state, token_mask = ctx.saved_tensors
-        grad_h, grad_coeffs, grad_gates, grad_kernel = torch.ops.sparse_gpt2.ffn_activation_backward(
-            grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, *ctx.meta
-        )
-        grad_kernel = grad_kernel if fb_kernel is not None else None
-        return (grad_h, grad_coeffs, grad_gates, grad_kernel) + (None,) * 8
+        outputs = torch.ops.sparse_gpt2.ffn_activation_backward(grad, h, coeffs, gates, fb_kernel, fb_state,
+                                                                token_mask, *ctx.meta)
+        return _input_grads(outputs, ctx.saved_tensors, ctx.meta)
 
     ffn_activation.register_autograd(backward, setup_context=setup_context)
     if INTERPRET:  # the emulated kernel cannot be traced: AOT keeps the ops opaque, like custom_op

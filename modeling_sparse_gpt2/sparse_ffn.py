@@ -71,6 +71,7 @@ class UltraEfficientSparseFFN(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.use_fused = True
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
+        self._coeff_cache = None  # (weight versions, masked coefficients) for no-grad eager calls
 
     # ------------------------------------------------------------------ the components' slices
     def w_in(self, name: str) -> torch.Tensor:
@@ -126,10 +127,16 @@ class UltraEfficientSparseFFN(nn.Module):
         n_seg, n_gates = len(self.segments), len(self.segments) if self.gates.token else 0
         poly, feedback = self.components["polynomial"] if m else None, self.components["feedback"] if r else None
         inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
+
+        def cast(t):  # a no-op cast still costs a dispatch per call: skipped (the hot path of eager decode)
+            return t if t.dtype == inner else t.to(inner)
+
         if poly is not None:
-            coeffs, domain, degree = (poly.coeffs * poly.coeff_mask).to(inner).view(-1, poly.degree + 1), poly.domain, poly.degree
+            coeffs, domain, degree = self._masked_coeffs(poly, inner), poly.domain, poly.degree
         else:
             coeffs, domain, degree = h.new_zeros(1, 1, dtype=inner), 1.0, 0
+        gates = self.gates.weight
+        gates = cast(gates if gates.shape[0] == n_seg else gates[:n_seg])  # tensor / micro gates follow
         state = None
         if feedback is not None:
             like = h[..., self.segments["feedback"]]
@@ -137,10 +144,21 @@ class UltraEfficientSparseFFN(nn.Module):
         if self.act_width + n_gates < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
             h = h[..., : self.act_width + n_gates].contiguous()
         return sparse_ffn_activation(
-            h, coeffs, self.gates.weight[:n_seg].to(inner),
-            feedback.kernel.to(inner) if feedback is not None else None, state, ctx.token_mask,
+            h, coeffs, gates, cast(feedback.kernel) if feedback is not None else None, state, ctx.token_mask,
             m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree,
         )  # fmt: skip
+
+    def _masked_coeffs(self, poly, dtype: torch.dtype) -> torch.Tensor:
+        """``coeffs * coeff_mask`` as the op takes them, (1 or m, degree+1). Without autograd, in
+        eager mode, it is computed once per version of the weights (an eager decode step then
+        launches no kernel for it); with autograd or under a compiler, on every call."""
+        c, mask = poly.coeffs, poly.coeff_mask
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return (c * mask).to(dtype).view(-1, poly.degree + 1)
+        key = (c.data_ptr(), c._version, mask.data_ptr(), mask._version, dtype)
+        if self._coeff_cache is None or self._coeff_cache[0] != key:
+            self._coeff_cache = (key, (c * mask).to(dtype).view(-1, poly.degree + 1))
+        return self._coeff_cache[1]
 
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         h = self.c_fc(x)

@@ -4,7 +4,8 @@ On a CUDA machine with triton the cases run on the GPU in this process. On a CPU
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before triton is first
 imported; conftest imports the package first, so ``test_cases_under_the_interpreter`` runs this file
 again in a subprocess with the variable set, and the cases skip themselves in this process.
-Small tiles (4 tokens x 8 columns, 2 backward programs) make every case span several tiles.
+Small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 2 backward programs) make
+every case span several tiles.
 """
 
 import os
@@ -32,6 +33,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.FORWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 2)
 
 
@@ -65,7 +67,9 @@ def assert_close(got, want, dtype, what):
 
 
 def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=torch.float32):
-    leaves = [t.requires_grad_() for t in (h, coeffs, gates, fb_kernel) if t is not None]
+    named = dict(h=h, coeffs=coeffs if meta["m"] else None, gates=gates, fb_kernel=fb_kernel)  # no poly: no coeffs
+    named = {name: t.requires_grad_() for name, t in named.items() if t is not None}
+    leaves = list(named.values())
     want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
     assert torch.isfinite(want).all(), "test inputs overflow the reference"
     weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(want.device)
@@ -74,7 +78,7 @@ def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype
     assert got.dtype == h.dtype and got.shape == want.shape
     got_grads = torch.autograd.grad((got.float() * weight).sum(), leaves)
     assert_close(got, want, dtype, "act")
-    for name, a, b in zip(("h", "coeffs", "gates", "fb_kernel"), got_grads, want_grads):
+    for name, a, b in zip(named, got_grads, want_grads):
         assert_close(a, b, dtype, f"grad {name}")
 
 
@@ -85,6 +89,8 @@ CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padd
     "all per-neuron padded": (2, 6, 10, 5, 6, False, True, True),
     "all one token token-gates": (2, 1, 9, 4, 5, True, True, True),
     "all no batch dim token-gates": (None, 6, 7, 3, 4, True, False, False),
+    "spectral+feedback padded token-gates": (2, 5, 0, 4, 6, True, False, True),
+    "feedback only": (1, 7, 0, 0, 5, False, False, False),
 }
 
 
@@ -93,6 +99,14 @@ CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padd
 def test_forward_backward_match_reference(case):
     batch, tokens, m, k, r, token_gates, per_neuron, padded = case
     check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
+
+
+@kernel_case
+def test_registered_ops_match_reference(monkeypatch):
+    """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
+    the same check through them."""
+    monkeypatch.setattr(fk, "EAGER_DIRECT", False)
+    check_against_reference(*make_inputs(2, 5, 13, 4, 5, True, True, padded=True))
 
 
 @kernel_case
@@ -106,9 +120,12 @@ def test_half_precision_and_large_inputs_stay_finite(dtype):
 
 
 @kernel_case
-def test_decode_state_calls_equal_one_call():
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "via-ops"])
+def test_decode_state_calls_equal_one_call(direct, monkeypatch):
     """Calls of 2, 1 and 3 tokens with the state equal one call over the 6 (the kernel reads and
-    writes the state under no_grad); the state equals the reference's after each call."""
+    writes the state under no_grad); the state equals the reference's after each call. Directly
+    (plain eager) and through the stateful op."""
+    monkeypatch.setattr(fk, "EAGER_DIRECT", direct)
     h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(2, 6, 6, 2, 5, True, False, window=4, padded=True)
     whole = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
     state = torch.zeros(2, 3, 5, device=h.device)
@@ -189,6 +206,25 @@ def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(o
     with torch.no_grad():
         assert torch.equal(model.generate(ids, attention_mask=mask, **kw), model.generate(ids, attention_mask=mask, use_cache=False, **kw))
 
+
+def test_masked_coefficients_follow_in_place_weight_updates_without_autograd():
+    """No-grad eager calls reuse the FFN's masked coefficients until a weight changes in place
+    (an optimizer step, a new mask): the fused path then still equals the reference path."""
+    from conftest import tiny_model
+
+    model = tiny_model(sparse_components=["polynomial", "spectral", "feedback"]).to(DEVICE)
+    ids = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    poly = model.transformer.h[0].mlp.components["polynomial"]
+    with torch.no_grad():
+        before = model(ids).logits
+        for update in (lambda: poly.coeffs.mul_(-0.5), lambda: poly.coeff_mask[1].zero_()):
+            update()
+            model.set_fused_ffn(True)
+            fused = model(ids).logits
+            model.set_fused_ffn(False)
+            assert_close(fused, model(ids).logits, torch.float32, "fused vs reference after the update")
+            assert not torch.allclose(fused, before)
+            before = fused
 
 def test_cases_under_the_interpreter():
     if fk.triton is None:
