@@ -97,9 +97,10 @@ def profile_student(kind, dense, windows, args, device) -> dict:
     events = prof.key_averages()
     if device.type == "cuda":
         kernels = [(e.key, e.device_time_total / 1e3 / active, e.count // active) for e in events if e.device_time_total > 0
-                   and e.device_type == torch.autograd.DeviceType.CUDA]
+                   and e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("ProfilerStep")]
     else:  # CPU: self time of the operators
-        kernels = [(e.key, e.self_cpu_time_total / 1e3 / active, e.count // active) for e in events if e.self_cpu_time_total > 0]
+        kernels = [(e.key, e.self_cpu_time_total / 1e3 / active, e.count // active) for e in events if e.self_cpu_time_total > 0
+                   and not e.key.startswith("ProfilerStep")]
     kernels.sort(key=lambda k: -k[1])
     groups = {}
     for name, ms, _ in kernels:
