@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .component_base import FFNContext, GemmComponent
 
@@ -61,12 +62,22 @@ def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(terms[: degree + 1], dim=-1)
 
 
-def chebyshev_activation(h, coeffs, mask, domain: float, degree: int):
+def chebyshev_activation(h, coeffs, mask, domain: float, degree: int, reference: bool = False):
     """a = sum_i (c_i * mask_i) T_i(clamp(h / s)) + relu(h - s); the polynomial sees only [-1, 1].
 
     ``coeffs`` is ``(degree + 1,)`` (one series) or ``(m, degree + 1)`` (one per neuron, the last
-    dimension of ``h``).
+    dimension of ``h``; ``(1, degree + 1)`` broadcasts). On CPU tensors this runs
+    ``ChebyshevActivation`` (the same math in cache-sized chunks, fp32 inside for half inputs);
+    elsewhere, under ``torch.compile``/export/tracing, or with ``reference=True`` it runs
+    ``chebyshev_activation_autograd``, the specification.
     """
+    if reference or h.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return chebyshev_activation_autograd(h, coeffs, mask, domain, degree)
+    return ChebyshevActivation.apply(h, coeffs * mask, float(domain), int(degree))
+
+
+def chebyshev_activation_autograd(h, coeffs, mask, domain: float, degree: int):
+    """The specification: the forward recurrence in plain torch, differentiated by autograd."""
     c = (coeffs * mask).to(h.dtype)
     t = (h / domain).clamp(-1.0, 1.0)
     t_prev, t_cur = torch.ones_like(t), t
@@ -76,6 +87,153 @@ def chebyshev_activation(h, coeffs, mask, domain: float, degree: int):
         t_prev, t_cur = t_cur, two_t * t_cur - t_prev
         out = out + c[..., i] * t_cur
     return out + F.relu(h - domain)
+
+
+# Elements (rows x columns) per chunk of ``ChebyshevActivation`` (512 KB fp32 buffers: in L2/L3). Tuned on
+# the 2-core CPU: per-op dispatch (~10 us there) dominates below ~64K, the whole tensor (~6 MB) is 2x slower.
+CHUNK_ELEMENTS = 128 * 1024
+
+
+def _clenshaw(a, t, two_t, out, spare):
+    """sum_k a[k] P_k(t) into ``out`` by Clenshaw's recurrence b_k = a_k + 2t b_{k+1} - b_{k+2}.
+
+    ``a`` is (K, P) (P broadcasts over the columns); P = T (Chebyshev, first kind) gives
+    a_0 + t b_1 - b_2, P = U (second kind) gives b_0 = a_0 + 2t b_1 - b_2: pass ``t`` or ``two_t``
+    as ``t``. ``spare`` is two buffers of ``out``'s shape. 2 passes per degree.
+    """
+    n = a.shape[0] - 1
+    if n == 0:
+        return out.copy_(a[0].expand_as(out))
+    b1, b2 = a[n], None  # b_{n+1} = 0: b_n = a_n, a vector that broadcasts
+    for k in range(n - 1, 0, -1):
+        b0 = next(buf for buf in spare if buf is not b1 and buf is not b2)
+        torch.addcmul(a[k], two_t, b1, out=b0)
+        if b2 is not None:
+            b0.sub_(b2)
+        b1, b2 = b0, b1
+    torch.addcmul(a[0], t, b1, out=out)
+    return out if b2 is None else out.sub_(b2)
+
+
+class ChebyshevActivation(torch.autograd.Function):
+    """``chebyshev_activation`` with a hand-written backward, over chunks of ``CHUNK_ELEMENTS``.
+
+    forward:  t = clamp(h/s, -1, 1);  a = sum_i c_i T_i(t) + relu(h - s)         (Clenshaw on T)
+    backward: dh = g * (f'(t)/s * [|h/s| <= 1] + [h > s]),  f' = sum_i i c_i U_{i-1}(t)  (on U)
+              dc_i = sum over tokens of g * T_i(t)   (per neuron, or over everything when shared)
+    The same math as ``chebyshev_activation_autograd`` (its clamp passes the gradient at |h/s| = 1,
+    its relu none at h = s), but autograd streams ~3 full tensors per degree forward and ~6 backward
+    through memory; here each chunk's recurrence stays in cache (preallocated buffers, in-place
+    ops), the coefficient gradient is one matmul or one reduction per chunk, and only h is saved.
+    Computes in promote_types(h, fp32) and returns h's dtype. ``c`` is the masked series,
+    (degree+1,) or (P, degree+1) with P in (1, h.shape[-1]). Not twice differentiable.
+    Passes per chunk: forward 2·deg + 4, backward 4·deg + 8.
+    """
+
+    @staticmethod
+    def forward(ctx, h, c, domain: float, degree: int):
+        cols = _series(c, h, degree)  # (degree+1, P)
+        ctx.save_for_backward(h, c)
+        ctx.domain, ctx.degree = domain, degree
+        x2 = h.detach().reshape(-1, h.shape[-1] if h.dim() else 1)
+        out = torch.empty(x2.shape, dtype=h.dtype, device=h.device)
+        chunks = _Chunks(x2, cols.dtype)
+        t, two_t, s0, s1, s2 = (chunks.buffer() for _ in range(5))
+        res = None if out.dtype == cols.dtype else chunks.buffer()
+        for r0, r1, x in chunks:
+            n = r1 - r0
+            t_, two_t_ = torch.div(x, domain, out=t[:n]).clamp_(-1.0, 1.0), torch.mul(t[:n], 2.0, out=two_t[:n])
+            y = out[r0:r1] if res is None else res[:n]
+            _clenshaw(cols, t_, two_t_, y, (s0[:n], s1[:n], s2[:n]))
+            y.add_(torch.sub(x, domain, out=t_).clamp_min_(0.0))
+            if res is not None:
+                out[r0:r1].copy_(y)
+        return out.reshape(h.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h, c = ctx.saved_tensors
+        domain, degree = ctx.domain, ctx.degree
+        need_h, need_c = ctx.needs_input_grad[:2]
+        cols = _series(c, h, degree)
+        dtype, per_neuron = cols.dtype, cols.shape[1] > 1
+        x2 = h.reshape(-1, h.shape[-1] if h.dim() else 1)
+        g2 = grad.reshape(x2.shape)
+        # f'(t)/s = sum_k a_k U_k(t), a_k = (k+1) c_{k+1} / s
+        a_u = cols[1:] * (torch.arange(1, degree + 1, dtype=dtype, device=h.device)[:, None] / domain)
+        gh = torch.empty(x2.shape, dtype=h.dtype, device=h.device) if need_h else None
+        gc = torch.zeros(cols.shape, dtype=dtype, device=h.device) if need_c else None
+        chunks = _Chunks(x2, dtype)
+        tb = chunks.stack(degree) if need_c and degree else None  # T_1..T_deg of a chunk; T_1 = t
+        t = tb[0] if tb is not None else chunks.buffer()
+        two_t, fp, s0, s1, s2 = (chunks.buffer() for _ in range(5))
+        inside, tail = chunks.buffer(torch.bool), chunks.buffer(torch.bool)
+        gbuf = None if g2.dtype == dtype else chunks.buffer()
+        for r0, r1, x in chunks:
+            n = r1 - r0
+            g = g2[r0:r1] if gbuf is None else gbuf[:n].copy_(g2[r0:r1])
+            t_ = torch.div(x, domain, out=t[:n])
+            torch.le(torch.abs(t_, out=fp[:n]), 1.0, out=inside[:n])
+            torch.gt(x, domain, out=tail[:n])
+            t_.clamp_(-1.0, 1.0)
+            two_t_ = torch.mul(t_, 2.0, out=two_t[:n])
+            if need_h:
+                d = fp[:n].zero_() if degree == 0 else _clenshaw(a_u, two_t_, two_t_, fp[:n], (s0[:n], s1[:n], s2[:n]))
+                d.mul_(inside[:n]).add_(tail[:n])
+                if gh.dtype == dtype:
+                    torch.mul(d, g, out=gh[r0:r1])
+                else:
+                    gh[r0:r1].copy_(d.mul_(g))
+            if need_c:
+                if tb is not None:
+                    tn = tb[:, :n]
+                    if degree >= 2:
+                        torch.mul(two_t_, t_, out=tn[1]).sub_(1.0)
+                    for i in range(2, degree):
+                        torch.mul(two_t_, tn[i - 1], out=tn[i]).sub_(tn[i - 2])
+                    if per_neuron:
+                        gc[1:] += tn.mul_(g).sum(1)
+                    else:
+                        gc[1:, 0] += torch.mv(tn.reshape(degree, -1), g.reshape(-1))
+                gc[0] += g.sum(0) if per_neuron else g.sum()
+        grad_h = gh.reshape(h.shape) if need_h else None
+        grad_c = gc.T.reshape(c.shape).to(c.dtype) if need_c else None
+        return grad_h, grad_c, None, None
+
+
+def _series(c, h, degree):
+    """The masked series as (degree+1, P) columns in promote_types(h, fp32), checked against h."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    if c.shape[-1] != degree + 1 or c.dim() > 2:
+        raise ValueError(f"chebyshev_activation: coeffs {tuple(c.shape)} must end in degree+1 = {degree + 1}")
+    cols = c.detach().to(dtype).reshape(-1, degree + 1).T.contiguous()
+    width = h.shape[-1] if h.dim() else 1
+    if cols.shape[1] not in (1, width):
+        raise ValueError(f"chebyshev_activation: {cols.shape[1]} per-neuron series for {width} columns of h")
+    return cols
+
+
+class _Chunks:
+    """Row blocks of a 2-D tensor of about ``CHUNK_ELEMENTS``, in ``dtype`` (copied only if needed),
+    with preallocated chunk-shaped buffers (large allocations per chunk would fault in fresh pages)."""
+
+    def __init__(self, x2, dtype):
+        self.x2, self.dtype = x2, dtype
+        self.rows = max(1, min(x2.shape[0], CHUNK_ELEMENTS // max(x2.shape[1], 1)))
+        self.xbuf = None if x2.dtype == dtype else self.buffer()
+
+    def buffer(self, dtype=None):
+        return torch.empty(self.rows, self.x2.shape[1], dtype=dtype or self.dtype, device=self.x2.device)
+
+    def stack(self, k):
+        return torch.empty(k, self.rows, self.x2.shape[1], dtype=self.dtype, device=self.x2.device)
+
+    def __iter__(self):
+        for r0 in range(0, self.x2.shape[0], self.rows):
+            r1 = min(r0 + self.rows, self.x2.shape[0])
+            x = self.x2[r0:r1]
+            yield r0, r1, (x if self.xbuf is None else self.xbuf[: r1 - r0].copy_(x))
 
 
 class PolynomialComponent(GemmComponent):
