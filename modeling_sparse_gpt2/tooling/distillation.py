@@ -116,7 +116,8 @@ class ChunkedLinearDistillation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, teacher_h, teacher_weight, teacher_bias, labels, temperature, alpha_kl, chunk_tokens):
+    def forward(ctx, h, weight, bias, teacher_h, teacher_weight, teacher_bias, labels, temperature, alpha_kl, chunk_tokens,
+                matmul_dtype=None):
         valid = labels != IGNORE_INDEX
         n = valid.sum().clamp_min(1)
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
@@ -124,11 +125,19 @@ class ChunkedLinearDistillation(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         kl_sum = h.new_zeros((), dtype=torch.float32)
         ce_sum = h.new_zeros((), dtype=torch.float32)
+        # the four matmuls in matmul_dtype (the autocast dtype, cast once here), everything else in fp32
+        mm = matmul_dtype or h.dtype
+        h_mm, w_mm, th_mm, tw_mm = h.to(mm), weight.to(mm), teacher_h.to(mm), teacher_weight.to(mm)
+        bias32 = None if bias is None else bias.float()
+        teacher_bias32 = None if teacher_bias is None else teacher_bias.float()
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            z = F.linear(h[rows], weight, bias).float()
-            with torch.no_grad():
-                u = F.linear(teacher_h[rows], teacher_weight, teacher_bias).float()
+            z = (h_mm[rows] @ w_mm.T).float()
+            u = (th_mm[rows] @ tw_mm.T).float()
+            if bias is not None:
+                z += bias32
+            if teacher_bias is not None:
+                u += teacher_bias32
             keep = valid[rows]
             target = labels[rows].clamp_min(0)
             log_ps_t = F.log_softmax(z / temperature, -1)
@@ -139,19 +148,19 @@ class ChunkedLinearDistillation(torch.autograd.Function):
             ce_sum -= (log_ps.gather(1, target[:, None]).squeeze(1) * keep).sum()
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place
+            # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place (fp32)
             dz = log_ps_t.exp_().sub_(log_pt_t.exp_()).mul_(alpha_kl * temperature)
             dz.add_(log_ps.exp_(), alpha=1 - alpha_kl)
             dz[torch.arange(len(target), device=dz.device), target] -= 1 - alpha_kl
             dz.mul_((keep / n)[:, None])
             del log_ps_t, log_pt_t, log_ps
-            dz = dz.to(h.dtype)
-            if grad_h is not None:
-                grad_h[rows] = dz @ weight.to(h.dtype)
-            if grad_w is not None:
-                grad_w += (dz.T @ h[rows]).float()
             if grad_b is not None:
-                grad_b += dz.float().sum(0)
+                grad_b += dz.sum(0)
+            dz = dz.to(mm)
+            if grad_h is not None:
+                grad_h[rows] = dz @ w_mm
+            if grad_w is not None:
+                grad_w += (dz.T @ h_mm[rows]).float()
         kl = kl_sum / n * temperature**2
         ce = ce_sum / n
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -163,7 +172,7 @@ class ChunkedLinearDistillation(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g, dtype=None: None if g is None else (g * grad_loss).to(dtype or g.dtype)
-        return scale(grad_h), scale(grad_w, ctx.weight_dtype), scale(grad_b, ctx.weight_dtype), None, None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w, ctx.weight_dtype), scale(grad_b, ctx.weight_dtype), None, None, None, None, None, None, None, None
 
 
 def liger_available() -> bool:
@@ -185,11 +194,32 @@ def resolve_loss_impl(loss_impl: str, device: torch.device, fsdp: bool = False) 
     return loss_impl
 
 
+def autocast_dtype(device: torch.device):
+    """The autocast dtype (bf16/fp16) enabled for ``device``'s type here, or None."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _liger_kl_function():
+    """liger's fused linear JSD with its soft loss on fp32 logits: under autocast its lm_head matmuls give
+    bf16/fp16 logits, whose log_softmax over the vocabulary it would otherwise take in that dtype."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    class LigerFusedLinearKLFunction(LigerFusedLinearJSDFunction):
+        @staticmethod
+        def distillation_loss_fn(student_logits, teacher_logits, **kwargs):
+            return LigerFusedLinearJSDFunction.distillation_loss_fn(student_logits.float(), teacher_logits.float(), **kwargs)
+
+    return LigerFusedLinearKLFunction
+
+
 def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, temperature: float,
                             alpha_kl: float, loss_impl: str = "auto", chunk_tokens: int = 1024):
     """:func:`distillation_loss` from the final hidden states (B, T, d) and the two lm_heads (nn.Linear).
 
-    Position t's hidden state predicts ``labels[:, t + 1]``. Returns (loss, kl, ce).
+    Position t's hidden state predicts ``labels[:, t + 1]``. Returns (loss, kl, ce). Under autocast the
+    lm_head matmuls (and, in the fused impls, their gradient matmuls) run in the autocast dtype, as the
+    plain path's ``lm_head`` does; softmax, KL, CE and the gradient sums stay fp32, the gradients come back
+    in the parameters' dtypes.
     """
     impl = resolve_loss_impl(loss_impl, student_hidden.device)
     if impl == "plain":
@@ -203,13 +233,14 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     teacher_weight = teacher_head.weight.detach()
     if impl == "chunked":
         return ChunkedLinearDistillation.apply(h, student_head.weight, student_head.bias, teacher_h, teacher_weight,
-                                               teacher_bias, target, temperature, alpha_kl, chunk_tokens)
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-
+                                               teacher_bias, target, temperature, alpha_kl, chunk_tokens,
+                                               autocast_dtype(h.device))
     # beta = 0 is F.kl_div(log p_student, log p_teacher) = KL(teacher || student), at temperature T and
     # without the T^2 factor; its hard loss is the CE of the unscaled student logits; both over the
     # non-ignored tokens. So weights (1 - alpha, alpha T^2) give this module's objective exactly.
-    loss, soft, hard = LigerFusedLinearJSDFunction.apply(
+    # Its matmuls follow the ambient autocast (the weights stay fp32, so its grad_weight / grad_bias
+    # accumulators, zeros_like(weight), do too).
+    loss, soft, hard = _liger_kl_function().apply(
         h, student_head.weight, teacher_h, teacher_weight, target, student_head.bias, teacher_bias,
         1 - alpha_kl, alpha_kl * temperature**2, 0.0, IGNORE_INDEX, temperature, h.is_cuda, chunk_tokens, True,
     )
@@ -269,10 +300,12 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
             student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss, _, _ = fused_distillation_loss(
-                outputs.hidden_states[-1], student_head, teacher_out.hidden_states[-1], self.teacher.get_output_embeddings(),
-                labels, d.temperature, d.alpha_kl, self.loss_impl, d.loss_chunk_tokens,
-            )
+            # accelerate autocasts only inside model.forward; the lm_head runs here, so enter it again
+            with self.accelerator.autocast():
+                loss, _, _ = fused_distillation_loss(
+                    outputs.hidden_states[-1], student_head, teacher_out.hidden_states[-1], self.teacher.get_output_embeddings(),
+                    labels, d.temperature, d.alpha_kl, self.loss_impl, d.loss_chunk_tokens,
+                )
         if wants_states:
             loss = loss + d.alpha_hidden * hidden_state_loss(outputs.hidden_states[1:], teacher_out.hidden_states[1:], mask)
         return (loss, outputs) if return_outputs else loss
