@@ -7,7 +7,7 @@ the first two averaged over the predicted (label != -100) tokens, the last over 
 (attention-mask) tokens of every block's output. z = h W^T is the lm_head over the 50,257-word
 vocabulary; ``loss_impl`` picks how it is computed:
 
-* ``plain``    both models' full logits (B, T, V) in fp32, then the loss (the reference).
+* ``plain``    both models' full logits (B, T, V), then the loss in fp32 (the reference).
 * ``chunked``  pure torch: per chunk of tokens, the two lm_head matmuls, the loss and its closed-form
                gradient w.r.t. the chunk's logits, turned at once into the gradients of h and W;
                no (B, T, V) tensor exists. Same matmul FLOPs as plain (3 x 2 N d V for the student,
@@ -15,6 +15,12 @@ vocabulary; ``loss_impl`` picks how it is computed:
 * ``liger``    liger-kernel's ``LigerFusedLinearJSDFunction`` with beta = 0, which is exactly
                KL(teacher || student) at temperature T, plus its CE term (torch.compile'd chunks on CUDA).
 * ``auto``     liger on CUDA when liger-kernel is installed, chunked otherwise; plain under FSDP.
+
+All three follow autocast: under bf16/fp16 (the Trainer's ``bf16=True``, which accelerate applies to
+``model.forward`` only, so ``compute_loss`` enters it again around the fused loss) the lm_head matmuls,
+and in ``chunked`` its two gradient matmuls, run in that dtype on tensor cores; softmax, KL, CE and the
+gradient sums stay fp32, and the gradients come back in the parameters' dtypes. Without autocast
+everything is fp32.
 
 Everything else (bf16, progress bars, checkpoints, ``resume_from_checkpoint``, accelerate/DDP/FSDP)
 is the Trainer's own.
@@ -112,7 +118,9 @@ class ChunkedLinearDistillation(torch.autograd.Function):
         loss = [alpha T^2 KL(softmax(u/T) || softmax(z/T)) + (1 - alpha) (logsumexp(z) - z_y)] / n
         dloss/dz = [alpha T (softmax(z/T) - softmax(u/T)) + (1 - alpha) (softmax(z) - onehot(y))] / n
     then dh = dz W and dW = dz^T h, db = sum dz; the chunk's logits are freed before the next chunk.
-    Returns (loss, kl, ce) with kl and ce as in :func:`distillation_loss` (not differentiable).
+    The four matmuls (z, u, dz W, dz^T h) run in ``matmul_dtype`` (the caller's autocast dtype; None: h's
+    own); logits, softmax, dz, the loss and the gradient sums are fp32, the gradients come back in the
+    inputs' dtypes. Returns (loss, kl, ce) with kl and ce as in :func:`distillation_loss` (not differentiable).
     """
 
     @staticmethod
@@ -125,42 +133,43 @@ class ChunkedLinearDistillation(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         kl_sum = h.new_zeros((), dtype=torch.float32)
         ce_sum = h.new_zeros((), dtype=torch.float32)
-        # the four matmuls in matmul_dtype (the autocast dtype, cast once here), everything else in fp32
+        # the four matmuls in matmul_dtype (the caller's autocast dtype; cast once here), the rest in fp32
         mm = matmul_dtype or h.dtype
         h_mm, w_mm, th_mm, tw_mm = h.to(mm), weight.to(mm), teacher_h.to(mm), teacher_weight.to(mm)
         bias32 = None if bias is None else bias.float()
         teacher_bias32 = None if teacher_bias is None else teacher_bias.float()
-        for start in range(0, h.shape[0], chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            z = (h_mm[rows] @ w_mm.T).float()
-            u = (th_mm[rows] @ tw_mm.T).float()
-            if bias is not None:
-                z += bias32
-            if teacher_bias is not None:
-                u += teacher_bias32
-            keep = valid[rows]
-            target = labels[rows].clamp_min(0)
-            log_ps_t = F.log_softmax(z / temperature, -1)
-            log_pt_t = F.log_softmax(u / temperature, -1)
-            log_ps = F.log_softmax(z, -1)
-            del z, u
-            kl_sum += ((log_pt_t.exp() * (log_pt_t - log_ps_t)).sum(-1) * keep).sum()
-            ce_sum -= (log_ps.gather(1, target[:, None]).squeeze(1) * keep).sum()
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place (fp32)
-            dz = log_ps_t.exp_().sub_(log_pt_t.exp_()).mul_(alpha_kl * temperature)
-            dz.add_(log_ps.exp_(), alpha=1 - alpha_kl)
-            dz[torch.arange(len(target), device=dz.device), target] -= 1 - alpha_kl
-            dz.mul_((keep / n)[:, None])
-            del log_ps_t, log_pt_t, log_ps
-            if grad_b is not None:
-                grad_b += dz.sum(0)
-            dz = dz.to(mm)
-            if grad_h is not None:
-                grad_h[rows] = dz @ w_mm
-            if grad_w is not None:
-                grad_w += (dz.T @ h_mm[rows]).float()
+        with torch.autocast(h.device.type, enabled=False):  # the casts above alone decide the matmul dtype
+            for start in range(0, h.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                z = (h_mm[rows] @ w_mm.T).float()
+                u = (th_mm[rows] @ tw_mm.T).float()
+                if bias is not None:
+                    z += bias32
+                if teacher_bias is not None:
+                    u += teacher_bias32
+                keep = valid[rows]
+                target = labels[rows].clamp_min(0)
+                log_ps_t = F.log_softmax(z / temperature, -1)
+                log_pt_t = F.log_softmax(u / temperature, -1)
+                log_ps = F.log_softmax(z, -1)
+                del z, u
+                kl_sum += ((log_pt_t.exp() * (log_pt_t - log_ps_t)).sum(-1) * keep).sum()
+                ce_sum -= (log_ps.gather(1, target[:, None]).squeeze(1) * keep).sum()
+                if grad_h is None and grad_w is None and grad_b is None:
+                    continue
+                # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place (fp32)
+                dz = log_ps_t.exp_().sub_(log_pt_t.exp_()).mul_(alpha_kl * temperature)
+                dz.add_(log_ps.exp_(), alpha=1 - alpha_kl)
+                dz[torch.arange(len(target), device=dz.device), target] -= 1 - alpha_kl
+                dz.mul_((keep / n)[:, None])
+                del log_ps_t, log_pt_t, log_ps
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                dz = dz.to(mm)
+                if grad_h is not None:
+                    grad_h[rows] = dz @ w_mm
+                if grad_w is not None:
+                    grad_w += (dz.T @ h_mm[rows]).float()
         kl = kl_sum / n * temperature**2
         ce = ce_sum / n
         ctx.save_for_backward(grad_h, grad_w, grad_b)
