@@ -1,10 +1,12 @@
 """The distillation loss: fused implementations against the reference, the hidden-state term, the trainer."""
 
+import contextlib
 import json
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from conftest import tiny_config
@@ -53,6 +55,80 @@ def test_fused_loss_matches_reference_value_and_gradients(impl, alpha_kl):
         results.append((loss, kl, ce, h.grad, student_head.weight.grad, student_head.bias.grad))
     for reference, fused, what in zip(*results, ("loss", "kl", "ce", "d hidden", "d weight", "d bias")):
         torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6, msg=what)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matmul (aten.mm / addmm / bmm) and log_softmax dispatched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.log_softmax = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.matmuls.append(dtypes)
+        elif func.overloadpacket is torch.ops.aten._log_softmax:
+            self.log_softmax.append(dtypes)
+        return func(*args, **(kwargs or {}))
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLS)
+def test_fused_loss_under_autocast_matches_plain_under_autocast(impl):
+    """Under bf16 autocast both fused impls agree with the plain path under the same autocast (whose
+    lm_head runs in bf16) in loss and in the gradients of h, weight and bias, which keep fp32 dtypes; the
+    bound is bf16 rounding of logits of size ~8 (the plain path itself moves ~1% from its fp32 value)."""
+    results = []
+    for name in ("plain", impl):
+        student_head, teacher_head, h, th, labels = _heads_and_states(d=64, vocab=301)
+        with _bf16_autocast():
+            loss, kl, ce = fused_distillation_loss(h, student_head, th, teacher_head, labels, 2.0, 0.7, name, chunk_tokens=5)
+        loss.backward()
+        results.append((loss, kl, ce, h.grad, student_head.weight.grad, student_head.bias.grad))
+    for plain, fused, what in zip(*results, ("loss", "kl", "ce", "d hidden", "d weight", "d bias")):
+        assert fused.dtype == torch.float32, what
+        scale = plain.detach().abs().max().item()
+        torch.testing.assert_close(fused, plain, rtol=0, atol=3e-2 * scale, msg=what)
+
+
+@pytest.mark.parametrize("impl", FUSED_IMPLS)
+def test_fused_loss_matmuls_run_in_the_autocast_dtype(impl):
+    """Every lm_head matmul inside the fused loss (student and teacher forward, the dz W and dz^T h
+    gradients: 4 per chunk) takes bf16 inputs under bf16 autocast, its log_softmax fp32; without
+    autocast all stay fp32."""
+    chunks = 4  # 16 predicted tokens in chunks of 4
+    for autocast, dtype in ((_bf16_autocast, torch.bfloat16), (contextlib.nullcontext, torch.float32)):
+        student_head, teacher_head, h, th, labels = _heads_and_states()
+        with autocast(), _MatmulDtypes() as seen:
+            loss, _, _ = fused_distillation_loss(h, student_head, th, teacher_head, labels, 2.0, 0.7, impl, chunk_tokens=4)
+        assert len(seen.matmuls) >= 4 * chunks
+        assert all(d == dtype for dtypes in seen.matmuls for d in dtypes), seen.matmuls
+        assert seen.log_softmax and all(d == (torch.float32,) for d in seen.log_softmax), seen.log_softmax
+
+
+def test_trainer_runs_the_fused_loss_under_its_mixed_precision(tmp_path, monkeypatch):
+    """accelerate autocasts only model.forward; the fused loss runs in compute_loss, which must enter
+    the Trainer's bf16 autocast itself (else the lm_head matmuls run in fp32)."""
+    from modeling_sparse_gpt2.tooling import distillation
+
+    seen = []
+    fused = distillation.fused_distillation_loss
+
+    def recording(hidden, *args, **kwargs):
+        seen.append(distillation.autocast_dtype(hidden.device))
+        return fused(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "fused_distillation_loss", recording)
+    student, teacher = _student_teacher()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=True, report_to=[], disable_tqdm=True)
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, distillation_args=DistillationArguments(loss_impl="chunked"))
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(4))
+    trainer.compute_loss(trainer.model_wrapped, {"input_ids": ids, "labels": ids}).backward()
+    assert seen == [torch.bfloat16]
 
 
 def test_fused_loss_scales_with_the_upstream_gradient():

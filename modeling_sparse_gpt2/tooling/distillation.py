@@ -7,7 +7,7 @@ the first two averaged over the predicted (label != -100) tokens, the last over 
 (attention-mask) tokens of every block's output. z = h W^T is the lm_head over the 50,257-word
 vocabulary; ``loss_impl`` picks how it is computed:
 
-* ``plain``    both models' full logits (B, T, V) in fp32, then the loss (the reference).
+* ``plain``    both models' full logits (B, T, V), then the loss in fp32 (the reference).
 * ``chunked``  pure torch: per chunk of tokens, the two lm_head matmuls, the loss and its closed-form
                gradient w.r.t. the chunk's logits, turned at once into the gradients of h and W;
                no (B, T, V) tensor exists. Same matmul FLOPs as plain (3 x 2 N d V for the student,
@@ -15,6 +15,12 @@ vocabulary; ``loss_impl`` picks how it is computed:
 * ``liger``    liger-kernel's ``LigerFusedLinearJSDFunction`` with beta = 0, which is exactly
                KL(teacher || student) at temperature T, plus its CE term (torch.compile'd chunks on CUDA).
 * ``auto``     liger on CUDA when liger-kernel is installed, chunked otherwise; plain under FSDP.
+
+All three follow autocast: under bf16/fp16 (the Trainer's ``bf16=True``, which accelerate applies to
+``model.forward`` only, so ``compute_loss`` enters it again around the fused loss) the lm_head matmuls,
+and in ``chunked`` its two gradient matmuls, run in that dtype on tensor cores; softmax, KL, CE and the
+gradient sums stay fp32, and the gradients come back in the parameters' dtypes. Without autocast
+everything is fp32.
 
 Everything else (bf16, progress bars, checkpoints, ``resume_from_checkpoint``, accelerate/DDP/FSDP)
 is the Trainer's own.
@@ -112,11 +118,14 @@ class ChunkedLinearDistillation(torch.autograd.Function):
         loss = [alpha T^2 KL(softmax(u/T) || softmax(z/T)) + (1 - alpha) (logsumexp(z) - z_y)] / n
         dloss/dz = [alpha T (softmax(z/T) - softmax(u/T)) + (1 - alpha) (softmax(z) - onehot(y))] / n
     then dh = dz W and dW = dz^T h, db = sum dz; the chunk's logits are freed before the next chunk.
-    Returns (loss, kl, ce) with kl and ce as in :func:`distillation_loss` (not differentiable).
+    The four matmuls (z, u, dz W, dz^T h) run in ``matmul_dtype`` (the caller's autocast dtype; None: h's
+    own); logits, softmax, dz, the loss and the gradient sums are fp32, the gradients come back in the
+    inputs' dtypes. Returns (loss, kl, ce) with kl and ce as in :func:`distillation_loss` (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, teacher_h, teacher_weight, teacher_bias, labels, temperature, alpha_kl, chunk_tokens):
+    def forward(ctx, h, weight, bias, teacher_h, teacher_weight, teacher_bias, labels, temperature, alpha_kl, chunk_tokens,
+                matmul_dtype=None):
         valid = labels != IGNORE_INDEX
         n = valid.sum().clamp_min(1)
         grad_h = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
@@ -124,34 +133,43 @@ class ChunkedLinearDistillation(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         kl_sum = h.new_zeros((), dtype=torch.float32)
         ce_sum = h.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            z = F.linear(h[rows], weight, bias).float()
-            with torch.no_grad():
-                u = F.linear(teacher_h[rows], teacher_weight, teacher_bias).float()
-            keep = valid[rows]
-            target = labels[rows].clamp_min(0)
-            log_ps_t = F.log_softmax(z / temperature, -1)
-            log_pt_t = F.log_softmax(u / temperature, -1)
-            log_ps = F.log_softmax(z, -1)
-            del z, u
-            kl_sum += ((log_pt_t.exp() * (log_pt_t - log_ps_t)).sum(-1) * keep).sum()
-            ce_sum -= (log_ps.gather(1, target[:, None]).squeeze(1) * keep).sum()
-            if grad_h is None and grad_w is None and grad_b is None:
-                continue
-            # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place
-            dz = log_ps_t.exp_().sub_(log_pt_t.exp_()).mul_(alpha_kl * temperature)
-            dz.add_(log_ps.exp_(), alpha=1 - alpha_kl)
-            dz[torch.arange(len(target), device=dz.device), target] -= 1 - alpha_kl
-            dz.mul_((keep / n)[:, None])
-            del log_ps_t, log_pt_t, log_ps
-            dz = dz.to(h.dtype)
-            if grad_h is not None:
-                grad_h[rows] = dz @ weight.to(h.dtype)
-            if grad_w is not None:
-                grad_w += (dz.T @ h[rows]).float()
-            if grad_b is not None:
-                grad_b += dz.float().sum(0)
+        # the four matmuls in matmul_dtype (the caller's autocast dtype; cast once here), the rest in fp32
+        mm = matmul_dtype or h.dtype
+        h_mm, w_mm, th_mm, tw_mm = h.to(mm), weight.to(mm), teacher_h.to(mm), teacher_weight.to(mm)
+        bias32 = None if bias is None else bias.float()
+        teacher_bias32 = None if teacher_bias is None else teacher_bias.float()
+        with torch.autocast(h.device.type, enabled=False):  # the casts above alone decide the matmul dtype
+            for start in range(0, h.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                z = (h_mm[rows] @ w_mm.T).float()
+                u = (th_mm[rows] @ tw_mm.T).float()
+                if bias is not None:
+                    z += bias32
+                if teacher_bias is not None:
+                    u += teacher_bias32
+                keep = valid[rows]
+                target = labels[rows].clamp_min(0)
+                log_ps_t = F.log_softmax(z / temperature, -1)
+                log_pt_t = F.log_softmax(u / temperature, -1)
+                log_ps = F.log_softmax(z, -1)
+                del z, u
+                kl_sum += ((log_pt_t.exp() * (log_pt_t - log_ps_t)).sum(-1) * keep).sum()
+                ce_sum -= (log_ps.gather(1, target[:, None]).squeeze(1) * keep).sum()
+                if grad_h is None and grad_w is None and grad_b is None:
+                    continue
+                # dz = alpha T (ps_T - pt_T) + (1 - alpha) (ps - onehot(y)), masked and over n, built in place (fp32)
+                dz = log_ps_t.exp_().sub_(log_pt_t.exp_()).mul_(alpha_kl * temperature)
+                dz.add_(log_ps.exp_(), alpha=1 - alpha_kl)
+                dz[torch.arange(len(target), device=dz.device), target] -= 1 - alpha_kl
+                dz.mul_((keep / n)[:, None])
+                del log_ps_t, log_pt_t, log_ps
+                if grad_b is not None:
+                    grad_b += dz.sum(0)
+                dz = dz.to(mm)
+                if grad_h is not None:
+                    grad_h[rows] = dz @ w_mm
+                if grad_w is not None:
+                    grad_w += (dz.T @ h_mm[rows]).float()
         kl = kl_sum / n * temperature**2
         ce = ce_sum / n
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -163,7 +181,7 @@ class ChunkedLinearDistillation(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = lambda g, dtype=None: None if g is None else (g * grad_loss).to(dtype or g.dtype)
-        return scale(grad_h), scale(grad_w, ctx.weight_dtype), scale(grad_b, ctx.weight_dtype), None, None, None, None, None, None, None
+        return scale(grad_h), scale(grad_w, ctx.weight_dtype), scale(grad_b, ctx.weight_dtype), None, None, None, None, None, None, None, None
 
 
 def liger_available() -> bool:
@@ -185,11 +203,32 @@ def resolve_loss_impl(loss_impl: str, device: torch.device, fsdp: bool = False) 
     return loss_impl
 
 
+def autocast_dtype(device: torch.device):
+    """The autocast dtype (bf16/fp16) enabled for ``device``'s type here, or None."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _liger_kl_function():
+    """liger's fused linear JSD with its soft loss on fp32 logits: under autocast its lm_head matmuls give
+    bf16/fp16 logits, whose log_softmax over the vocabulary it would otherwise take in that dtype."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    class LigerFusedLinearKLFunction(LigerFusedLinearJSDFunction):
+        @staticmethod
+        def distillation_loss_fn(student_logits, teacher_logits, **kwargs):
+            return LigerFusedLinearJSDFunction.distillation_loss_fn(student_logits.float(), teacher_logits.float(), **kwargs)
+
+    return LigerFusedLinearKLFunction
+
+
 def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, temperature: float,
                             alpha_kl: float, loss_impl: str = "auto", chunk_tokens: int = 1024):
     """:func:`distillation_loss` from the final hidden states (B, T, d) and the two lm_heads (nn.Linear).
 
-    Position t's hidden state predicts ``labels[:, t + 1]``. Returns (loss, kl, ce).
+    Position t's hidden state predicts ``labels[:, t + 1]``. Returns (loss, kl, ce). Under autocast the
+    lm_head matmuls (and, in the fused impls, their gradient matmuls) run in the autocast dtype, as the
+    plain path's ``lm_head`` does; softmax, KL, CE and the gradient sums stay fp32, the gradients come back
+    in the parameters' dtypes.
     """
     impl = resolve_loss_impl(loss_impl, student_hidden.device)
     if impl == "plain":
@@ -203,13 +242,14 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     teacher_weight = teacher_head.weight.detach()
     if impl == "chunked":
         return ChunkedLinearDistillation.apply(h, student_head.weight, student_head.bias, teacher_h, teacher_weight,
-                                               teacher_bias, target, temperature, alpha_kl, chunk_tokens)
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
-
+                                               teacher_bias, target, temperature, alpha_kl, chunk_tokens,
+                                               autocast_dtype(h.device))
     # beta = 0 is F.kl_div(log p_student, log p_teacher) = KL(teacher || student), at temperature T and
     # without the T^2 factor; its hard loss is the CE of the unscaled student logits; both over the
     # non-ignored tokens. So weights (1 - alpha, alpha T^2) give this module's objective exactly.
-    loss, soft, hard = LigerFusedLinearJSDFunction.apply(
+    # Its matmuls follow the ambient autocast (the weights stay fp32, so its grad_weight / grad_bias
+    # accumulators, zeros_like(weight), do too).
+    loss, soft, hard = _liger_kl_function().apply(
         h, student_head.weight, teacher_h, teacher_weight, target, student_head.bias, teacher_bias,
         1 - alpha_kl, alpha_kl * temperature**2, 0.0, IGNORE_INDEX, temperature, h.is_cuda, chunk_tokens, True,
     )
@@ -269,10 +309,12 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
             student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            loss, _, _ = fused_distillation_loss(
-                outputs.hidden_states[-1], student_head, teacher_out.hidden_states[-1], self.teacher.get_output_embeddings(),
-                labels, d.temperature, d.alpha_kl, self.loss_impl, d.loss_chunk_tokens,
-            )
+            # accelerate autocasts only inside model.forward; the lm_head runs here, so enter it again
+            with self.accelerator.autocast():
+                loss, _, _ = fused_distillation_loss(
+                    outputs.hidden_states[-1], student_head, teacher_out.hidden_states[-1], self.teacher.get_output_embeddings(),
+                    labels, d.temperature, d.alpha_kl, self.loss_impl, d.loss_chunk_tokens,
+                )
         if wants_states:
             loss = loss + d.alpha_hidden * hidden_state_loss(outputs.hidden_states[1:], teacher_out.hidden_states[1:], mask)
         return (loss, outputs) if return_outputs else loss
