@@ -39,7 +39,7 @@ class MainJobArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Dense GPT-2 to convert: Hub id or folder; default: the small one embedded in the package."})
     output_dir: str = field(default="sparse-gpt2-out", metadata={"help": "Folder the sparse checkpoint is written to (atomically)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing non-empty --output_dir."})
-    heal_steps: int = field(default=60, metadata={"help": "Distillation steps (0: no healing)."})
+    heal_steps: int = field(default=100, metadata={"help": "Distillation steps (0: no healing)."})
     heal_batch_size: int = field(default=8, metadata={"help": "Sequences of --block_size tokens per healing step."})
     heal_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the cosine healing schedule."})
     eval_stride: int | None = field(default=None, metadata={"help": "Perplexity window stride, 1 .. --block_size; default --block_size."})
