@@ -52,7 +52,6 @@ Under the interpreter, ``wrap_triton`` hands back the Python-emulated kernel, wh
 the ops then stay opaque to AOT autograd (as a ``custom_op`` is) and skip the launch on fake tensors.
 """
 
-import functools
 
 import torch
 from torch import Tensor
@@ -534,9 +533,12 @@ if triton is not None:
     def _cdiv(a: int, b: int) -> int:
         return -(-a // b) if type(a) is int and type(b) is int else triton.cdiv(a, b)
 
-    @functools.cache
+    _SM_COUNTS: dict = {}  # device -> multiprocessors (a property query per backward call costs host time)
+
     def _sm_count(device) -> int:
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        if device not in _SM_COUNTS:
+            _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return _SM_COUNTS[device]
 
     def _launch(kernel, grid, *args, direct=False, **meta):
         """Launch through ``wrap_triton`` (which tracing sees), or the kernel itself for a direct eager
