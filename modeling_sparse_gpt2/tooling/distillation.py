@@ -208,17 +208,23 @@ def autocast_dtype(device: torch.device):
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+_LIGER_KL = None  # the class below, built once (liger is imported only when used)
+
+
 def _liger_kl_function():
     """liger's fused linear JSD with its soft loss on fp32 logits: under autocast its lm_head matmuls give
     bf16/fp16 logits, whose log_softmax over the vocabulary it would otherwise take in that dtype."""
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+    global _LIGER_KL
+    if _LIGER_KL is None:
+        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
 
-    class LigerFusedLinearKLFunction(LigerFusedLinearJSDFunction):
-        @staticmethod
-        def distillation_loss_fn(student_logits, teacher_logits, **kwargs):
-            return LigerFusedLinearJSDFunction.distillation_loss_fn(student_logits.float(), teacher_logits.float(), **kwargs)
+        class LigerFusedLinearKLFunction(LigerFusedLinearJSDFunction):
+            @staticmethod
+            def distillation_loss_fn(student_logits, teacher_logits, **kwargs):
+                return LigerFusedLinearJSDFunction.distillation_loss_fn(student_logits.float(), teacher_logits.float(), **kwargs)
 
-    return LigerFusedLinearKLFunction
+        _LIGER_KL = LigerFusedLinearKLFunction
+    return _LIGER_KL
 
 
 def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels, temperature: float,
