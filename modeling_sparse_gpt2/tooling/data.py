@@ -89,9 +89,11 @@ def load_texts(
     split: str = "train",
     text_column: str = "text",
     file_flag: str = "--calibration_file",
+    source_prefix: str | None = None,
 ) -> list[str]:
     """Texts from a local ``.txt``/``.jsonl``/``.json`` (optionally ``.xz``/``.gz``/``.bz2``/``.zst``) file or a Hub dataset.
 
+    ``source_prefix`` keeps only the records whose ``source`` field starts with it (JSON files).
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file (or ``file_flag``) and what is wrong.
     """
     import datasets
@@ -121,8 +123,12 @@ def load_texts(
         else:
             if text_column not in ds.column_names:
                 raise ValueError(f"{file_flag}: data file {file} has no {text_column!r} field (fields: {ds.column_names}); see --text_column")
+            if source_prefix is not None:
+                if "source" not in ds.column_names:
+                    raise ValueError(f"--source_prefix: data file {file} has no 'source' field (fields: {ds.column_names})")
+                ds = ds.filter(lambda e: str(e.get("source", "")).startswith(source_prefix))
             texts = ds[text_column]
-        source = f"{file_flag}: data file {file}"
+        source = f"{file_flag}: data file {file}" + (f" (records whose 'source' starts with {source_prefix!r})" if source_prefix else "")
     else:
         ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
         if text_column not in ds.column_names:

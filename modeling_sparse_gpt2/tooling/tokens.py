@@ -30,30 +30,14 @@ class PrepareTokensArguments:
 
 
 def _documents(file: str, source_prefix: str | None, flag: str) -> list[str]:
-    """The non-empty 'text' fields of an existing JSON-lines file; errors name ``flag`` and the file."""
+    """The non-empty 'text' fields of a JSON-lines file (``data.load_texts``); errors name ``flag`` and the file."""
     import datasets
+
+    from .data import load_texts
 
     if not sys.stderr.isatty():  # no "Generating data split" bars in logs
         datasets.disable_progress_bars()
-    if os.path.getsize(file) == 0:
-        raise ValueError(f"{flag}: data file {file} is empty (0 bytes)")
-    try:
-        ds = datasets.load_dataset("json", data_files={"data": file}, split="data")
-    except Exception as err:  # datasets raises many types for unreadable files, some with empty messages
-        cause = err.__cause__ or err.__context__
-        why = str(err) or (f"{type(cause).__name__}: {cause}" if cause else type(err).__name__)
-        raise ValueError(f"{flag}: data file {file} could not be read as JSON lines: {why}") from err
-    if "text" not in ds.column_names:
-        raise ValueError(f"{flag}: data file {file} has no 'text' field (fields: {ds.column_names})")
-    if source_prefix is not None:
-        if "source" not in ds.column_names:
-            raise ValueError(f"--source_prefix: data file {file} has no 'source' field (fields: {ds.column_names})")
-        ds = ds.filter(lambda e: str(e.get("source", "")).startswith(source_prefix))
-    texts = [t for t in ds["text"] if t and t.strip()]
-    if not texts:
-        kept = f" whose 'source' starts with {source_prefix!r}" if source_prefix is not None else ""
-        raise ValueError(f"{flag}: data file {file} has no non-empty 'text'{kept}")
-    return texts
+    return load_texts(file, file_flag=flag, source_prefix=source_prefix)
 
 
 def load_tokenizer_from_flag(name_or_path: str, flag: str = "--tokenizer_name_or_path"):
