@@ -259,7 +259,7 @@ HEALING_SMOKE = ["--smoke", "--methods", "prune_ls,sparse_gpt2_per_neuron", "--r
 
 def test_healing_curve_smoke_resumes_to_the_same_curve(tmp_path, one_thread):
     """A run stopped by --budget_s after its first step and run again ends where one uninterrupted run
-    ends (same perplexity at every milestone); rows need no knob this checkout lacks, or say 'unavailable'."""
+    ends (same perplexity at every milestone)."""
     bench = _bench("bench_healing_curve")
     whole = bench.main(HEALING_SMOKE + ["--out_dir", str(tmp_path / "whole")])
     first = bench.main(HEALING_SMOKE + ["--out_dir", str(tmp_path / "split"), "--budget_s", "0"])
@@ -271,11 +271,32 @@ def test_healing_curve_smoke_resumes_to_the_same_curve(tmp_path, one_thread):
     assert rows["prune_ls"]["segments"] == [[0, 1], [1, 2]] and whole["rows"][0]["segments"] == [[0, 2]]
     for a, b in zip(curve, whole["rows"][0]["curve"]):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
-    knob = "poly_coefficients" in {f.name for f in bench.dataclasses.fields(bench.ConversionArguments)}
-    assert rows["sparse_gpt2_per_neuron"]["status"] == ("done" if knob else "unavailable")
+    assert rows["sparse_gpt2_per_neuron"]["status"] == "done"
+    assert rows["sparse_gpt2_per_neuron"]["build"]["poly_coefficients"] == "per_neuron"
     on_disk = json.loads((tmp_path / "split" / "healing_curve.json").read_text())
     assert on_disk["rows"][0]["curve"] == curve and "dense" in on_disk and "environment" in on_disk
     assert "| 0.4 | prune_ls | done |" in (tmp_path / "split" / "healing_curve.md").read_text()
+
+
+def test_healing_curve_refuses_a_reference_other_than_the_stored_rows_and_renames_old_rows(tmp_path, one_thread):
+    """A later call (a new device sitting retrains the reference) must not mix rows healed from different
+    references; rows stored under the former default's name keep what they were built as."""
+    bench = _bench("bench_healing_curve")
+    flags = ["--smoke", "--methods", "prune_ls", "--ratios", "0.4", "--tokens", "64", "--calibration_samples", "10",
+             "--max_eval_tokens", "256", "--out_dir", str(tmp_path)]
+    first = bench.main(flags)
+    assert first["rows"][0]["dense_ppl"] == first["dense"]["perplexity"]
+    path = tmp_path / "healing_curve.json"
+    stored = json.loads(path.read_text())
+    stored["rows"].append({**stored["rows"][0], "key": "sparse_gpt2@0.4", "method": "sparse_gpt2"})
+    path.write_text(json.dumps(stored))
+    again = bench.main(flags)
+    assert {r["key"] for r in again["rows"]} == {"prune_ls@0.4", "sparse_gpt2_psf@0.4"} and len(again["references"]) == 2
+    stored = json.loads(path.read_text())
+    stored["dense"]["perplexity"] *= 1.02
+    path.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="--dense_model.*differs by"):
+        bench.main(flags)
 
 
 def test_healing_curve_bad_flags():
