@@ -157,7 +157,8 @@ def build(method: str, ratio: float, dense, calib, seed: int):
             conv.poly_degree, conv.poly_num_terms = 16, 9
         model, _ = convert_gpt2_to_sparse(dense, calib, conv)  # sparse_gpt2_hidden: the default; its loss differs
         return model, {"components": list(conv.sparse_components), "budget_mode": conv.budget_mode,
-                       "poly_degree": conv.poly_degree, "poly_coefficients": conv.poly_coefficients}
+                       "poly_degree": conv.poly_degree, "poly_coefficients": conv.poly_coefficients,
+                       "poly_domain": model.config.poly_domain}  # per layer, fitted to the calibration pre-activations
     if method == "prune_ls":
         return baselines.prune_neurons(dense, calib, ratio, refit=True), {"selection": "importance"}
     if method == "prune_obs_ls":

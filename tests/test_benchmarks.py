@@ -238,3 +238,18 @@ def test_bench_distributed_cpu_smoke_runs_one_process_ddp_and_fsdp(tmp_path):
     for name in ("ddp_x2", "fsdp_x2"):
         assert len(runs[name]["losses"]) == 4 and runs[name]["max_relative_loss_difference"] < 1e-2
         assert runs[name]["tokens_per_s"] > 0 and runs[name]["speedup"] > 0
+
+
+def test_chebyshev_fit_error_falls_with_the_degree_and_grows_with_the_domain(tmp_path):
+    """The numbers docs/benchmarks.md §2.3 quotes for the activation's approximation: a higher degree fits
+    GELU better at the conversion's wide domains; a bad list is refused naming the flags."""
+    from benchmarks import chebyshev_fit_error
+
+    out = tmp_path / "fit.json"
+    rows = chebyshev_fit_error.main(["--degrees", "8,16", "--domains", "4,8", "--sigmas", "2", "--samples", "20000",
+                                     "--output", str(out)])
+    err = {(r["domain"], r["degree"]): r["relative_rms_error"] for r in rows}
+    assert err[(8.0, 16)] < err[(8.0, 8)] / 4 and err[(4.0, 8)] < err[(8.0, 8)]
+    assert 0.01 < err[(8.0, 8)] < 0.2 and json.loads(out.read_text())["rows"] == rows
+    with pytest.raises(SystemExit, match="--degrees"):
+        chebyshev_fit_error.main(["--degrees", "eight"])
