@@ -14,8 +14,8 @@ REFERENCE_TOLERANCE). Rows (issue 12): at 0.4 the default conversion (polynomial
 default (polynomial + spectral + feedback), all five components, importance pruning + LS refit (a
 GPT-2 with a narrower GELU MLP), the same narrow MLP with the conversion's OBS selection + refit,
 the narrow GPT-2 trained from scratch on the same tokens, and the ablations of the default
-(per-neuron Chebyshev coefficients, degree 16, sensitivity layer budgets, intermediate hidden-state
-loss); at 0.2 the default and pruning + LS.
+(per-neuron Chebyshev coefficients, degree 16, the fitted domain rule, sensitivity layer budgets,
+intermediate hidden-state loss); at 0.2 the default and pruning + LS.
 
 Every row: the same DistillationTrainer, objective (0.7 T^2 KL at T = 2 + 0.3 CE, teacher = the
 dense reference), batch, token windows (one seeded draw for all rows) and learning-rate rule, one
@@ -62,7 +62,8 @@ from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_de
 # ablations (per-neuron coefficients, degree 16, sensitivity budgets, hidden-state loss) change one
 # thing of the default each.
 PLAN = [(0.4, m) for m in ("sparse_gpt2_poly", "sparse_gpt2_psf", "sparse_gpt2_all", "prune_ls", "prune_obs_ls", "scratch",
-                           "sparse_gpt2_per_neuron", "sparse_gpt2_deg16", "sparse_gpt2_sensitivity", "sparse_gpt2_hidden")]
+                           "sparse_gpt2_per_neuron", "sparse_gpt2_deg16", "sparse_gpt2_fit_domain", "sparse_gpt2_sensitivity",
+                           "sparse_gpt2_hidden")]
 PLAN += [(0.2, "sparse_gpt2_poly"), (0.2, "prune_ls")]
 METHODS = sorted({m for _, m in PLAN})
 Y_TOP = 1.6  # the plot's top (ppl / dense): rows above it are named in the legend
@@ -153,11 +154,14 @@ def build(method: str, ratio: float, dense, calib, seed: int):
             conv.budget_mode = "sensitivity"
         elif method == "sparse_gpt2_per_neuron":
             conv.poly_coefficients = "per_neuron"
+        elif method == "sparse_gpt2_fit_domain":  # each layer's domain where the series fits GELU best
+            conv.poly_domain_rule = "fit"
         elif method == "sparse_gpt2_deg16":  # GELU is T_1 plus even terms: 9 non-zero up to degree 16
             conv.poly_degree, conv.poly_num_terms = 16, 9
         model, _ = convert_gpt2_to_sparse(dense, calib, conv)  # sparse_gpt2_hidden: the default; its loss differs
         return model, {"components": list(conv.sparse_components), "budget_mode": conv.budget_mode,
                        "poly_degree": conv.poly_degree, "poly_coefficients": conv.poly_coefficients,
+                       "poly_domain_rule": conv.poly_domain_rule,
                        "poly_domain": model.config.poly_domain}  # per layer, fitted to the calibration pre-activations
     if method == "prune_ls":
         return baselines.prune_neurons(dense, calib, ratio, refit=True), {"selection": "importance"}

@@ -189,6 +189,27 @@ def test_perplexity_rises_monotonically_as_the_budget_shrinks(trained):
     assert ppl[1] < 1.5 * ppl[0], ppl  # a generous budget stays close to dense
 
 
+def test_fit_domain_rule_picks_the_domain_where_the_series_reproduces_gelu_best():
+    """--poly_domain_rule fit: on wide pre-activations (as a trained model's are) the quantile rule puts s at
+    6-8, where a degree-8 series is percents off GELU; the fit rule's s is the grid's best and beats it."""
+    from modeling_sparse_gpt2.polynomial import chebyshev_activation_autograd, gelu_new
+    from modeling_sparse_gpt2.tooling.conversion import DOMAIN_GRID, choose_domain
+
+    ffn = SparseGPT2LMHeadModel(sparse_config_for_budget(tiny_dense().config, ConversionArguments(sparse_components=["polynomial"]))).transformer.h[0].mlp
+    poly = ffn.components["polynomial"]
+    h = torch.randn(100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2.5 - 1.0
+
+    def error(domain):
+        poly.domain = domain
+        poly.fit_activation(samples=h)
+        a = chebyshev_activation_autograd(h, poly.coeffs.detach().view(-1, poly.degree + 1)[0].double(), poly.coeff_mask.double(), domain, poly.degree)
+        return float((a - gelu_new(h)).norm() / gelu_new(h).norm())
+
+    quantile, fit = choose_domain(poly, h, "quantile"), choose_domain(poly, h, "fit")
+    assert quantile >= 6 and fit in DOMAIN_GRID and fit < quantile
+    assert error(fit) == min(error(s) for s in DOMAIN_GRID) and error(fit) < error(quantile) / 3
+
+
 def test_conversion_refuses_a_model_that_is_not_gpt2():
     sparse = SparseGPT2LMHeadModel(sparse_config_for_budget(tiny_dense().config, ConversionArguments()))
     with pytest.raises(ValueError, match="already a SparseGPT2"):
@@ -268,7 +289,8 @@ def test_held_out_sequences_are_never_fitted_and_their_error_is_reported():
     assert held_out[0] == pytest.approx((residual / centred).item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("bad", [dict(ffn_flops_ratio=0), dict(budget_mode="greedy"), dict(neuron_selection="random"), dict(ridge=-1)])
+@pytest.mark.parametrize("bad", [dict(ffn_flops_ratio=0), dict(budget_mode="greedy"), dict(neuron_selection="random"), dict(ridge=-1),
+                                 dict(poly_domain_rule="widest")])
 def test_conversion_arguments_validate_themselves(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ConversionArguments(**bad)
