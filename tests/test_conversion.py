@@ -33,6 +33,9 @@ def calib(n=16, t=32, vocab=97, seed=0):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
+IN_GEMMS = ["polynomial", "spectral", "feedback"]  # the tests below exercise the fit and budget of all three
+
+
 @pytest.fixture(scope="module")
 def trained():
     """The small dense GPT-2 shipped with the package, with real calibration and held-out text."""
@@ -47,7 +50,8 @@ def trained():
 @pytest.mark.parametrize("mode", ["uniform", "sensitivity"])
 def test_achieved_ffn_flops_ratio_is_at_or_under_the_request(ratio, mode):
     dense = tiny_dense(n_embd=64)
-    sparse, report = convert_gpt2_to_sparse(dense, calib(24), ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode))
+    args = ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode, sparse_components=IN_GEMMS)  # costs beside the neurons
+    sparse, report = convert_gpt2_to_sparse(dense, calib(24), args)
     assert report["ffn_flops_ratio"] <= ratio + 1e-9
     assert report["ffn_flops_ratio"] > ratio - 0.05  # and it spends the budget
     assert sparse.flops_report(1, 32)["FLOPs/ffn_ratio"] == pytest.approx(report["ffn_flops_ratio"])
@@ -198,8 +202,9 @@ def test_conversion_refuses_a_model_that_is_not_gpt2():
 
 
 def test_budget_that_cannot_be_met_names_the_knobs():
+    args = ConversionArguments(ffn_flops_ratio=0.01, sparse_components=IN_GEMMS)  # one neuron alone is 1/128 of the MLP
     with pytest.raises(ValueError, match="ffn_flops_ratio=0.01 cannot be met"):
-        convert_gpt2_to_sparse(tiny_dense(), calib(), ConversionArguments(ffn_flops_ratio=0.01))
+        convert_gpt2_to_sparse(tiny_dense(), calib(), args)
 
 
 def test_empty_or_too_long_calibration_is_refused():
@@ -234,13 +239,14 @@ def test_calibration_floor_is_two_fitted_tokens_per_feature_of_the_largest_fit()
     with pytest.raises(ValueError, match="calibration too small"):
         convert_gpt2_to_sparse(dense, calib(fitted_sequences), args)
     convert_gpt2_to_sparse(dense, calib(fitted_sequences + 1), args)
-    imp = ConversionArguments(ffn_flops_ratio=0.5, neuron_selection="importance")  # no fit over all neurons
+    # no fit over all neurons: the largest is the output side's over the kept neurons and the spectral candidates
+    imp = ConversionArguments(ffn_flops_ratio=0.5, neuron_selection="importance", sparse_components=IN_GEMMS)
     spec = sparse_config_for_budget(dense.config, imp).layer_spec(0)
     assert largest_fit(sparse_config_for_budget(dense.config, imp), "importance")[0] == spec.poly_neurons + spec.spectral_candidates + 1
 
 
 def test_held_out_sequences_are_never_fitted_and_their_error_is_reported():
-    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5)
+    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5, sparse_components=IN_GEMMS)  # frequencies chosen too
     ids = calib(16)
     other = ids.clone()
     other[7::8] = calib(2, seed=9)  # only the held-out sequences (every 8th) differ
