@@ -22,10 +22,10 @@ COMPONENTS = ("polynomial", "spectral", "feedback", "tensor", "micro")
 """Canonical component order (it is also the order of segments inside the fused GEMMs)."""
 
 FUSED_COMPONENTS = ("polynomial", "spectral", "feedback")
-"""The components that ride inside the FFN's two fused GEMMs (the conversion's default set): on an
-H200 the Monarch (``tensor``) and ``micro`` parts add batched small matmuls and layout copies beside
-the GEMMs and cost more time than their FLOPs, and in calibration-only conversion they did not pay
-back their share of the budget (docs/benchmarks.md)."""
+"""The components that ride inside the FFN's two fused GEMMs, in their segment order (``c_fc`` rows,
+``c_proj`` columns, the middle-stage kernel's segments). The Monarch (``tensor``) and ``micro`` parts
+run beside the GEMMs as batched small matmuls and layout copies; on an H200 they cost more time than
+their FLOPs (docs/benchmarks.md)."""
 
 GATE_KINDS = ("scalar", "token")
 SPECTRAL_SELECTIONS = ("static", "topk")
