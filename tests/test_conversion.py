@@ -66,6 +66,26 @@ def test_sensitivity_mode_gives_layers_different_budgets_within_the_total():
     assert sum(keep) <= sum(uniform.poly_keep_ratio) + 1e-9
 
 
+def test_the_default_conversion_builds_polynomial_only_ffns_and_its_config_card_and_help_say_so():
+    """Issue 12: on the healing curve spectral + feedback did not pay back their share of the budget at any
+    healing length, so the conversion builds the polynomial backbone alone unless asked for more."""
+    from modeling_sparse_gpt2.tooling.cli import command_parser
+    from modeling_sparse_gpt2.tooling.model_card import make_model_card
+
+    sparse, report = convert_gpt2_to_sparse(tiny_dense(), calib(), ConversionArguments())
+    assert sparse.config.sparse_components == ["polynomial"]
+    for block in sparse.transformer.h:
+        assert list(block.mlp.components) == ["polynomial"]
+        assert block.mlp.c_fc.out_features == block.mlp.components["polynomial"].rows  # no other segment in the GEMMs
+    assert 0.35 < report["ffn_flops_ratio"] <= 0.4  # the whole budget goes to kept neurons
+    card = make_model_card(sparse, base_model="gpt2", perplexities={"converted": 20.0}, seq_len=32).text
+    assert "(components: polynomial)" in card
+    for other in ("| spectral |", "| feedback |", "| k_freq |", "| feedback_rank |", "| feedback_window |"):
+        assert other not in card, other
+    flag = next(a for a in command_parser("convert")._actions if a.dest == "sparse_components")
+    assert flag.default == ["polynomial"] and "did not pay back" in flag.help and "healing curve" in flag.help
+
+
 def test_non_mlp_weights_are_bit_identical_to_the_dense_model():
     dense = tiny_dense()
     sparse, _ = convert_gpt2_to_sparse(dense, calib(), ConversionArguments(ffn_flops_ratio=0.5))
