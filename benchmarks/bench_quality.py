@@ -90,7 +90,7 @@ def main():
     p.add_argument("--output", default="docs/benchmarks/results/quality.json")
     p.add_argument("--ratios", default="0.5,0.4,0.3,0.2")
     p.add_argument("--methods", default="sparse_gpt2,prune_ls,svd,prune,random_sparse",
-                   help="sparse_gpt2: the conversion's default components (FUSED_COMPONENTS)")
+                   help="sparse_gpt2: the conversion's default components (CONVERSION_DEFAULTS; each row records them)")
     p.add_argument("--extra_methods", default="sparse_gpt2_all,sparse_gpt2_poly",
                    help="run after every ratio's --methods rows: sparse_gpt2_all (all five components), "
                         "sparse_gpt2_poly (polynomial only)")

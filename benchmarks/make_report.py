@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(HERE, "..", "docs", "benchmarks")
 RESULTS = os.path.join(DOCS, "results")
 LABELS = {
-    "sparse_gpt2": "sparse-gpt2 (default: polynomial + spectral + feedback)",
+    "sparse_gpt2": "sparse-gpt2 (default)",  # a row names the components it ran with: ``label``
     "sparse_gpt2_all": "sparse-gpt2, all five components",
     "sparse_gpt2_poly": "sparse-gpt2, polynomial only",
     "prune_ls": "pruning + LS refit of c_proj",
@@ -57,6 +57,14 @@ def status(r) -> str:
     return r.get("status") or ("error" if "error" in r else "skipped")
 
 
+def label(r) -> str:
+    """The method of row ``r`` as the tables and plots name it; the default's rows say which components
+    it was when they were measured (the conversion's default changed with issue 12)."""
+    if r["method"] == "sparse_gpt2" and r.get("components"):
+        return f"sparse-gpt2 (default: {' + '.join(r['components'])})"
+    return LABELS[r["method"]]
+
+
 def cell(v, fmt="{:.2f}"):
     return "n/a" if v is None else fmt.format(v)
 
@@ -69,13 +77,13 @@ def quality_tables(d):
            "|---|---|---|---|---|---|---|"]
     order = list(LABELS)
     for r in sorted(rows, key=lambda r: (-r["ffn_flops_ratio_target"], order.index(r["method"]))):
-        out.append(f"| {r['ffn_flops_ratio_target']} | {LABELS[r['method']]} | {r['ffn_flops_ratio']:.3f} | "
+        out.append(f"| {r['ffn_flops_ratio_target']} | {label(r)} | {r['ffn_flops_ratio']:.3f} | "
                    f"{r['ppl_calibration_only']:.3f} | {r['ppl_calibration_only'] / dense:.3f} | "
                    f"{r['ppl_healed']:.3f} | {r['ppl_healed'] / dense:.3f} |")
     for r in d["rows"]:
         if not ok(r):
             why = f"failed: `{r['error'][:80]}`" if "error" in r else f"skipped: {r.get('reason', '')}"
-            out.append(f"| {r['ffn_flops_ratio_target']} | {LABELS[r['method']]} | {why} | | | | |")
+            out.append(f"| {r['ffn_flops_ratio_target']} | {label(r)} | {why} | | | | |")
     # against the best baseline at each ratio
     out += ["", "| FFN FLOPs | sparse-gpt2 calibration-only / dense | best baseline (calibration-only) | sparse-gpt2 better by | "
             "sparse-gpt2 healed / dense | best baseline (healed) | sparse-gpt2 better by |", "|---|---|---|---|---|---|---|"]
@@ -101,9 +109,10 @@ def quality_plot(d, path):
     for ax, key, title in ((axes[0], "ppl_calibration_only", "calibration only (no training)"),
                            (axes[1], "ppl_healed", f"after healing ({d['healing_budget']['tokens'] / 1e6:.2f} M tokens of distillation)")):
         for method in LABELS:
-            pts = sorted((r["ffn_flops_ratio"], r[key] / dense) for r in rows if r["method"] == method)
+            ours = [r for r in rows if r["method"] == method]
+            pts = sorted((r["ffn_flops_ratio"], r[key] / dense) for r in ours)
             if pts:
-                ax.plot(*zip(*pts), "o-" if method.startswith("sparse_gpt2") else "s--", color=COLORS[method], label=LABELS[method])
+                ax.plot(*zip(*pts), "o-" if method.startswith("sparse_gpt2") else "s--", color=COLORS[method], label=label(ours[0]))
         front = {}  # Pareto front over every method: the lowest perplexity at each FLOPs target
         for r in rows:
             t = r["ffn_flops_ratio_target"]

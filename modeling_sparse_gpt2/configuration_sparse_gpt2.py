@@ -22,10 +22,10 @@ COMPONENTS = ("polynomial", "spectral", "feedback", "tensor", "micro")
 """Canonical component order (it is also the order of segments inside the fused GEMMs)."""
 
 FUSED_COMPONENTS = ("polynomial", "spectral", "feedback")
-"""The components that ride inside the FFN's two fused GEMMs (the conversion's default set): on an
-H200 the Monarch (``tensor``) and ``micro`` parts add batched small matmuls and layout copies beside
-the GEMMs and cost more time than their FLOPs, and in calibration-only conversion they did not pay
-back their share of the budget (docs/benchmarks.md)."""
+"""The components that ride inside the FFN's two fused GEMMs, in their segment order (``c_fc`` rows,
+``c_proj`` columns, the middle-stage kernel's segments). The Monarch (``tensor``) and ``micro`` parts
+run beside the GEMMs as batched small matmuls and layout copies; on an H200 they cost more time than
+their FLOPs (docs/benchmarks.md)."""
 
 GATE_KINDS = ("scalar", "token")
 SPECTRAL_SELECTIONS = ("static", "topk")
@@ -169,7 +169,7 @@ SPARSE_KNOBS = (
 KNOBS = {knob.name: knob for knob in SPARSE_KNOBS}
 
 CONVERSION_DEFAULTS = {
-    "sparse_components": (list(FUSED_COMPONENTS), "tensor and micro cost more time than their FLOPs and did not pay back their budget (FUSED_COMPONENTS)"),
+    "sparse_components": (["polynomial"], "spectral and feedback did not pay back their share of the budget on the healing curve (docs/benchmarks.md §2.3), nor tensor and micro in the quality table (§2)"),
     "poly_keep_ratio": (None, "the kept neurons come from --ffn_flops_ratio unless this is given"),
     "poly_num_terms": (6, "at degree 8 GELU is T_1 plus five even terms; the odd ones above T_1 vanish, so 6 lose nothing"),
     "micro_keep_ratio": (0.125, "micro starts at zero output and only healing trains it, so calibration-only conversion keeps fewer groups"),

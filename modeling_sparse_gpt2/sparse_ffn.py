@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .component_base import FFNContext, GemmComponent
+from .configuration_sparse_gpt2 import FUSED_COMPONENTS
 from .feedback import FeedbackComponent
 from .ffn_kernels import sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
@@ -62,7 +63,7 @@ class UltraEfficientSparseFFN(nn.Module):
         # here rather than on every call of the hot path
         self.segment_widths = tuple(
             self.segments[n].stop - self.segments[n].start if n in self.segments else 0
-            for n in ("polynomial", "spectral", "feedback")
+            for n in FUSED_COMPONENTS
         )
         self.gates = ResidualGates(spec.components, token=spec.gate_kind == "token")
         gate_rows = len(spec.components) if self.gates.token else 0

@@ -33,6 +33,9 @@ def calib(n=16, t=32, vocab=97, seed=0):
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
+IN_GEMMS = ["polynomial", "spectral", "feedback"]  # the tests below exercise the fit and budget of all three
+
+
 @pytest.fixture(scope="module")
 def trained():
     """The small dense GPT-2 shipped with the package, with real calibration and held-out text."""
@@ -47,7 +50,8 @@ def trained():
 @pytest.mark.parametrize("mode", ["uniform", "sensitivity"])
 def test_achieved_ffn_flops_ratio_is_at_or_under_the_request(ratio, mode):
     dense = tiny_dense(n_embd=64)
-    sparse, report = convert_gpt2_to_sparse(dense, calib(24), ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode))
+    args = ConversionArguments(ffn_flops_ratio=ratio, budget_mode=mode, sparse_components=IN_GEMMS)  # costs beside the neurons
+    sparse, report = convert_gpt2_to_sparse(dense, calib(24), args)
     assert report["ffn_flops_ratio"] <= ratio + 1e-9
     assert report["ffn_flops_ratio"] > ratio - 0.05  # and it spends the budget
     assert sparse.flops_report(1, 32)["FLOPs/ffn_ratio"] == pytest.approx(report["ffn_flops_ratio"])
@@ -60,6 +64,26 @@ def test_sensitivity_mode_gives_layers_different_budgets_within_the_total():
     assert keep[1] > keep[0]
     uniform = sparse_config_for_budget(dense.config, ConversionArguments(ffn_flops_ratio=0.4))
     assert sum(keep) <= sum(uniform.poly_keep_ratio) + 1e-9
+
+
+def test_the_default_conversion_builds_polynomial_only_ffns_and_its_config_card_and_help_say_so():
+    """Issue 12: on the healing curve spectral + feedback did not pay back their share of the budget at any
+    healing length, so the conversion builds the polynomial backbone alone unless asked for more."""
+    from modeling_sparse_gpt2.tooling.cli import command_parser
+    from modeling_sparse_gpt2.tooling.model_card import make_model_card
+
+    sparse, report = convert_gpt2_to_sparse(tiny_dense(), calib(), ConversionArguments())
+    assert sparse.config.sparse_components == ["polynomial"]
+    for block in sparse.transformer.h:
+        assert list(block.mlp.components) == ["polynomial"]
+        assert block.mlp.c_fc.out_features == block.mlp.components["polynomial"].rows  # no other segment in the GEMMs
+    assert 0.35 < report["ffn_flops_ratio"] <= 0.4  # the whole budget goes to kept neurons
+    card = make_model_card(sparse, base_model="gpt2", perplexities={"converted": 20.0}, seq_len=32).text
+    assert "(components: polynomial)" in card
+    for other in ("| spectral |", "| feedback |", "| k_freq |", "| feedback_rank |", "| feedback_window |"):
+        assert other not in card, other
+    flag = next(a for a in command_parser("convert")._actions if a.dest == "sparse_components")
+    assert flag.default == ["polynomial"] and "did not pay back" in flag.help and "healing curve" in flag.help
 
 
 def test_non_mlp_weights_are_bit_identical_to_the_dense_model():
@@ -219,8 +243,9 @@ def test_conversion_refuses_a_model_that_is_not_gpt2():
 
 
 def test_budget_that_cannot_be_met_names_the_knobs():
+    args = ConversionArguments(ffn_flops_ratio=0.01, sparse_components=IN_GEMMS)  # one neuron alone is 1/128 of the MLP
     with pytest.raises(ValueError, match="ffn_flops_ratio=0.01 cannot be met"):
-        convert_gpt2_to_sparse(tiny_dense(), calib(), ConversionArguments(ffn_flops_ratio=0.01))
+        convert_gpt2_to_sparse(tiny_dense(), calib(), args)
 
 
 def test_empty_or_too_long_calibration_is_refused():
@@ -255,13 +280,14 @@ def test_calibration_floor_is_two_fitted_tokens_per_feature_of_the_largest_fit()
     with pytest.raises(ValueError, match="calibration too small"):
         convert_gpt2_to_sparse(dense, calib(fitted_sequences), args)
     convert_gpt2_to_sparse(dense, calib(fitted_sequences + 1), args)
-    imp = ConversionArguments(ffn_flops_ratio=0.5, neuron_selection="importance")  # no fit over all neurons
+    # no fit over all neurons: the largest is the output side's over the kept neurons and the spectral candidates
+    imp = ConversionArguments(ffn_flops_ratio=0.5, neuron_selection="importance", sparse_components=IN_GEMMS)
     spec = sparse_config_for_budget(dense.config, imp).layer_spec(0)
     assert largest_fit(sparse_config_for_budget(dense.config, imp), "importance")[0] == spec.poly_neurons + spec.spectral_candidates + 1
 
 
 def test_held_out_sequences_are_never_fitted_and_their_error_is_reported():
-    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5)
+    dense, args = tiny_dense(), ConversionArguments(ffn_flops_ratio=0.5, sparse_components=IN_GEMMS)  # frequencies chosen too
     ids = calib(16)
     other = ids.clone()
     other[7::8] = calib(2, seed=9)  # only the held-out sequences (every 8th) differ

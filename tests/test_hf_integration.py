@@ -262,8 +262,8 @@ def test_a_training_step_reads_the_ffn_weights_in_place():
 def test_a_version_0_1_checkpoint_loads_with_identical_logits(name, tmp_path):
     """Checkpoints written by version 0.1 (projections on each component, a gate per output
     channel) load into the c_fc / c_proj layout exactly, and save back in the new layout.
-    The fixtures were written by the 0.1 code: the three default components, and all five with
-    token gates; per-channel gates not all 1, the micro gate constant over its channels."""
+    The fixtures were written by the 0.1 code: polynomial, spectral and feedback (its default then), and
+    all five with token gates; per-channel gates not all 1, the micro gate constant over its channels."""
     folder = os.path.join(os.path.dirname(__file__), "fixtures", name)
     expected = torch.load(os.path.join(folder, "expected_logits.pt"))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

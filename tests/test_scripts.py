@@ -45,11 +45,13 @@ def leftovers(parent, name):
 def test_convert_script_writes_checkpoint_card_and_report(dense_dir, tmp_path):
     out = tmp_path / "sparse"
     run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", out, "--ffn_flops_ratio", 0.5,
-        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32, "--k_freq", 4)
+        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32, "--k_freq", 4,
+        "--sparse_components", "polynomial", "spectral", "feedback")
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["ffn_flops_ratio"] <= 0.5
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "sparse_gpt2" and model.config.k_freq == 4
+    assert model.transformer.h[0].mlp.components["spectral"].k == 4  # the flag reached the built component
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
     assert "trust_remote_code=True" in card.text and "FLOPs per component" in card.text
@@ -152,7 +154,8 @@ def run_armed(tmp_path, args, **env):
 def test_heal_killed_mid_training_resumes_to_the_same_weights_and_loss(dense_dir, tmp_path):
     sparse = tmp_path / "sparse"
     run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", sparse, "--ffn_flops_ratio", 0.5,
-        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32)
+        "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32,
+        "--sparse_components", "polynomial", "spectral", "feedback")  # every GEMM segment's weights and moments resume
     common = ["--model_name_or_path", sparse, "--teacher_model_name_or_path", dense_dir, "--train_file", DEFAULT_CALIBRATION,
               "--validation_file", DEFAULT_VALIDATION, "--block_size", 32, "--max_train_samples", 32,
               "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, "--save_steps", 3, "--logging_steps", 1,
