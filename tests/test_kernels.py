@@ -4,8 +4,9 @@ On a CUDA machine with triton the cases run on the GPU in this process. On a CPU
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before triton is first
 imported; conftest imports the package first, so ``test_cases_under_the_interpreter`` runs this file
 again in a subprocess with the variable set, and the cases skip themselves in this process.
-Small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 2 backward programs) make
-every case span several tiles.
+The kernel cases run on small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 2
+backward programs), so every case spans several tiles; the whole-model tests run the tiles the GPU
+runs (fewer programs: the interpreter's cost is per program, ~10x less here).
 """
 
 import os
@@ -22,12 +23,12 @@ HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_HERE = fk.triton is not None and (DEVICE == "cuda" or fk.INTERPRET)
-kernel_case = pytest.mark.skipif(not RUNS_HERE, reason="kernels run under test_cases_under_the_interpreter")
+needs_kernels = pytest.mark.skipif(not RUNS_HERE, reason="kernels run under test_cases_under_the_interpreter")
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # sigmoid(-1e4) = 0 in numpy
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.FORWARD_TILE, "tokens", 4)
     monkeypatch.setitem(fk.FORWARD_TILE, "columns", 8)
@@ -35,6 +36,11 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 2)
+
+
+def kernel_case(test):
+    """A kernel case: runs where the kernels do, on the small tiles."""
+    return needs_kernels(pytest.mark.usefixtures("small_tiles")(test))
 
 
 def make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, window=3, degree=4, padded=False,
@@ -168,7 +174,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
 
 
-@kernel_case
+@needs_kernels
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -201,10 +207,12 @@ def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(o
     assert out[True][1].keys() == out[False][1].keys()
     for name in out[True][1]:
         assert_close(out[True][1][name], out[False][1][name], torch.float32, name)
-    model.set_fused_ffn(True)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, attention_mask=mask, **kw), model.generate(ids, attention_mask=mask, use_cache=False, **kw))
+    with torch.no_grad():  # cached on the kernel against no cache on the reference path (equal to the kernel's, above)
+        model.set_fused_ffn(True)
+        cached = model.generate(ids, attention_mask=mask, **kw)
+        model.set_fused_ffn(False)
+        assert torch.equal(cached, model.generate(ids, attention_mask=mask, use_cache=False, **kw))
 
 
 def test_masked_coefficients_follow_in_place_weight_updates_without_autograd():

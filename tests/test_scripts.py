@@ -1,4 +1,5 @@
-"""The scripts and the main job, as a user runs them (tiny models, real embedded text)."""
+"""The scripts and the main job, as a user runs them (tiny models, real embedded text). The convert
+script's refusals run its ``main`` in this process, and one of them as the script too."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import modeling_sparse_gpt2  # noqa: F401  (registers sparse_gpt2)
+from modeling_sparse_gpt2.tooling import cli
 from modeling_sparse_gpt2.tooling.checkpoints import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_VALIDATION, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,61 +61,80 @@ def test_convert_script_writes_checkpoint_card_and_report(dense_dir, tmp_path):
     assert not leftovers(tmp_path, "sparse")
 
 
-@pytest.mark.parametrize(
-    "case, extra, message",
-    [
-        ("missing model", ["--model_name_or_path", "./no/such/model"], "model folder not found: ./no/such/model"),
-        ("missing calibration", ["--calibration_file", "/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
-        ("unsupported file", ["--calibration_file", __file__], "unsupported extension"),
-        ("budget too small", ["--ffn_flops_ratio", 0.005], "cannot be met"),
-        ("bad knob", ["--k_freq", 999], "k_freq must be an integer"),
-    ],
-)
-def test_convert_script_bad_input_gives_clear_error_and_no_output(dense_dir, tmp_path, case, extra, message):
+def convert_in_process(capsys, *args):
+    """``scripts/convert_gpt2_to_sparse.py`` without a new interpreter (the script is ``sys.exit(cli.main(["convert",
+    *argv]))``; starting one costs ~10 s of imports on the CI machine): (exit status, stderr)."""
+    rc = cli.main(["convert", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+BAD_INPUTS = {  # case: (flags replaced, the message on stderr)
+    "missing model": (["--model_name_or_path", "./no/such/model"], "model folder not found: ./no/such/model"),
+    "missing calibration": (["--calibration_file", "/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
+    "unsupported file": (["--calibration_file", __file__], "unsupported extension"),
+    "budget too small": (["--ffn_flops_ratio", 0.005], "cannot be met"),
+    "bad knob": (["--k_freq", 999], "k_freq must be an integer"),
+}
+
+
+def bad_convert_args(dense_dir, tmp_path, case):
+    extra, message = BAD_INPUTS[case]
     args = {"--model_name_or_path": dense_dir, "--output_dir": tmp_path / "out", "--calibration_file": DEFAULT_CALIBRATION,
             "--num_calibration_samples": 10, "--block_size": 32}
     for k, v in zip(extra[::2], extra[1::2]):
         args[k] = v
-    out = run("convert_gpt2_to_sparse.py", *[x for kv in args.items() for x in kv], check=False)
+    return [x for kv in args.items() for x in kv], message
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_convert_bad_input_gives_clear_error_and_no_output(capsys, dense_dir, tmp_path, case):
+    args, message = bad_convert_args(dense_dir, tmp_path, case)
+    rc, err = convert_in_process(capsys, *args)
+    assert rc == 1 and message in err and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+def test_convert_script_bad_input_exits_non_zero_with_the_message_and_no_output(dense_dir, tmp_path):
+    """The script itself, on the error raised deepest (in the conversion, after the model and the text loaded)."""
+    args, message = bad_convert_args(dense_dir, tmp_path, "budget too small")
+    out = run("convert_gpt2_to_sparse.py", *args, check=False)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 
 
-def test_convert_script_refuses_a_non_gpt2_model(tmp_path, dense_dir):
+def test_convert_refuses_a_non_gpt2_model(capsys, tmp_path, dense_dir):
     from transformers import BertConfig, BertForMaskedLM
 
     bert = tmp_path / "bert"
     BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)).save_pretrained(bert)
-    out = run("convert_gpt2_to_sparse.py", "--model_name_or_path", bert, "--output_dir", tmp_path / "o",
-              "--calibration_file", DEFAULT_CALIBRATION, check=False)
-    assert out.returncode != 0 and "is a 'bert' model; expected a dense GPT-2" in out.stderr
+    rc, err = convert_in_process(capsys, "--model_name_or_path", bert, "--output_dir", tmp_path / "o", "--calibration_file", DEFAULT_CALIBRATION)
+    assert rc == 1 and "is a 'bert' model; expected a dense GPT-2" in err
 
 
-def test_convert_script_empty_or_short_calibration(dense_dir, tmp_path):
+def test_convert_empty_or_short_calibration(capsys, dense_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
-    out = run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", tmp_path / "o",
-              "--calibration_file", empty, check=False)
-    assert out.returncode != 0 and "no non-empty text" in out.stderr
+    rc, err = convert_in_process(capsys, "--model_name_or_path", dense_dir, "--output_dir", tmp_path / "o", "--calibration_file", empty)
+    assert rc == 1 and "no non-empty text" in err
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
-    out = run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", tmp_path / "o",
-              "--calibration_file", short, "--block_size", 64, check=False)
-    assert out.returncode != 0 and "fewer than one block" in out.stderr
+    rc, err = convert_in_process(capsys, "--model_name_or_path", dense_dir, "--output_dir", tmp_path / "o",
+                                 "--calibration_file", short, "--block_size", 64)
+    assert rc == 1 and "fewer than one block" in err
 
 
-def test_existing_output_needs_overwrite_and_is_replaced_whole(dense_dir, tmp_path):
+def test_existing_output_needs_overwrite_and_is_replaced_whole(capsys, dense_dir, tmp_path):
     out = tmp_path / "sparse"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     common = ["--model_name_or_path", dense_dir, "--output_dir", out, "--calibration_file", DEFAULT_CALIBRATION,
               "--num_calibration_samples", 10, "--block_size", 32]
-    res = run("convert_gpt2_to_sparse.py", *common, check=False)
-    assert res.returncode != 0 and "--overwrite_output_dir" in res.stderr
+    rc, err = convert_in_process(capsys, *common)
+    assert rc == 1 and "--overwrite_output_dir" in err
     assert (out / "keep.txt").read_text() == "user data"
-    run("convert_gpt2_to_sparse.py", *common, "--overwrite_output_dir")
+    assert convert_in_process(capsys, *common, "--overwrite_output_dir")[0] == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not leftovers(tmp_path, "sparse")
 
@@ -156,8 +177,10 @@ def test_heal_killed_mid_training_resumes_to_the_same_weights_and_loss(dense_dir
     run("convert_gpt2_to_sparse.py", "--model_name_or_path", dense_dir, "--output_dir", sparse, "--ffn_flops_ratio", 0.5,
         "--calibration_file", DEFAULT_CALIBRATION, "--num_calibration_samples", 10, "--block_size", 32,
         "--sparse_components", "polynomial", "spectral", "feedback")  # every GEMM segment's weights and moments resume
+    held_out = tmp_path / "held_out.jsonl"  # its first two documents, 14 blocks: all 2,773 made each run 3x longer
+    held_out.write_text("".join(open(DEFAULT_VALIDATION).readlines()[:2]))
     common = ["--model_name_or_path", sparse, "--teacher_model_name_or_path", dense_dir, "--train_file", DEFAULT_CALIBRATION,
-              "--validation_file", DEFAULT_VALIDATION, "--block_size", 32, "--max_train_samples", 32,
+              "--validation_file", held_out, "--block_size", 32, "--max_train_samples", 32,
               "--per_device_train_batch_size", 4, "--learning_rate", 1e-3, "--save_steps", 3, "--logging_steps", 1,
               "--report_to", "none", "--use_cpu", "--seed", 0, "--data_seed", 0, "--disable_tqdm", "true", "--max_steps", 6]
     full, part = tmp_path / "full", tmp_path / "part"
