@@ -71,6 +71,7 @@ class UltraEfficientSparseFFN(nn.Module):
         self.c_proj = nn.Linear(width, spec.d)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.use_fused = True
+        self.reads_context = "feedback" in self.segments  # the one reader of the cache and the padding mask
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
         self._coeff_cache = None  # (weight versions, masked coefficients) for no-grad eager calls
 
