@@ -1,8 +1,9 @@
-"""Host time of GPT-2 blocks on the eager CUDA path, measured on the CPU: sparse-gpt2, the ideal, dense.
+"""Host time of GPT-2 blocks on the eager CUDA path: sparse-gpt2, the ideal, dense (CPU with the launch stubbed, or a GPU).
 
     python -m benchmarks.profile_host --output docs/benchmarks/results/host_cost_cpu_launch_stubbed.json
     python -m benchmarks.profile_host --baseline-rev main     # + the sparse rows of the code at main, interleaved
     python -m benchmarks.profile_host --smoke                 # a check of this script (seconds)
+    python -m benchmarks.profile_host --device cuda --baseline-rev main --output docs/benchmarks/results/host_cost_h200.json
 
 Eager prefill and ``generate`` of GPT-2 small on a GPU wait on the host: the sparse model's kernels
 take less GPU time than the ideal's, but its blocks take longer to dispatch. This measures that
@@ -12,7 +13,9 @@ with Triton's launcher stubbed: ``ffn_kernels.use_kernel`` is forced on and the 
 does nothing (as ``kernel_microbench.host_cost``), so the sparse FFN runs the exact Python of its
 CUDA path on CPU tensors; every other op runs its CPU kernel, which at these sizes costs about what
 dispatching it costs. Triton's own launcher (argument binding, the driver call) is not in these
-figures: it comes on top, once per block.
+figures: it comes on top, once per block. With ``--device cuda`` (bf16) nothing is stubbed: the
+same calls on a GPU, each after a ``synchronize`` (untimed), so the thread's CPU time is the host
+work of real launches, Triton's launcher and CUDA's included.
 
 Models (random weights, seed 0): ``dense`` GPT-2; ``ideal`` (plain GPT-2, ``n_inner`` = the fused
 width of ``sparse_psf``); ``sparse_poly`` (polynomial only) and ``sparse_psf`` (polynomial +
@@ -32,7 +35,8 @@ Clock: the CPU time of this thread (``time.thread_time_ns``), so time spent desc
 machine does not count. Every variant is timed in turn, ``--rounds`` rounds of ``--calls`` calls
 each. Per block: each round's slope over the layer counts, ``(t(L2) - t(L1)) / (L2 - L1)``; the
 intercept is the per-call work outside the blocks (embeddings, head, input preparation); the rows
-give the medians over rounds, and of each round's difference to the ideal's (paired samples).
+give the medians over rounds, and of each round's difference to the ideal's (paired samples), and
+the slope of each variant's fastest round ("of min": on a shared machine interference only adds).
 Beside the times, two counts that have no noise: the Python (and builtin) function calls per block
 (``cProfile``) and the ops dispatched per block (``torch.profiler`` on the CPU: the top-level
 ``aten::`` ops, every ``aten::`` op, the stubbed Triton launches), with the top-level ops the sparse
@@ -77,22 +81,26 @@ CALLS = ("prefill", "decode_dynamic", "decode_static", "decode_dynamic_padded")
 
 # ---------------------------------------------------------------------------- the launch stub
 class LaunchStub:
-    """Force the kernels path of each ``ffn_kernels`` module and make Triton's launcher a counter."""
+    """Count Triton's kernel launches; with ``stub`` (the CPU) force the kernels path of each
+    ``ffn_kernels`` module and make the launches no-ops."""
 
-    def __init__(self, kernel_modules):
-        self.modules = kernel_modules
+    def __init__(self, kernel_modules, stub: bool = True):
+        self.modules, self.stub = kernel_modules, stub
         self.launches = 0
 
     def __enter__(self):
         self.kernel_type = type(self.modules[0]._forward_kernel)  # JITFunction (or the interpreter's)
         self.saved = self.kernel_type.run, [m.use_kernel for m in self.modules]
+        launch = self.saved[0]
 
         def run(*args, **kwargs):
             self.launches += 1
+            return None if self.stub else launch(*args, **kwargs)
 
         self.kernel_type.run = run
-        for m in self.modules:
-            m.use_kernel = lambda h: True
+        if self.stub:
+            for m in self.modules:
+                m.use_kernel = lambda h: True
         return self
 
     def __exit__(self, *exc):
@@ -117,8 +125,8 @@ def load_baseline(rev: str):
     return importlib.import_module(f"{name}.modeling_sparse_gpt2"), importlib.import_module(f"{name}.ffn_kernels"), commit
 
 
-def build(n_layer: int, dtype, baseline=None) -> dict:
-    """``{kind: model}`` (eval, ``dtype``) at ``n_layer`` blocks; sparse kinds of ``baseline`` as ``kind@rev``."""
+def build(n_layer: int, dtype, baseline=None, device="cpu") -> dict:
+    """``{kind: model}`` (eval, ``dtype``, on ``device``) at ``n_layer`` blocks; sparse kinds of ``baseline`` as ``kind@rev``."""
     from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 
     shape = dict(SHAPE, n_layer=n_layer)
@@ -133,7 +141,7 @@ def build(n_layer: int, dtype, baseline=None) -> dict:
     models = {}
     for kind, (cls, cfg) in builders.items():
         torch.manual_seed(0)
-        models[kind] = cls(cfg).to(dtype).eval()
+        models[kind] = cls(cfg).to(device, dtype).eval()
     return models
 
 
@@ -145,7 +153,7 @@ def inner_width(model) -> int:
 # ---------------------------------------------------------------------------- the calls
 def calls_of(model) -> dict:
     """``{call: (setup, step)}``: ``setup`` runs untimed before each timed ``step``."""
-    ids = torch.randint(1, SHAPE["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, SHAPE["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(model.device)
 
     def prefill():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -186,13 +194,15 @@ def recorded_decode_step(model, ids, cache_implementation, mask=None):
     return recorded[-1]
 
 
-def timed_us(setup, step, calls: int) -> float:
-    """Mean microseconds per ``step()`` over ``calls`` calls, each after an untimed ``setup()``: the
-    CPU time of this thread (torch runs one thread here), so time spent descheduled on a shared
-    machine does not count."""
+def timed_us(setup, step, calls: int, sync=None) -> float:
+    """Mean microseconds per ``step()`` over ``calls`` calls, each after an untimed ``setup()`` (and,
+    on a GPU, an untimed ``sync()``, so no launch waits on a full queue): the CPU time of this
+    thread (torch runs one thread here), so time spent descheduled on a shared machine does not count."""
     total = 0
     for _ in range(calls):
         setup()
+        if sync is not None:
+            sync()
         t0 = time.thread_time_ns()
         step()
         total += time.thread_time_ns() - t0
@@ -258,13 +268,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=None, help="results JSON")
     p.add_argument("--layers", default="2,12", help="two block counts; the per-block time is the slope between them")
-    p.add_argument("--dtype", default="fp32", choices=sorted(H.DTYPES))
+    p.add_argument("--device", default="cpu", help="cpu (Triton's launcher stubbed) or cuda (real launches)")
+    p.add_argument("--dtype", default=None, choices=sorted(H.DTYPES), help="default fp32 on the CPU, bf16 on a GPU")
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (every variant once per round)")
     p.add_argument("--calls", type=int, default=20, help="calls per variant and round")
     p.add_argument("--baseline-rev", default=None, help="also the sparse models of the package at this git revision")
     p.add_argument("--profile-calls", type=int, default=50, help="calls under cProfile (the sparse_psf decode step)")
     p.add_argument("--smoke", action="store_true", help="a check of this script: 1 and 2 blocks, 2 rounds of 2 calls")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.smoke:
         args.layers, args.rounds, args.calls, args.profile_calls = "1,2", 2, 2, 2
     return args
@@ -281,6 +293,9 @@ def summarise(samples: dict, counts: dict, kinds, layers) -> list:
 
     def outside(kind, call, r):
         return samples[(kind, lo, call)][r] - lo * slope(kind, call, r)
+
+    def slope_of_minima(kind, call):  # the least disturbed sample of each variant (a shared machine only adds time)
+        return (min(samples[(kind, hi, call)]) - min(samples[(kind, lo, call)])) / (hi - lo)
 
     med = statistics.median
     rows = []
@@ -300,6 +315,8 @@ def summarise(samples: dict, counts: dict, kinds, layers) -> list:
                 us_per_block_min_max=[min(slope(kind, call, r) for r in range(rounds)),
                                       max(slope(kind, call, r) for r in range(rounds))],
                 us_per_block_minus_ideal=med(slope(kind, call, r) - slope("ideal", call, r) for r in range(rounds)),
+                us_per_block_of_minima=slope_of_minima(kind, call),
+                us_per_block_of_minima_minus_ideal=slope_of_minima(kind, call) - slope_of_minima("ideal", call),
                 us_outside_blocks=med(outside(kind, call, r) for r in range(rounds)),
                 us_outside_blocks_minus_ideal=med(outside(kind, call, r) - outside("ideal", call, r) for r in range(rounds)),
                 python_calls_per_block=blk("python_calls"),
@@ -317,25 +334,28 @@ def main(argv=None):
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # the stubbed kernels leave their outputs uninitialised
-    H.configure_torch(dict(gpu=False))
+    gpu = args.device.startswith("cuda")
+    H.configure_torch(dict(gpu=gpu))
     from modeling_sparse_gpt2 import ffn_kernels
 
-    if ffn_kernels.triton is None:
-        sys.exit("profile_host: needs triton (its launcher is what gets stubbed)")
+    if ffn_kernels.triton is None or (gpu and not torch.cuda.is_available()):
+        sys.exit("profile_host: needs triton (its launcher is what gets stubbed), and CUDA for --device cuda")
     layers = [int(v) for v in args.layers.split(",")]
     if len(layers) != 2 or layers[0] >= layers[1]:
         sys.exit(f"--layers: two increasing block counts, got {args.layers!r}")
     baseline = load_baseline(args.baseline_rev) if args.baseline_rev else None
-    env = H.environment("cpu")
+    env = H.environment(args.device)
     H.warn_if_dirty(env)
-    settings = dict(shape=SHAPE, prompt=PROMPT, layers=layers, dtype=args.dtype, rounds=args.rounds, calls=args.calls,
-                    threads=1, ffn_flops_ratio=0.4, launch="triton launcher stubbed (run is a no-op)",
+    launch = "real launches (Triton and CUDA), a synchronize before each call" if gpu else "triton launcher stubbed (run is a no-op)"
+    settings = dict(device=args.device, shape=SHAPE, prompt=PROMPT, layers=layers, dtype=args.dtype, rounds=args.rounds,
+                    calls=args.calls, threads=1, ffn_flops_ratio=0.4, launch=launch,
                     clock="time.thread_time_ns (CPU time of the calling thread)",
                     baseline=dict(rev=args.baseline_rev, commit=baseline[2]) if baseline else None)
     result = dict(benchmark="profile_host", environment=env, settings=settings)
-    stub = LaunchStub([ffn_kernels] + ([baseline[1]] if baseline else []))
+    stub = LaunchStub([ffn_kernels] + ([baseline[1]] if baseline else []), stub=not gpu)
+    sync = torch.cuda.synchronize if gpu else None
     with stub, torch.no_grad():
-        models = {n: build(n, H.DTYPES[args.dtype], baseline) for n in layers}
+        models = {n: build(n, H.DTYPES[args.dtype], baseline, args.device) for n in layers}
         kinds = list(models[layers[0]])
         result["models"] = {k: dict(inner=inner_width(m), components=getattr(m.config, "sparse_components", None))
                             for k, m in models[layers[0]].items()}
@@ -343,12 +363,12 @@ def main(argv=None):
         print(f"{len(variants)} variants built in {time.perf_counter() - t0:.1f} s", flush=True)
         counts = {key: dict(dispatched_ops(*fns, stub), python_calls=python_calls(*fns)) for key, fns in variants.items()}
         for fns in variants.values():  # warm-up
-            timed_us(*fns, args.calls)
+            timed_us(*fns, args.calls, sync)
         samples = collections.defaultdict(list)
         for r in range(args.rounds):
             for key, fns in variants.items():
                 gc.collect()
-                samples[key].append(timed_us(*fns, args.calls))
+                samples[key].append(timed_us(*fns, args.calls, sync))
             print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - t0:.0f} s", flush=True)
         result["rows"] = summarise(samples, counts, kinds, layers)
         result["samples_us_per_call"] = {f"{k}/{n}/{c}": v for (k, n, c), v in samples.items()}
@@ -356,7 +376,7 @@ def main(argv=None):
         result["cprofile_sparse_psf_decode_dynamic"] = dict(
             layers=layers[1], calls=args.profile_calls, functions=profile_functions(*decode, args.profile_calls, 40))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    print_table(result["rows"], layers)
+    print_table(result["rows"], layers, launch)
     print(f"\ncProfile, sparse_psf decode_dynamic at {layers[1]} blocks: own us per call")
     for f in result["cprofile_sparse_psf_decode_dynamic"]["functions"][:25]:
         print(f"  {f['own_us']:8.1f}  x{f['calls']:<5g} {f['function']}")
@@ -366,13 +386,14 @@ def main(argv=None):
     return result
 
 
-def print_table(rows, layers):
-    print(f"\nhost us per block (slope {layers[0]} -> {layers[1]} blocks; medians of per-round values), CPU, one thread, "
-          "Triton launch stubbed")
-    heads = ("model", "call", "us/block", "-ideal", "outside", "-ideal", "py calls", "aten", "triton")
+def print_table(rows, layers, launch):
+    print(f"\nhost us per block (slope {layers[0]} -> {layers[1]} blocks; medians of per-round values; 'of min': the "
+          f"slope of each variant's fastest round), one thread, {launch}")
+    heads = ("model", "call", "us/block", "-ideal", "of min", "-ideal", "outside", "-ideal", "py calls", "aten", "triton")
     print(f"{heads[0]:>21} {heads[1]:>22}" + "".join(f"{h:>9}" for h in heads[2:]))
     for r in rows:
-        cells = (r["us_per_block"], r["us_per_block_minus_ideal"], r["us_outside_blocks"], r["us_outside_blocks_minus_ideal"],
+        cells = (r["us_per_block"], r["us_per_block_minus_ideal"], r["us_per_block_of_minima"],
+                 r["us_per_block_of_minima_minus_ideal"], r["us_outside_blocks"], r["us_outside_blocks_minus_ideal"],
                  r["python_calls_per_block"], r["aten_top_level_per_block"], r["triton_launches_per_block"])
         print(f"{r['model']:>21} {r['call']:>22}" + "".join(f"{c:9.1f}" for c in cells))
 
