@@ -606,11 +606,13 @@ if triton is not None:
 
     _FORWARD_PLANS: dict = {}  # (tokens, n_act, window, FORWARD_TILE values) -> _forward_plan's tiles
 
-    def _forward_plan(tokens, n_act: int, window: int) -> tuple:
+    def _forward_plan(tokens, n_act, window) -> tuple:
         """The forward's tiles ``(BT, BC, token tiles, column tiles, BS)``. Remembered per shape for
         plain ints (a dozen integer calls, but on every eager call of every block); computed anew
         for symbolic sizes (tracing)."""
-        key = (tokens, n_act, window, FORWARD_TILE["tokens"], FORWARD_TILE["columns"]) if type(tokens) is int else None
+        key = None
+        if type(tokens) is int and type(n_act) is int and type(window) is int:  # SymInts do not hash
+            key = (tokens, n_act, window, FORWARD_TILE["tokens"], FORWARD_TILE["columns"])
         plan = _FORWARD_PLANS.get(key)
         if plan is None:
             bt = _token_block(tokens, FORWARD_TILE["tokens"], window)
