@@ -39,17 +39,16 @@ def reorder_feedback_states(cache, beam_idx: torch.Tensor):
         state.copy_(state.index_select(0, beam_idx.to(state.device)))
 
 
-def _state_buffer(cache, layer_idx: int, like: torch.Tensor, length: int):
-    """The layer's persistent (batch, w-1, r) state buffer; zeros when new (before the first token).
+def state_buffer(cache, layer_idx: int, shape: tuple, dtype: torch.dtype, device: torch.device):
+    """The layer's persistent ``shape`` = (batch, w-1, r) state buffer; zeros when new (before the first token).
 
     It is allocated once and then only updated in place, so CUDA graphs (static cache + compile)
     can replay over a fixed address.
     """
     states = feedback_states(cache)
     buf = states.get(layer_idx)
-    shape = (like.shape[0], length, like.shape[2])
-    if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = like.new_zeros(shape)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+        buf = torch.zeros(shape, dtype=dtype, device=device)
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(buf)
         states[layer_idx] = buf
@@ -88,7 +87,7 @@ class FeedbackComponent(GemmComponent):
         """The decode state buffer of this layer on ``ctx.cache`` (None without a cache)."""
         if ctx.cache is None or self.window == 1:
             return None
-        return _state_buffer(ctx.cache, ctx.layer_idx, u, self.window - 1)
+        return state_buffer(ctx.cache, ctx.layer_idx, (u.shape[0], self.window - 1, u.shape[2]), u.dtype, u.device)
 
     def activate(self, u, ctx: FFNContext):
         squeeze = u.dim() == 2

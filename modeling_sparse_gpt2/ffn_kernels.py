@@ -126,8 +126,9 @@ def sparse_ffn_activation_reference(
     return torch.cat(scaled, dim=-1).to(h.dtype)
 
 
-def _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree):
-    """One-line errors for inputs that do not fit the segment widths."""
+def _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):
+    """One-line errors for inputs that do not fit the segment widths (the token mask's length is
+    checked on every call, in ``sparse_ffn_activation_unchecked``)."""
     n_seg = (m > 0) + (k > 0) + (r > 0)
     fail = "sparse_ffn_activation: "
     if h.dim() not in (2, 3) or h.shape[-1] != m + k + r + n_gates:
@@ -143,8 +144,6 @@ def _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, 
         batch = h.shape[0] if h.dim() == 3 else 1
         if tuple(fb_state.shape) != (batch, fb_kernel.shape[1] - 1, r):
             raise ValueError(f"{fail}fb_state {tuple(fb_state.shape)} must be (batch, window-1, r)")
-    if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
-        raise ValueError(f"{fail}token_mask {tuple(token_mask.shape)} is shorter than the {h.shape[-2]} tokens")
 
 
 def sparse_ffn_activation(
@@ -169,7 +168,32 @@ def sparse_ffn_activation(
     (batch, w-1, r) the decode state, updated in place (None: zeros, no update); ``token_mask``
     (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
     """
-    _check(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, degree)
+    _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree)
+    return sparse_ffn_activation_unchecked(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
+                                           n_gates=n_gates, domain=domain, degree=degree)
+
+
+def sparse_ffn_activation_unchecked(
+    h: Tensor,
+    coeffs: Tensor,
+    gates: Tensor,
+    fb_kernel: Tensor | None,
+    fb_state: Tensor | None,
+    token_mask: Tensor | None,
+    *,
+    m: int,
+    k: int,
+    r: int,
+    n_gates: int,
+    domain: float,
+    degree: int,
+) -> Tensor:
+    """``sparse_ffn_activation`` without ``_check``'s shape checks: for callers whose arguments
+    follow from a layout checked once (the FFN, per call of every block). The token mask, the
+    caller's input, is still checked (the kernels would read before its start)."""
+    if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
+        raise ValueError(f"sparse_ffn_activation: token_mask {tuple(token_mask.shape)} is shorter than the "
+                         f"{h.shape[-2]} tokens")
     if not use_kernel(h):
         return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
                                                n_gates=n_gates, domain=domain, degree=degree)
@@ -181,8 +205,9 @@ def sparse_ffn_activation(
     elif fb_state is not None and fb_kernel.shape[1] == 1:
         fb_state = None  # a window of one token keeps no state
     args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
-    leaves = (h, coeffs, gates, fb_kernel)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)
+    needs_grad = torch.is_grad_enabled() and (
+        h.requires_grad or coeffs.requires_grad or gates.requires_grad or (fb_kernel is not None and fb_kernel.requires_grad)
+    )
     direct = _plain_eager(h3)
     if fb_state is not None and not needs_grad:  # decode: the state is read and written by the kernel
         act = _forward(*args, True, direct=True) if direct else torch.ops.sparse_gpt2.ffn_activation_stateful(*args)
@@ -540,16 +565,21 @@ if triton is not None:
             _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
         return _SM_COUNTS[device]
 
-    def _launch(kernel, grid, *args, direct=False, **meta):
-        """Launch through ``wrap_triton`` (which tracing sees), or the kernel itself for a direct eager
-        call (``wrap_triton`` outside an op's backend would route it through the slow HOP dispatch);
-        under the interpreter the fake-tensor pass only allocates."""
+    def _launcher(kernel, grid, direct: bool):
+        """The launch of ``kernel`` over ``grid``, to call with its arguments: the kernel itself for a
+        direct eager call (``wrap_triton`` outside an op's backend would route it through the slow HOP
+        dispatch), else through ``wrap_triton`` (which tracing sees); under the interpreter the
+        fake-tensor pass only allocates. (Returned rather than called with the arguments: the
+        forward's ~35 arguments are then packed once per call, not twice.)"""
         if direct:
-            kernel[grid](*args, **meta)
-            return
-        if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
-            return
-        wrap_triton(kernel)[grid](*args, **meta)
+            return kernel[grid]
+
+        def launch(*args, **meta):
+            if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
+                return
+            wrap_triton(kernel)[grid](*args, **meta)
+
+        return launch
 
     def _layout(h, fb_kernel, fb_state, token_mask, m, k, r):
         """Strides and flags shared by both kernels (dummy pointers for absent tensors)."""
@@ -574,6 +604,24 @@ if triton is not None:
         block = min(preferred, _pow2(max(tokens, 1)))
         return max(block, _pow2(max(window - 1, 1)))  # the first tile holds the state
 
+    _FORWARD_PLANS: dict = {}  # (tokens, n_act, window, FORWARD_TILE values) -> _forward_plan's tiles
+
+    def _forward_plan(tokens, n_act, window) -> tuple:
+        """The forward's tiles ``(BT, BC, token tiles, column tiles, BS)``. Remembered per shape for
+        plain ints (a dozen integer calls, but on every eager call of every block); computed anew
+        for symbolic sizes (tracing)."""
+        key = None
+        if type(tokens) is int and type(n_act) is int and type(window) is int:  # SymInts do not hash
+            key = (tokens, n_act, window, FORWARD_TILE["tokens"], FORWARD_TILE["columns"])
+        plan = _FORWARD_PLANS.get(key)
+        if plan is None:
+            bt = _token_block(tokens, FORWARD_TILE["tokens"], window)
+            bc = min(FORWARD_TILE["columns"], _pow2(n_act))
+            plan = (bt, bc, _cdiv(tokens, bt), _cdiv(n_act, bc), _pow2(max(window - 1, 1)))
+            if key is not None:
+                _FORWARD_PLANS[key] = plan
+        return plan
+
     def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state,
                  direct=False):
         h = h if h.stride(-1) == 1 else h.contiguous()
@@ -583,18 +631,14 @@ if triton is not None:
         if batch * tokens == 0 or n_act == 0:
             return out
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
-        bt = _token_block(tokens, FORWARD_TILE["tokens"], lay["window"])
-        bc = min(FORWARD_TILE["columns"], _pow2(n_act))
-        n_tiles_t = _cdiv(tokens, bt)
-        grid = (batch * n_tiles_t, _cdiv(n_act, bc))
-        _launch(
-            _forward_kernel, grid,
+        bt, bc, n_tiles_t, n_tiles_c, bs = _forward_plan(tokens, n_act, lay["window"])
+        _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct)(
             h, out, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
             tokens, n_tiles_t, h.stride(0), h.stride(1), out.stride(0), out.stride(1), *lay["state_strides"],
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
             DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
             HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
-            BT=bt, BC=bc, BS=_pow2(max(lay["window"] - 1, 1)), direct=direct,
+            BT=bt, BC=bc, BS=bs,
         )
         return out
 
@@ -629,20 +673,18 @@ if triton is not None:
         strides = (h.stride(0), h.stride(1), grad.stride(0), grad.stride(1))
         flags = dict(DEGREE=degree, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0, DP=_pow2(degree + 1))
         if n_tiles > 0 and n_tiles_c > 0:
-            _launch(
-                _backward_kernel, (programs, n_tiles_c),
+            _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
                 h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
                 m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
-                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], direct=direct, **flags,
+                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
-            _launch(
-                _feedback_backward_kernel, (programs, n_tiles_f),
+            _launcher(_feedback_backward_kernel, (programs, n_tiles_f), direct)(
                 h, grad, grad_h, gates, lay["kern"], lay["state"], lay["mask"], part, row_part, *common, n_tiles_c,
                 *strides, *lay["state_strides"], *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"],
                 lay["fb_idx"], n_seg, n_part, slot0, slot_width, kern_off, batch * tokens,
                 WINDOW=window, HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], BT=bt, BC=bcf, WP=_pow2(window),
-                direct=direct, **flags,
+                **flags,
             )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)

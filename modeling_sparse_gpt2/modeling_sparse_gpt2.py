@@ -44,17 +44,28 @@ class SparseGPT2Block(GPT2Block):
 
     def forward(self, hidden_states, *args, **kwargs):
         token_mask = kwargs.pop(TOKEN_MASK_KWARG, None)
-        cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
-        if cache is None and args and not isinstance(args[0], torch.Tensor):
-            cache = args[0]  # GPT2Model passes the cache positionally
+        mlp = self.mlp
+        if not mlp.reads_context:  # no token feedback: the FFN reads x alone (no context to build per call)
+            return super().forward(hidden_states, *args, **kwargs)
+        cache = _cache_argument(args, kwargs)
         # layer_idx only matters with a cache; reading it otherwise would make compile specialise
         # (and recompile) every block on its index
-        layer_idx = self.mlp.layer_idx if cache is not None else 0
-        self.mlp.context = FFNContext(cache=cache, token_mask=token_mask, layer_idx=layer_idx)
+        layer_idx = mlp.layer_idx if cache is not None else 0
+        # a plain attribute, set as nn.Module.__setattr__ would, without its parameter / module /
+        # buffer checks (two calls per block and decode step)
+        object.__setattr__(mlp, "context", FFNContext(cache=cache, token_mask=token_mask, layer_idx=layer_idx))
         try:
             return super().forward(hidden_states, *args, **kwargs)
         finally:
-            self.mlp.context = None
+            object.__setattr__(mlp, "context", None)
+
+
+def _cache_argument(args: tuple, kwargs: dict):
+    """The ``Cache`` a block was called with (None without one): GPT2Model passes it positionally,
+    after the hidden states; other callers may name it."""
+    if args and args[0] is not None and not isinstance(args[0], torch.Tensor):
+        return args[0]
+    return next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
 
 
 class SparseGPT2PreTrainedModel(GPT2PreTrainedModel):
@@ -261,21 +272,20 @@ def sparse_ffns(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, UltraEfficientSparseFFN)]
 
 
-def _uses_feedback(config) -> bool:
-    return any("feedback" in config.layer_spec(i).components for i in range(config.n_layer))
-
-
 class SparseGPT2Model(SparseGPT2PreTrainedModel, GPT2Model):
     def __init__(self, config: SparseGPT2Config):
         super().__init__(config)
         self.h = nn.ModuleList([SparseGPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        # whether any block has the token feedback (the only reader of the padding mask), fixed by
+        # the layer specs: known here once, not resolved from the config on every forward
+        self.uses_feedback = any(block.mlp.reads_context for block in self.h)
         self.post_init()
 
     def forward(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 2:
             mask = args[2]
-        if mask is not None and mask.dim() == 2 and _uses_feedback(self.config):
+        if mask is not None and self.uses_feedback and mask.dim() == 2:
             kwargs[TOKEN_MASK_KWARG] = mask
         return super().forward(*args, **kwargs)
 
@@ -295,7 +305,7 @@ class SparseGPT2LMHeadModel(SparseGPT2PreTrainedModel, GPT2LMHeadModel):
         with a compilable (static) cache ``generate`` passes a 4-D attention mask, which the FFN cannot
         read. The slice has a fixed shape while decoding, so compiled steps (CUDA graphs) keep replaying."""
         inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
-        if attention_mask is not None and attention_mask.dim() == 2 and _uses_feedback(self.config):
+        if attention_mask is not None and self.transformer.uses_feedback and attention_mask.dim() == 2:
             current = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
             token_mask = attention_mask[:, -current.shape[1] :]
             inputs[TOKEN_MASK_KWARG] = token_mask.clone(memory_format=torch.contiguous_format)  # fixed stride

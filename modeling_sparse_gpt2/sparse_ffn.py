@@ -29,13 +29,21 @@ from torch import nn
 
 from .component_base import FFNContext, GemmComponent
 from .configuration_sparse_gpt2 import FUSED_COMPONENTS
-from .feedback import FeedbackComponent
-from .ffn_kernels import sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
+from .feedback import FeedbackComponent, state_buffer
+from .ffn_kernels import sparse_ffn_activation_unchecked  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
 from .spectral import SpectralComponent, dct_rows
 from .tensor import TensorComponent
+
+
+def _plain_no_grad(h: torch.Tensor) -> bool:
+    """No autograd, no compiler, tracing or dispatch mode, a plain tensor: where tensors derived
+    from the weights may be kept from one call to the next."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(h) is torch.Tensor
+            and not torch._C._len_torch_dispatch_stack())
+
 
 COMPONENT_CLASSES = {
     "polynomial": PolynomialComponent,
@@ -71,8 +79,18 @@ class UltraEfficientSparseFFN(nn.Module):
         self.c_proj = nn.Linear(width, spec.d)
         self.dropout = nn.Dropout(config.resid_pdrop)
         self.use_fused = True
+        # What the hot path asks on every call, fixed by the spec and read here once as plain
+        # attributes (a submodule or parameter is an nn.Module.__getattr__ call each time, and eager
+        # decode is bound by such host work):
+        self.outside_gemm = tuple(n for n in self.components if n not in self.segments)  # tensor, micro
+        self.reads_context = "feedback" in self.segments  # the one reader of the cache and the padding mask
+        self.topk_spectral = "spectral" in self.segments and spec.spectral_selection == "topk"
+        self.n_gates = len(self.segments) if self.gates.token else 0  # the op's token-gate columns of h
+        self.op_rows = width + self.n_gates  # columns of h the op reads (tensor / micro token gates follow)
+        self.state_rows = spec.feedback_window - 1 if "feedback" in self.segments else 0  # decode state: w - 1 tokens
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
-        self._coeff_cache = None  # (weight versions, masked coefficients) for no-grad eager calls
+        self.no_context = FFNContext(layer_idx=layer_idx)  # without a block's context (never mutated)
+        self._op_cache = None  # (versions of the weights, the op's parameters) for no-grad eager calls
 
     # ------------------------------------------------------------------ the components' slices
     def w_in(self, name: str) -> torch.Tensor:
@@ -101,9 +119,9 @@ class UltraEfficientSparseFFN(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, ctx: FFNContext | None = None) -> torch.Tensor:
-        ctx = ctx or self.context or FFNContext(layer_idx=self.layer_idx)
+        ctx = ctx or self.context or self.no_context
         y = self.fused_forward(x, ctx) if self.use_fused else self.reference_forward(x, ctx)
-        return self.dropout(y)
+        return self.dropout(y) if self.training else y  # dropout is the identity in eval: skip its module call
 
     def middle(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         """The stage between the GEMMs: each segment's activation times g_c (and tau_c).
@@ -113,8 +131,7 @@ class UltraEfficientSparseFFN(nn.Module):
         """
         if not self.segments:  # only tensor / micro: nothing between the (empty) GEMMs
             return h[..., :0]
-        spectral = self.components["spectral"] if "spectral" in self.components else None
-        if spectral is None or not spectral.topk:
+        if not self.topk_spectral:
             return self._middle_op(h, ctx)
         tau = self.gates.token_factors(h[..., self.gate_rows]) if self.gates.token else None
         parts = [
@@ -125,49 +142,55 @@ class UltraEfficientSparseFFN(nn.Module):
 
     def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         m, k, r = self.segment_widths
-        n_seg, n_gates = len(self.segments), len(self.segments) if self.gates.token else 0
-        poly, feedback = self.components["polynomial"] if m else None, self.components["feedback"] if r else None
         inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
-
-        def cast(t):  # a no-op cast still costs a dispatch per call: skipped (the hot path of eager decode)
-            return t if t.dtype == inner else t.to(inner)
-
-        if poly is not None:
-            coeffs, domain, degree = self._masked_coeffs(poly, inner), poly.domain, poly.degree
-        else:
-            coeffs, domain, degree = h.new_zeros(1, 1, dtype=inner), 1.0, 0
-        gates = self.gates.weight
-        gates = cast(gates if gates.shape[0] == n_seg else gates[:n_seg])  # tensor / micro gates follow
+        coeffs, gates, fb_kernel, domain, degree = self._op_parameters(inner, reuse=_plain_no_grad(h))
         state = None
-        if feedback is not None:
-            like = h[..., self.segments["feedback"]]
-            state = feedback.state(ctx, like if like.dim() == 3 else like[None])
-        if self.act_width + n_gates < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
-            h = h[..., : self.act_width + n_gates].contiguous()
-        return sparse_ffn_activation(
-            h, coeffs, gates, cast(feedback.kernel) if feedback is not None else None, state, ctx.token_mask,
-            m=m, k=k, r=r, n_gates=n_gates, domain=domain, degree=degree,
+        if self.state_rows and ctx.cache is not None:
+            batch = h.shape[0] if h.dim() == 3 else 1
+            state = state_buffer(ctx.cache, ctx.layer_idx, (batch, self.state_rows, r), h.dtype, h.device)
+        if self.op_rows < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
+            h = h[..., : self.op_rows].contiguous()
+        return sparse_ffn_activation_unchecked(
+            h, coeffs, gates, fb_kernel, state, ctx.token_mask,
+            m=m, k=k, r=r, n_gates=self.n_gates, domain=domain, degree=degree,
         )  # fmt: skip
 
-    def _masked_coeffs(self, poly, dtype: torch.dtype) -> torch.Tensor:
-        """``coeffs * coeff_mask`` as the op takes them, (1 or m, degree+1). Without autograd, in
-        eager mode, it is computed once per version of the weights (an eager decode step then
-        launches no kernel for it); with autograd or under a compiler, on every call."""
-        c, mask = poly.coeffs, poly.coeff_mask
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return (c * mask).to(dtype).view(-1, poly.degree + 1)
-        key = (c.data_ptr(), c._version, mask.data_ptr(), mask._version, dtype)
-        if self._coeff_cache is None or self._coeff_cache[0] != key:
-            self._coeff_cache = (key, (c * mask).to(dtype).view(-1, poly.degree + 1))
-        return self._coeff_cache[1]
+    def _op_parameters(self, dtype: torch.dtype, reuse: bool) -> tuple:
+        """``(coeffs, gates, fb_kernel, domain, degree)`` as the op takes them: ``coeffs * coeff_mask``
+        as (1 or m, degree+1) (zeros (1, 1) without the polynomial), the segments' scalar gates and the
+        feedback taps (or None), all in ``dtype``. With ``reuse`` (no autograd, eager, plain
+        tensors) the tensors are made once per version of the weights they come from, so an eager
+        decode step dispatches no op for them; otherwise on every call, as autograd and compilers
+        need."""
+        poly = self.components["polynomial"] if self.segment_widths[0] else None
+        feedback = self.components["feedback"] if self.segment_widths[2] else None
+        coeffs, mask = (poly.coeffs, poly.coeff_mask) if poly is not None else (None, None)
+        domain, degree = (poly.domain, poly.degree) if poly is not None else (1.0, 0)
+        sources = (self.gates.weight, coeffs, mask, feedback.kernel if feedback is not None else None)
+        if not reuse:
+            return (*self._op_tensors(dtype, degree, *sources), domain, degree)
+        key = (dtype, [(t.data_ptr(), t._version) for t in sources if t is not None])
+        if self._op_cache is None or self._op_cache[0] != key:
+            self._op_cache = (key, self._op_tensors(dtype, degree, *sources))
+        return (*self._op_cache[1], domain, degree)
+
+    def _op_tensors(self, dtype, degree, gates, coeffs, mask, fb_kernel) -> tuple:
+        """``_op_parameters``' tensors, made from the weights (a no-op cast would still cost a dispatch)."""
+        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+        n_seg = len(self.segments)
+        gates = cast(gates if gates.shape[0] == n_seg else gates[:n_seg])  # tensor / micro gates follow
+        if coeffs is None:
+            coeffs = torch.zeros(1, 1, dtype=dtype, device=gates.device)
+        else:
+            coeffs = (coeffs * mask).to(dtype).view(-1, degree + 1)
+        return coeffs, gates, None if fb_kernel is None else cast(fb_kernel)
 
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         h = self.c_fc(x)
         y = self.c_proj(self.middle(h, ctx))
-        others = [name for name in self.components if name not in self.segments]
-        if others:
+        if self.outside_gemm:
             tau = self.gates.token_factors(h[..., self.gate_rows]) if self.gates.token else None
-            for name in others:
+            for name in self.outside_gemm:
                 y = y + self.gates.factor(name, tau) * self.components[name](x)
         return y
 

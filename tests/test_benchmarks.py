@@ -195,6 +195,27 @@ def test_profile_ffn_builds_each_component_set_within_the_budget():
         assert list(ffn.components) == comps and 0.45 < info["ffn_flops_ratio"] <= 0.5
 
 
+def test_profile_host_replays_true_decode_steps_on_the_sparse_models_cuda_path():
+    """profile_host's calls: the sparse blocks take the kernels path (one stubbed Triton launch per
+    block, none in GPT-2's), and each decode call after its setup is one step at position 16 of a
+    cache holding the prompt."""
+    from benchmarks import profile_host as P
+    from modeling_sparse_gpt2 import ffn_kernels
+
+    if ffn_kernels.triton is None:
+        pytest.skip("profile_host stubs Triton's launcher")
+    with P.LaunchStub([ffn_kernels]) as stub, torch.no_grad():
+        for kind, model in P.build(2, torch.float32).items():
+            calls = P.calls_of(model)
+            assert list(calls) == list(P.CALLS)
+            for name, (setup, step) in calls.items():
+                assert P.dispatched_ops(setup, step, stub)["triton"] == (2 if kind.startswith("sparse") else 0), (kind, name)
+                if name != "prefill":
+                    setup()
+                    step()
+                    assert step.cache.get_seq_length() == P.PROMPT + 1, (kind, name)
+
+
 # ---------------------------------------------------------------------------- the long benchmarks (slow)
 def run_module(module, *args, timeout=900):
     res = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=ENV, capture_output=True,

@@ -2,7 +2,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from modeling_sparse_gpt2.component_base import FFNContext
 from modeling_sparse_gpt2.polynomial import chebyshev_activation, chebyshev_fit, gelu_new
 from modeling_sparse_gpt2.spectral import dct_rows
 from modeling_sparse_gpt2.micro import MicroComponent
@@ -119,6 +121,45 @@ def test_every_component_contributes_to_the_output():
         assert not torch.allclose(ffn(x), base), name
         with torch.no_grad():
             ffn.gates.weight[i].copy_(saved)
+
+
+def test_no_grad_calls_reuse_the_op_parameters_until_a_weight_they_come_from_changes():
+    """Eager no-grad calls keep the op's parameters (masked coefficients, gates, feedback taps in the
+    op's dtype) from one call to the next; every in-place change or replacement of a weight they
+    come from is seen, so the output equals a call that builds them anew (with autograd)."""
+    model = tiny_model(sparse_components=["polynomial", "spectral", "feedback", "tensor"])  # gates beyond the op's
+    ffn = model.transformer.h[0].mlp
+    poly, feedback = ffn.components["polynomial"], ffn.components["feedback"]
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ffn(x)
+        kept = ffn._op_cache
+        ffn(x)
+        assert ffn._op_cache is kept  # reused while nothing changed
+    changes = {
+        "coeffs in place": lambda: poly.coeffs.mul_(1.5),
+        "coeff_mask in place": lambda: poly.coeff_mask[1].zero_(),
+        "gates in place": lambda: ffn.gates.weight[2].mul_(0.5),
+        "feedback taps in place": lambda: feedback.kernel.add_(0.5),
+        "coeffs replaced": lambda: setattr(poly, "coeffs", nn.Parameter(poly.coeffs * 0.5)),
+        "gates loaded": lambda: ffn.gates.load_state_dict({"weight": ffn.gates.weight * 0.5}),
+    }
+    for what, change in changes.items():
+        with torch.no_grad():
+            before = ffn(x)
+            change()
+            after = ffn(x)
+        fresh = ffn(x)  # autograd on: nothing is reused
+        assert not torch.allclose(after, before), what
+        torch.testing.assert_close(after, fresh, atol=0, rtol=0, msg=what)
+
+
+def test_a_token_mask_shorter_than_the_tokens_is_an_error():
+    """The FFN's op call skips the layout checks, not the check of the mask it is given (the
+    kernels would read before its start)."""
+    ffn = tiny_model(sparse_components=["polynomial", "feedback"]).transformer.h[0].mlp
+    with pytest.raises(ValueError, match="shorter than the 5 tokens"):
+        ffn(torch.randn(2, 5, 32), FFNContext(token_mask=torch.ones(2, 4)))
 
 
 def test_feedback_is_causal():

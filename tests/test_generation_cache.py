@@ -111,6 +111,21 @@ def test_static_cache_token_mask_reaches_the_feedback_on_the_tiny_config():
     assert_rows_equal_alone(model, prompts, batch, mask, cache_implementation="static")
 
 
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_the_padding_mask_reaches_a_feedback_that_only_a_later_layer_has(cache_implementation):
+    """The model decides once whether any block has the token feedback; per-layer components with
+    the feedback in the last block only still pass it the padding mask. (Its window of 5 reaches
+    from the last prompt position back into the padding: without the mask the padding leaks into
+    the first generated token.)"""
+    config = tiny_config(n_layer=2, sparse_components=[["polynomial", "spectral"], ["polynomial", "feedback"]],
+                         feedback_window=5)
+    model = build(config, seed=0)
+    prompts = [torch.tensor([5, 17, 3]), torch.tensor([8, 2, 44, 61, 9, 12])]
+    batch = torch.tensor([[70, 70, 70, 5, 17, 3], [8, 2, 44, 61, 9, 12]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert_rows_equal_alone(model, prompts, batch, mask, cache_implementation=cache_implementation)
+
+
 def compiled_static_generation(backend, mode=None):
     config = CompileConfig(backend=backend, mode=mode, fullgraph=False)
     config._compile_all_devices = True  # generate compiles on CUDA only unless told otherwise

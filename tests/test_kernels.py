@@ -100,6 +100,20 @@ CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padd
 }
 
 
+@pytest.mark.skipif(fk.triton is None, reason="the forward's tiles are chosen only with triton")
+def test_remembered_forward_tiles_follow_the_tile_settings(monkeypatch):
+    """``_forward_plan`` remembers the tiles of each shape; changed FORWARD_TILE settings (4 x 8
+    here, from the fixture) give new ones, and the old ones come back with the old settings."""
+    assert fk._forward_plan(40, 50, 4) == (4, 8, 10, 7, 4)  # BT, BC, token tiles, column tiles, BS
+    monkeypatch.setitem(fk.FORWARD_TILE, "tokens", 16)
+    monkeypatch.setitem(fk.FORWARD_TILE, "columns", 64)
+    assert fk._forward_plan(40, 50, 4) == (16, 64, 3, 1, 4)
+    assert fk._forward_plan(1, 50, 4) == (4, 64, 1, 1, 4)  # one token: the first tile still holds the state
+    monkeypatch.setitem(fk.FORWARD_TILE, "tokens", 4)
+    monkeypatch.setitem(fk.FORWARD_TILE, "columns", 8)
+    assert fk._forward_plan(40, 50, 4) == (4, 8, 10, 7, 4)
+
+
 @kernel_case
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_forward_backward_match_reference(case):
