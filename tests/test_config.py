@@ -131,7 +131,7 @@ def _other_valid_value(knob):
 
 
 def test_conversion_arguments_are_the_knobs_with_the_stated_defaults_and_reach_the_config():
-    own = {"ffn_flops_ratio", "neuron_selection", "budget_mode", "ridge", "calibration_batch_size"}
+    own = {"ffn_flops_ratio", "neuron_selection", "budget_mode", "poly_domain_rule", "ridge", "calibration_batch_size"}
     knobs = [k for k in SPARSE_KNOBS if k.name not in FITTED_KNOBS]
     assert {f.name for f in fields(ConversionArguments)} == own | {k.name for k in knobs}
     defaults = ConversionArguments()

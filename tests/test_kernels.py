@@ -101,6 +101,7 @@ CASES = {  # (batch, tokens, m, k, r, token gates, per-neuron coefficients, padd
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the forward's tiles are chosen only with triton")
+@pytest.mark.usefixtures("small_tiles")
 def test_remembered_forward_tiles_follow_the_tile_settings(monkeypatch):
     """``_forward_plan`` remembers the tiles of each shape; changed FORWARD_TILE settings (4 x 8
     here, from the fixture) give new ones, and the old ones come back with the old settings."""
