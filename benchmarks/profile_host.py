@@ -122,7 +122,11 @@ def load_baseline(rev: str):
     package = types.ModuleType(name)
     package.__path__ = [str(root / "modeling_sparse_gpt2")]
     sys.modules[name] = package
-    return importlib.import_module(f"{name}.modeling_sparse_gpt2"), importlib.import_module(f"{name}.ffn_kernels"), commit
+    modeling = importlib.import_module(f"{name}.modeling_sparse_gpt2")
+    # as the package's __init__ does (and transformers for remote code): generate's input preparation
+    # asks is_remote_code() on every step and then inspects the forward's signature
+    modeling.SparseGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")
+    return modeling, importlib.import_module(f"{name}.ffn_kernels"), commit
 
 
 def build(n_layer: int, dtype, baseline=None, device="cpu") -> dict:

@@ -88,6 +88,11 @@ class UltraEfficientSparseFFN(nn.Module):
         self.n_gates = len(self.segments) if self.gates.token else 0  # the op's token-gate columns of h
         self.op_rows = width + self.n_gates  # columns of h the op reads (tensor / micro token gates follow)
         self.state_rows = spec.feedback_window - 1 if "feedback" in self.segments else 0  # decode state: w - 1 tokens
+        # the modules whose tensors the op takes (gates, polynomial, feedback), in a plain tuple: a call
+        # reaches them without four nn.Module.__getattr__ lookups (~1 us each; their tensors are still
+        # read on every call, as loading may replace them)
+        self._op_owners = (self.gates,) + tuple(self.components[n] if n in self.segments else None
+                                                for n in ("polynomial", "feedback"))
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
         self.no_context = FFNContext(layer_idx=layer_idx)  # without a block's context (never mutated)
         self._op_cache = None  # (versions of the weights, the op's parameters) for no-grad eager calls
@@ -162,11 +167,10 @@ class UltraEfficientSparseFFN(nn.Module):
         tensors) the tensors are made once per version of the weights they come from, so an eager
         decode step dispatches no op for them; otherwise on every call, as autograd and compilers
         need."""
-        poly = self.components["polynomial"] if self.segment_widths[0] else None
-        feedback = self.components["feedback"] if self.segment_widths[2] else None
+        gates, poly, feedback = self._op_owners
         coeffs, mask = (poly.coeffs, poly.coeff_mask) if poly is not None else (None, None)
         domain, degree = (poly.domain, poly.degree) if poly is not None else (1.0, 0)
-        sources = (self.gates.weight, coeffs, mask, feedback.kernel if feedback is not None else None)
+        sources = (gates.weight, coeffs, mask, feedback.kernel if feedback is not None else None)
         if not reuse:
             return (*self._op_tensors(dtype, degree, *sources), domain, degree)
         key = (dtype, [(t.data_ptr(), t._version) for t in sources if t is not None])

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -152,6 +153,12 @@ def test_no_grad_calls_reuse_the_op_parameters_until_a_weight_they_come_from_cha
         fresh = ffn(x)  # autograd on: nothing is reused
         assert not torch.allclose(after, before), what
         torch.testing.assert_close(after, fresh, atol=0, rtol=0, msg=what)
+    twin = copy.deepcopy(ffn)  # as harness.inference_copy serves a model: the copy reads its own weights
+    with torch.no_grad():
+        before = ffn(x)
+        twin.components["polynomial"].coeffs.mul_(2)
+        torch.testing.assert_close(ffn(x), before, atol=0, rtol=0)
+        assert not torch.allclose(twin(x), before)
 
 
 def test_a_token_mask_shorter_than_the_tokens_is_an_error():
