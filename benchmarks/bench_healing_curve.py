@@ -31,6 +31,12 @@ at a higher learning rate than a run of that length would use). The from-scratch
 ``--measure_loss`` instead measures healing tokens/s and peak memory per loss implementation (plain
 full logits against the fused ones) at the GPT-2 small shape and the 512-wide reference shape.
 ``--smoke``: a tiny random model and token stream on the CPU (seconds).
+
+Rows can heal in parallel, one process per GPU (or several on one GPU: at the reference's size one
+row does not fill an H200), each with its own --out_dir started from a copy of the curve's JSON and
+its own --methods; ``--merge DIR,DIR`` then takes into --out_dir, per row, the most advanced version
+found (done before running, then the furthest milestone), refusing folders healed from another
+reference. ``--processes_per_gpu N`` records in the rows it runs that their tokens/s was a share.
 """
 
 import argparse
@@ -254,6 +260,8 @@ def run_row(row, dense, calib, train_windows, evaluate, args, save_json, deadlin
     callback = MilestoneCallback(row, milestones, evaluate, save_json, deadline, tokens_per_step)
     trainer.add_callback(callback)
     row.update(status="running", loss_impl=trainer.loss_impl)
+    if args.processes_per_gpu > 1:  # its tokens/s is then a share of the GPU, not a speed figure
+        row["processes_per_gpu"] = args.processes_per_gpu
     resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     trainer.train(resume_from_checkpoint=resume)
     row.setdefault("segments", []).append([callback.start_step, trainer.state.global_step])  # steps run by each call
@@ -341,6 +349,41 @@ def write_report(result, out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "healing_curve.png"), dpi=120)
     plt.close(fig)
+
+
+def progress(row) -> tuple:
+    """How far a row got: finished first, then its furthest milestone, then the number of calls that ran it."""
+    return (row.get("status") == "done", max((p["step"] for p in row.get("curve", [])), default=-1), len(row.get("segments", [])))
+
+
+def merge(out_dir: str, dirs: list) -> dict:
+    """Rows healed in other folders (parallel processes) into out_dir's curve: per key the most advanced row."""
+    path = os.path.join(out_dir, "healing_curve.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--out_dir: no healing_curve.json in {out_dir} to merge into")
+    with open(path) as f:
+        result = json.load(f)
+    rows = {r["key"]: r for r in result["rows"]}
+    for d in dirs:
+        other_path = os.path.join(d, "healing_curve.json")
+        if not os.path.isfile(other_path):
+            raise SystemExit(f"--merge: no healing_curve.json in {d}")
+        with open(other_path) as f:
+            other = json.load(f)
+        drift = other["dense"]["perplexity"] / result["dense"]["perplexity"] - 1
+        if abs(drift) > REFERENCE_TOLERANCE:
+            raise SystemExit(f"--merge: {other_path} healed from a reference {100 * drift:+.2f}% away from {path}'s")
+        for row in other["rows"]:
+            if row["key"] not in rows or progress(row) > progress(rows[row["key"]]):
+                rows[row["key"]] = row
+        seen = {(r["date"], r["perplexity"]) for r in result.get("references", [])}
+        result.setdefault("references", []).extend(r for r in other.get("references", []) if (r["date"], r["perplexity"]) not in seen)
+    order = {f"{m}@{r}": i for i, (r, m) in enumerate(PLAN)}
+    result["rows"] = sorted(rows.values(), key=lambda r: order.get(r["key"], len(order)))
+    result.setdefault("merged_from", []).extend(os.path.abspath(d) for d in dirs)
+    write_json(path, result)
+    write_report(result, out_dir)
+    return result
 
 
 # --- healing tokens/s and peak memory per loss implementation ----------------------------------------------------
@@ -438,6 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--measure_warmup_steps", type=int, default=5)
     p.add_argument("--measure_steps", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny random model and tokens on the CPU")
+    p.add_argument("--merge", default=None, help="comma list of other --out_dir folders whose rows to take into --out_dir")
+    p.add_argument("--processes_per_gpu", type=int, default=1, help="other curve processes sharing this GPU (recorded in the rows)")
     args = p.parse_args(argv)
     if args.smoke and args.tokens == p.get_default("tokens"):
         args.tokens = "64,128,256"
@@ -450,7 +495,9 @@ def parse_args(argv=None):
     unknown = set(filter(None, args.methods.split(","))) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)} (known: {', '.join(METHODS)})")
-    if not args.smoke and not args.measure_loss and not (args.train_tokens and args.validation_tokens):
+    if args.processes_per_gpu < 1:
+        p.error("--processes_per_gpu: give 1 or more")
+    if not args.smoke and not args.measure_loss and not args.merge and not (args.train_tokens and args.validation_tokens):
         p.error("--train_tokens and --validation_tokens are needed (or --smoke)")
     return args
 
@@ -460,6 +507,8 @@ def main(argv=None):
     t_start = time.time()
     deadline = t_start + args.budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.merge:
+        return merge(args.out_dir, [d for d in args.merge.split(",") if d])
     os.makedirs(args.out_dir, exist_ok=True)
     if args.measure_loss:
         return measure_loss(args, device)

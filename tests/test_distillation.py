@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -297,6 +298,32 @@ def test_healing_curve_refuses_a_reference_other_than_the_stored_rows_and_rename
     path.write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="--dense_model.*differs by"):
         bench.main(flags)
+
+
+def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thread):
+    """Rows healed by separate processes (each in a copy of the curve's folder) come together in --out_dir:
+    each row as far as it got anywhere, and a folder healed from another reference is refused."""
+    bench = _bench("bench_healing_curve")
+    flags = ["--smoke", "--ratios", "0.4", "--tokens", "64,128", "--calibration_samples", "10", "--max_eval_tokens", "256"]
+    main, a, b = (tmp_path / n for n in ("main", "a", "b"))
+    bench.main(flags + ["--methods", "prune_ls", "--out_dir", str(main), "--budget_s", "0"])  # stopped after one step
+    for d in (a, b):
+        d.mkdir()
+        shutil.copy(main / "healing_curve.json", d)
+    bench.main(flags + ["--methods", "prune_ls", "--out_dir", str(a), "--processes_per_gpu", "2"])
+    bench.main(flags + ["--methods", "sparse_gpt2_poly", "--out_dir", str(b), "--processes_per_gpu", "2"])
+    merged = bench.main(["--merge", f"{a},{b}", "--out_dir", str(main)])
+    rows = {r["key"]: r for r in merged["rows"]}
+    assert [r["key"] for r in merged["rows"]] == ["sparse_gpt2_poly@0.4", "prune_ls@0.4"]  # the PLAN's order
+    assert rows["prune_ls@0.4"]["status"] == rows["sparse_gpt2_poly@0.4"]["status"] == "done"
+    assert rows["prune_ls@0.4"]["processes_per_gpu"] == 2 and len(merged["references"]) == 3
+    assert json.loads((main / "healing_curve.json").read_text())["rows"] == merged["rows"]
+    assert "| 0.4 | sparse_gpt2_poly (default) | done |" in (main / "healing_curve.md").read_text()
+    stored = json.loads((b / "healing_curve.json").read_text())
+    stored["dense"]["perplexity"] *= 1.02
+    (b / "healing_curve.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="--merge.*reference"):
+        bench.main(["--merge", str(b), "--out_dir", str(main)])
 
 
 def test_healing_curve_bad_flags():
