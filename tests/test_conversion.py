@@ -213,20 +213,23 @@ def test_perplexity_rises_monotonically_as_the_budget_shrinks(trained):
     assert ppl[1] < 1.5 * ppl[0], ppl  # a generous budget stays close to dense
 
 
-def test_fit_domain_rule_picks_the_domain_where_the_series_reproduces_gelu_best():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_fit_domain_rule_picks_the_domain_where_the_series_reproduces_gelu_best(device):
     """--poly_domain_rule fit: on wide pre-activations (as a trained model's are) the quantile rule puts s at
-    6-8, where a degree-8 series is percents off GELU; the fit rule's s is the grid's best and beats it."""
+    6-8, where a degree-8 series is percents off GELU; the fit rule's s is the grid's best and beats it.
+    With the model on a GPU too (the calibration's pre-activations stay on the CPU): the healing curve's
+    fit-domain row once failed there on a device mismatch."""
     from modeling_sparse_gpt2.polynomial import chebyshev_activation_autograd, gelu_new
     from modeling_sparse_gpt2.tooling.conversion import DOMAIN_GRID, choose_domain
 
-    ffn = SparseGPT2LMHeadModel(sparse_config_for_budget(tiny_dense().config, ConversionArguments(sparse_components=["polynomial"]))).transformer.h[0].mlp
+    ffn = SparseGPT2LMHeadModel(sparse_config_for_budget(tiny_dense().config, ConversionArguments(sparse_components=["polynomial"]))).transformer.h[0].mlp.to(device)
     poly = ffn.components["polynomial"]
     h = torch.randn(100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2.5 - 1.0
 
     def error(domain):
         poly.domain = domain
         poly.fit_activation(samples=h)
-        a = chebyshev_activation_autograd(h, poly.coeffs.detach().view(-1, poly.degree + 1)[0].double(), poly.coeff_mask.double(), domain, poly.degree)
+        a = chebyshev_activation_autograd(h, poly.coeffs.detach().view(-1, poly.degree + 1)[0].cpu().double(), poly.coeff_mask.cpu().double(), domain, poly.degree)
         return float((a - gelu_new(h)).norm() / gelu_new(h).norm())
 
     quantile, fit = choose_domain(poly, h, "quantile"), choose_domain(poly, h, "fit")

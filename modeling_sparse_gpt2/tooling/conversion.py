@@ -354,7 +354,9 @@ def choose_domain(poly, h: torch.Tensor, rule: str) -> float:
     def error(domain: float) -> float:
         poly.domain = domain
         poly.fit_activation(samples=sample)
-        c, mask = poly.coeffs.detach().view(-1, poly.degree + 1)[0].double(), poly.coeff_mask.double()  # per neuron: all start equal
+        # on h's device (the CPU): the model, and so the fitted coefficients, may be on a GPU
+        c = poly.coeffs.detach().view(-1, poly.degree + 1)[0].to(sample)  # per neuron: all start equal
+        mask = poly.coeff_mask.to(sample)
         a = chebyshev_activation_autograd(sample, c, mask, domain, poly.degree)
         return float((a - target).norm() / target.norm())
 
