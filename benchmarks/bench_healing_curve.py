@@ -226,11 +226,13 @@ class MilestoneCallback(TrainerCallback):
         return control
 
 
-def run_row(row, dense, calib, train_windows, evaluate, args, save_json, deadline) -> bool:
+def run_row(row, dense, dense_ppl, calib, train_windows, evaluate, args, save_json, deadline) -> bool:
     """Advance one row as far as the deadline allows; True when it reached its last milestone."""
     run_dir = os.path.join(args.out_dir, "runs", row["key"])
     initial = os.path.join(run_dir, "initial")
     if not os.path.isfile(os.path.join(initial, "config.json")):
+        # built (again: a later sitting has not this one's checkpoints) from this call's reference
+        row["dense_ppl"] = dense_ppl
         t = time.time()
         model, row["build"] = build(row["method"], row["ratio"], dense, calib, args.seed)
         row["build_s"] = round(time.time() - t, 1)
@@ -575,7 +577,7 @@ def main(argv=None):
             break
         try:
             advanced = True
-            run_row(row, dense, calib, train_windows, evaluate, args, save_json, deadline)
+            run_row(row, dense, dense_ppl, calib, train_windows, evaluate, args, save_json, deadline)
         except Exception as err:  # recorded; the other rows go on
             row.update(status="error", note=repr(err)[:1000])
             if args.smoke:

@@ -300,6 +300,25 @@ def test_healing_curve_refuses_a_reference_other_than_the_stored_rows_and_rename
         bench.main(flags)
 
 
+def test_healing_curve_row_restarted_without_its_checkpoints_records_the_reference_it_heals_from(tmp_path, one_thread):
+    """A later sitting retrains the reference (within the tolerance) and has not the earlier one's checkpoints:
+    an unfinished row starts again from its build, and its dense_ppl is then the new reference's."""
+    bench = _bench("bench_healing_curve")
+    flags = ["--smoke", "--methods", "prune_ls", "--ratios", "0.4", "--tokens", "64,128", "--calibration_samples", "10",
+             "--max_eval_tokens", "256", "--out_dir", str(tmp_path)]
+    bench.main(flags + ["--budget_s", "0"])  # stopped after its first step
+    path = tmp_path / "healing_curve.json"
+    stored = json.loads(path.read_text())
+    stored["dense"]["perplexity"] *= 1.003  # the earlier sitting's reference
+    stored["rows"][0]["dense_ppl"] *= 1.003
+    path.write_text(json.dumps(stored))
+    shutil.rmtree(tmp_path / "runs")
+    again = bench.main(flags)
+    (row,) = again["rows"]
+    assert row["status"] == "done" and row["segments"] == [[0, 1], [0, 2]]
+    assert row["dense_ppl"] == again["references"][-1]["perplexity"] != stored["rows"][0]["dense_ppl"]
+
+
 def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thread):
     """Rows healed by separate processes (each in a copy of the curve's folder) come together in --out_dir:
     each row as far as it got anywhere, and a folder healed from another reference is refused."""
