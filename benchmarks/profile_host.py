@@ -4,6 +4,7 @@
     python -m benchmarks.profile_host --baseline-rev main     # + the sparse rows of the code at main, interleaved
     python -m benchmarks.profile_host --smoke                 # a check of this script (seconds)
     python -m benchmarks.profile_host --device cuda --baseline-rev main --output docs/benchmarks/results/host_cost_h200.json
+    python -m benchmarks.profile_host --device cuda --compile --output docs/benchmarks/results/host_cost_compiled_h200.json
 
 Eager prefill and ``generate`` of GPT-2 small on a GPU wait on the host: the sparse model's kernels
 take less GPU time than the ideal's, but its blocks take longer to dispatch. This measures that
@@ -42,6 +43,10 @@ Beside the times, two counts that have no noise: the Python (and builtin) functi
 ``aten::`` ops, every ``aten::`` op, the stubbed Triton launches), with the top-level ops the sparse
 blocks dispatch beyond the ideal's. ``cProfile`` of the sparse decode step lists each function's
 own time per call.
+
+``--compile`` (GPU only) times the same calls with each block under ``torch.compile`` (regional, as
+``bench_e2e``'s compiled rows), for the host work of compiled blocks; a ``cProfile`` of the default
+(polynomial-only) prefill is listed as well.
 
 ``--baseline-rev REV`` adds the sparse models built from the package's remote-code files at git
 revision REV (``git archive``), imported under another package name, so one command compares the
@@ -279,7 +284,11 @@ def parse_args(argv=None):
     p.add_argument("--baseline-rev", default=None, help="also the sparse models of the package at this git revision")
     p.add_argument("--profile-calls", type=int, default=50, help="calls under cProfile (the sparse_psf decode step)")
     p.add_argument("--smoke", action="store_true", help="a check of this script: 1 and 2 blocks, 2 rounds of 2 calls")
+    p.add_argument("--compile", action="store_true",
+                   help="each block under torch.compile (regional, as bench_e2e's compiled rows); --device cuda only")
     args = p.parse_args(argv)
+    if args.compile and not args.device.startswith("cuda"):
+        p.error("--compile: needs --device cuda (the compiled blocks launch the kernels themselves: nothing to stub)")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.smoke:
         args.layers, args.rounds, args.calls, args.profile_calls = "1,2", 2, 2, 2
@@ -351,7 +360,7 @@ def main(argv=None):
     env = H.environment(args.device)
     H.warn_if_dirty(env)
     launch = "real launches (Triton and CUDA), a synchronize before each call" if gpu else "triton launcher stubbed (run is a no-op)"
-    settings = dict(device=args.device, shape=SHAPE, prompt=PROMPT, layers=layers, dtype=args.dtype, rounds=args.rounds,
+    settings = dict(device=args.device, compile=args.compile, shape=SHAPE, prompt=PROMPT, layers=layers, dtype=args.dtype, rounds=args.rounds,
                     calls=args.calls, threads=1, ffn_flops_ratio=0.4, launch=launch,
                     clock="time.thread_time_ns (CPU time of the calling thread)",
                     baseline=dict(rev=args.baseline_rev, commit=baseline[2]) if baseline else None)
@@ -360,6 +369,11 @@ def main(argv=None):
     sync = torch.cuda.synchronize if gpu else None
     with stub, torch.no_grad():
         models = {n: build(n, H.DTYPES[args.dtype], baseline, args.device) for n in layers}
+        if args.compile:  # compiled on the first (warm-up) call of each variant
+            H.reset_compiler()
+            for model in (m for by_kind in models.values() for m in by_kind.values()):
+                for block in model.transformer.h:
+                    block.compile()
         kinds = list(models[layers[0]])
         result["models"] = {k: dict(inner=inner_width(m), components=getattr(m.config, "sparse_components", None))
                             for k, m in models[layers[0]].items()}
@@ -379,11 +393,15 @@ def main(argv=None):
         decode = variants[("sparse_psf", layers[1], "decode_dynamic")]
         result["cprofile_sparse_psf_decode_dynamic"] = dict(
             layers=layers[1], calls=args.profile_calls, functions=profile_functions(*decode, args.profile_calls, 40))
+        prefill = variants[("sparse_poly", layers[1], "prefill")]  # the default's: where compiled prefill loses
+        result["cprofile_sparse_poly_prefill"] = dict(
+            layers=layers[1], calls=args.profile_calls, functions=profile_functions(*prefill, args.profile_calls, 40))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print_table(result["rows"], layers, launch)
-    print(f"\ncProfile, sparse_psf decode_dynamic at {layers[1]} blocks: own us per call")
-    for f in result["cprofile_sparse_psf_decode_dynamic"]["functions"][:25]:
-        print(f"  {f['own_us']:8.1f}  x{f['calls']:<5g} {f['function']}")
+    for key in ("cprofile_sparse_psf_decode_dynamic", "cprofile_sparse_poly_prefill"):
+        print(f"\ncProfile, {key[9:]} at {layers[1]} blocks: own us per call")
+        for f in result[key]["functions"][:25]:
+            print(f"  {f['own_us']:8.1f}  x{f['calls']:<5g} {f['function']}")
     if args.output:
         H.write_json_atomic(args.output, result)
         print(f"wrote {args.output}")

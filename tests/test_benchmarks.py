@@ -216,6 +216,15 @@ def test_profile_host_replays_true_decode_steps_on_the_sparse_models_cuda_path()
                     assert step.cache.get_seq_length() == P.PROMPT + 1, (kind, name)
 
 
+def test_profile_host_compile_needs_a_gpu():
+    """--compile times compiled blocks' real launches; on the CPU (launcher stubbed) there is nothing to time."""
+    from benchmarks import profile_host as P
+
+    with pytest.raises(SystemExit):
+        P.parse_args(["--compile"])
+    assert P.parse_args(["--compile", "--device", "cuda"]).compile
+
+
 # ---------------------------------------------------------------------------- the long benchmarks (slow)
 def run_module(module, *args, timeout=900):
     res = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=ENV, capture_output=True,
