@@ -254,7 +254,7 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-HEALING_SMOKE = ["--smoke", "--methods", "prune_ls,sparse_gpt2_per_neuron", "--ratios", "0.4", "--tokens", "64,128",
+HEALING_SMOKE = ["--smoke", "--methods", "prune_ls,sparse_gpt2_fit_per_neuron", "--ratios", "0.4", "--tokens", "64,128",
                  "--calibration_samples", "10", "--max_eval_tokens", "256"]
 
 
@@ -272,8 +272,9 @@ def test_healing_curve_smoke_resumes_to_the_same_curve(tmp_path, one_thread):
     assert rows["prune_ls"]["segments"] == [[0, 1], [1, 2]] and whole["rows"][0]["segments"] == [[0, 2]]
     for a, b in zip(curve, whole["rows"][0]["curve"]):
         assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
-    assert rows["sparse_gpt2_per_neuron"]["status"] == "done"
-    assert rows["sparse_gpt2_per_neuron"]["build"]["poly_coefficients"] == "per_neuron"
+    built = rows["sparse_gpt2_fit_per_neuron"]
+    assert built["status"] == "done" and built["build"]["poly_coefficients"] == "per_neuron"
+    assert built["build"]["poly_domain_rule"] == "fit"
     on_disk = json.loads((tmp_path / "split" / "healing_curve.json").read_text())
     assert on_disk["rows"][0]["curve"] == curve and "dense" in on_disk and "environment" in on_disk
     assert "| 0.4 | prune_ls | done |" in (tmp_path / "split" / "healing_curve.md").read_text()
