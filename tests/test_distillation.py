@@ -387,6 +387,23 @@ def test_measure_loss_smoke_reports_each_impl(tmp_path, one_thread):
     assert json.loads((tmp_path / "loss_speed.json").read_text())["rows"] == result["rows"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prune_neurons_takes_a_half_precision_model_as_the_conversion_does(dtype, one_thread):
+    """The narrow GELU MLP that leads the healing curve at 0.4 is what a user builds from a checkpoint as
+    loaded (the embedded GPT-2 is stored in fp16): pruning it must work, in fp32, and match the fp32 result."""
+    from modeling_sparse_gpt2.tooling import baselines
+
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)).eval()
+    calib = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    reference = baselines.prune_neurons(dense, calib, 0.25, refit=True, selection="obs")
+    half = baselines.prune_neurons(dense.to(dtype), calib, 0.25, refit=True, selection="obs")
+    assert half.dtype == torch.float32 and half.config.n_inner == reference.config.n_inner
+    with torch.no_grad():
+        a, b = reference(calib).logits, half(calib).logits
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 0.05 * a.abs().max()
+
+
 def test_prune_with_obs_selection_fits_the_first_mlp_better(one_thread):
     """The healing curve's prune_obs_ls row: the conversion's OBS rule picks the neurons, the LS refit follows;
     on the calibration tokens its first MLP reproduces the dense one better than importance selection does."""

@@ -37,24 +37,25 @@ def _inner(config):
 @torch.no_grad()
 def prune_neurons(dense: GPT2LMHeadModel, calibration_ids: torch.Tensor, ffn_flops_ratio: float, refit: bool,
                   ridge: float = 1e-3, batch_size: int = 8, selection: str = "importance") -> GPT2LMHeadModel:
-    """``selection``: importance, or obs (the conversion's least-squares-aware rule) to isolate what the components add."""
+    """``selection``: importance, or obs (the conversion's least-squares-aware rule) to isolate what the components add.
+    The narrow model is built in fp32 whatever ``dense``'s dtype, as the conversion builds the sparse one."""
     if selection not in ("importance", "obs"):
         raise ValueError(f"selection must be 'importance' or 'obs', got {selection!r}")
     dense = dense.eval()
     f = _inner(dense.config)
     m = max(1, int(ffn_flops_ratio * f))
     config = GPT2Config(**{**dense.config.to_dict(), "n_inner": m})
-    pruned = GPT2LMHeadModel(config).to(dense.device).eval()
+    pruned = GPT2LMHeadModel(config).to(device=dense.device, dtype=torch.float32).eval()
     pruned.load_state_dict({k: v for k, v in dense.state_dict().items() if ".mlp." not in k}, strict=False)
     batches = _block_inputs(dense, calibration_ids, batch_size)
-    hidden = [h for h, _, _ in batches]
+    hidden = [h.float() for h, _, _ in batches]  # the narrow model's hidden states, in its fp32
     for dense_block, block in zip(dense.transformer.h, pruned.transformer.h):
         xs, ys, resid = [], [], []
         for h, (_, a, kw) in zip(hidden, batches):
-            out, x, y = _run_block_capturing_mlp(dense_block, h, a, kw)
-            xs.append(x)
-            ys.append(y)
-            resid.append(out - y)
+            out, x, y = _run_block_capturing_mlp(dense_block, h.to(dense.dtype), a, kw)
+            xs.append(x.float())
+            ys.append(y.float())
+            resid.append(out.float() - y.float())
         if selection == "obs":
             neurons = select_neurons_obs(dense_block.mlp, xs, ys, m, ridge)
         else:
