@@ -13,23 +13,21 @@ narrow GELU MLP with the same neuron selection (docs/benchmarks.md §2.3) differ
 """
 
 import argparse
-import json
-import os
 import platform
 import time
 
 import torch
 
-from modeling_sparse_gpt2.polynomial import chebyshev_activation_autograd, chebyshev_fit, gelu_new
+from modeling_sparse_gpt2.polynomial import chebyshev_fit, gelu_fit_error, gelu_new
+
+from . import harness as H
 
 
 def relative_error(degree: int, domain: float, sigma: float, n: int, seed: int) -> float:
     h = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * sigma - sigma / 2
     active = [0, 1] + list(range(2, degree + 1, 2))  # GELU = T_1 + even terms: the odd ones vanish
     c = chebyshev_fit(gelu_new, degree, domain, samples=h, active=active)
-    a = chebyshev_activation_autograd(h, c, torch.ones_like(c), domain, degree)
-    g = gelu_new(h)
-    return ((a - g).norm() / g.norm()).item()
+    return gelu_fit_error(h, c, torch.ones_like(c), domain, degree)
 
 
 def main(argv=None):
@@ -56,10 +54,7 @@ def main(argv=None):
     if args.output:
         result = {"benchmark": "chebyshev_fit_error", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "python": platform.python_version(), "torch": torch.__version__, "settings": vars(args), "rows": rows}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(args.output + ".tmp", args.output)
+        H.write_json_atomic(args.output, result)
     return rows
 
 

@@ -89,6 +89,14 @@ def chebyshev_activation_autograd(h, coeffs, mask, domain: float, degree: int):
     return out + F.relu(h - domain)
 
 
+def gelu_fit_error(h: torch.Tensor, coeffs, mask, domain: float, degree: int) -> float:
+    """Relative RMS error ||a - gelu(h)|| / ||gelu(h)|| of the series (``chebyshev_activation_autograd``)
+    on the pre-activations ``h``, in their dtype and on their device."""
+    target = gelu_new(h)
+    a = chebyshev_activation_autograd(h, coeffs.to(h), mask.to(h), domain, degree)
+    return float((a - target).norm() / target.norm())
+
+
 # Elements (rows x columns) per chunk of ``ChebyshevActivation`` (512 KB fp32 buffers: in L2/L3). Tuned on
 # the 2-core CPU: per-op dispatch (~10 us there) dominates below ~64K, the whole tensor (~6 MB) is 2x slower.
 CHUNK_ELEMENTS = 128 * 1024

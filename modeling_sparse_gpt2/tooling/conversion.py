@@ -36,7 +36,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from ..configuration_sparse_gpt2 import CONVERSION_DEFAULTS, SPARSE_KNOBS, SparseGPT2Config
 from ..modeling_sparse_gpt2 import SparseGPT2LMHeadModel
-from ..polynomial import chebyshev_activation_autograd, gelu_new
+from ..polynomial import gelu_fit_error
 from ..sparse_ffn import UltraEfficientSparseFFN
 from ..spectral import dct_rows
 from .budget import kept_neurons_by_sensitivity, kept_neurons_within, with_kept_neurons
@@ -349,16 +349,13 @@ def choose_domain(poly, h: torch.Tensor, rule: str) -> float:
     if rule == "quantile":
         return float(torch.quantile(h.abs()[:1_000_000].float(), 0.99).clamp(3.0, 8.0))
     sample = h[:500_000]
-    target = gelu_new(sample)
 
     def error(domain: float) -> float:
         poly.domain = domain
         poly.fit_activation(samples=sample)
-        # on h's device (the CPU): the model, and so the fitted coefficients, may be on a GPU
-        c = poly.coeffs.detach().view(-1, poly.degree + 1)[0].to(sample)  # per neuron: all start equal
-        mask = poly.coeff_mask.to(sample)
-        a = chebyshev_activation_autograd(sample, c, mask, domain, poly.degree)
-        return float((a - target).norm() / target.norm())
+        # on the sample's device (the CPU), where the model's fitted coefficients may be on a GPU
+        c = poly.coeffs.detach().view(-1, poly.degree + 1)[0]  # per neuron: all start equal
+        return gelu_fit_error(sample, c, poly.coeff_mask, domain, poly.degree)
 
     return min(DOMAIN_GRID, key=error)
 
