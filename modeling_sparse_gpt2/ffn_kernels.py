@@ -78,6 +78,13 @@ BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 1
 EAGER_DIRECT = True
 
 
+def plain_eager(t: Tensor) -> bool:
+    """A plain tensor outside any compiler, tracing or dispatch mode: where Python may take shortcuts
+    that traced code must not see (calling the kernels directly; the FFN keeping tensors derived from
+    its weights between no-grad calls)."""
+    return type(t) is Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+
+
 def use_kernel(h: Tensor) -> bool:
     """Whether ``sparse_ffn_activation`` runs the Triton kernels for this input."""
     if triton is None:
@@ -720,8 +727,7 @@ if triton is not None:
         ``_backward`` itself instead of the registered ops, whose Python dispatch layers (autograd,
         ADInplaceOrView with its schema walk, the triton_op backend) cost more host time than the
         launch. Traced or compiled code always sees the ops."""
-        return (EAGER_DIRECT and type(h) is Tensor and not torch.compiler.is_compiling()
-                and not torch._C._len_torch_dispatch_stack())
+        return EAGER_DIRECT and plain_eager(h)
 
     class _EagerActivation(torch.autograd.Function):
         """``ffn_activation`` with its registered autograd, without the dispatcher (plain eager)."""

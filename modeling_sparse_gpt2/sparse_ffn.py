@@ -30,19 +30,12 @@ from torch import nn
 from .component_base import FFNContext, GemmComponent
 from .configuration_sparse_gpt2 import FUSED_COMPONENTS
 from .feedback import FeedbackComponent, state_buffer
-from .ffn_kernels import sparse_ffn_activation_unchecked  # in this form, so save_pretrained copies ffn_kernels.py too
+from .ffn_kernels import plain_eager, sparse_ffn_activation_unchecked  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
 from .spectral import SpectralComponent, dct_rows
 from .tensor import TensorComponent
-
-
-def _plain_no_grad(h: torch.Tensor) -> bool:
-    """No autograd, no compiler, tracing or dispatch mode, a plain tensor: where tensors derived
-    from the weights may be kept from one call to the next."""
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling() and type(h) is torch.Tensor
-            and not torch._C._len_torch_dispatch_stack())
 
 
 COMPONENT_CLASSES = {
@@ -148,7 +141,7 @@ class UltraEfficientSparseFFN(nn.Module):
     def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         m, k, r = self.segment_widths
         inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
-        coeffs, gates, fb_kernel, domain, degree = self._op_parameters(inner, reuse=_plain_no_grad(h))
+        coeffs, gates, fb_kernel, domain, degree = self._op_parameters(inner, reuse=not torch.is_grad_enabled() and plain_eager(h))
         state = None
         if self.state_rows and ctx.cache is not None:
             batch = h.shape[0] if h.dim() == 3 else 1
