@@ -209,6 +209,36 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+class LaunchStub:
+    """Count Triton's kernel launches; with ``stub`` (the CPU) force the kernels path of each
+    ``ffn_kernels`` module and make the launches no-ops, so the op's host work can be timed where
+    there is no GPU (``profile_host``, ``kernel_microbench --host``)."""
+
+    def __init__(self, kernel_modules, stub: bool = True):
+        self.modules, self.stub = kernel_modules, stub
+        self.launches = 0
+
+    def __enter__(self):
+        self.kernel_type = type(self.modules[0]._forward_kernel)  # JITFunction (or the interpreter's)
+        self.saved = self.kernel_type.run, [m.use_kernel for m in self.modules]
+        launch = self.saved[0]
+
+        def run(*args, **kwargs):
+            self.launches += 1
+            return None if self.stub else launch(*args, **kwargs)
+
+        self.kernel_type.run = run
+        if self.stub:
+            for m in self.modules:
+                m.use_kernel = lambda h: True
+        return self
+
+    def __exit__(self, *exc):
+        self.kernel_type.run = self.saved[0]
+        for m, fn in zip(self.modules, self.saved[1]):
+            m.use_kernel = fn
+
+
 class Budget:
     """Wall-clock budget of a run: measurements not started before it ends are recorded as skipped."""
 

@@ -291,51 +291,50 @@ def host_cost(n=1000):
     from modeling_sparse_gpt2.configuration_sparse_gpt2 import SparseGPT2Config
     from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
 
+    from benchmarks.harness import LaunchStub
+
     torch.set_num_threads(1)
-    kernel_type = type(fk._forward_kernel)  # JITFunction (InterpretedFunction under TRITON_INTERPRET=1)
-    saved = fk.use_kernel, kernel_type.run
-    fk.use_kernel, kernel_type.run = (lambda h: True), (lambda *a, **k: None)
-    try:
-        mod = SparseMLP(64, 40, 4, 4, token_gates=True)
-        meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
-        h1, state, mask = torch.randn(1, 1, 51), torch.zeros(1, WINDOW - 1, 4), torch.ones(1, 5, dtype=torch.long)
-        h16 = torch.randn(1, 16, 51, requires_grad=True)
-        cfg = SparseGPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97, n_positions=64,
-                               sparse_components=["polynomial", "spectral", "feedback"])
-        ffn = UltraEfficientSparseFFN(cfg, 0)
-        hf1 = torch.randn(1, 1, ffn.c_fc.out_features)
-        hf16 = torch.randn(1, 16, ffn.c_fc.out_features, requires_grad=True)
-        decode_ctx = FFNContext(cache=SimpleNamespace(), token_mask=mask)
+    with LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
+        try:
+            mod = SparseMLP(64, 40, 4, 4, token_gates=True)
+            meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
+            h1, state, mask = torch.randn(1, 1, 51), torch.zeros(1, WINDOW - 1, 4), torch.ones(1, 5, dtype=torch.long)
+            h16 = torch.randn(1, 16, 51, requires_grad=True)
+            cfg = SparseGPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97, n_positions=64,
+                                   sparse_components=["polynomial", "spectral", "feedback"])
+            ffn = UltraEfficientSparseFFN(cfg, 0)
+            hf1 = torch.randn(1, 1, ffn.c_fc.out_features)
+            hf16 = torch.randn(1, 16, ffn.c_fc.out_features, requires_grad=True)
+            decode_ctx = FFNContext(cache=SimpleNamespace(), token_mask=mask)
 
-        def op_decode():
-            with torch.no_grad():
-                fk.sparse_ffn_activation(h1, *par, state, mask, **meta)
+            def op_decode():
+                with torch.no_grad():
+                    fk.sparse_ffn_activation(h1, *par, state, mask, **meta)
 
-        def op_prefill():
-            with torch.no_grad():
-                fk.sparse_ffn_activation(h16, *par, None, None, **meta)
+            def op_prefill():
+                with torch.no_grad():
+                    fk.sparse_ffn_activation(h16, *par, None, None, **meta)
 
-        def op_fwd_bwd():
-            fk.sparse_ffn_activation(h16, *par, None, None, **meta).sum().backward()
+            def op_fwd_bwd():
+                fk.sparse_ffn_activation(h16, *par, None, None, **meta).sum().backward()
 
-        def ffn_decode():
-            with torch.no_grad():
-                ffn._middle_op(hf1, decode_ctx)
+            def ffn_decode():
+                with torch.no_grad():
+                    ffn._middle_op(hf1, decode_ctx)
 
-        def ffn_fwd_bwd():
-            ffn._middle_op(hf16, FFNContext()).sum().backward()
+            def ffn_fwd_bwd():
+                ffn._middle_op(hf16, FFNContext()).sum().backward()
 
-        calls = dict(op_decode=op_decode, op_prefill=op_prefill, op_fwd_bwd=op_fwd_bwd, ffn_middle_decode=ffn_decode,
-                     ffn_middle_fwd_bwd=ffn_fwd_bwd)
-        out = {}
-        for direct in (True, False):
-            fk.EAGER_DIRECT = direct
-            for name, fn in calls.items():
-                out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, n // 3 if "bwd" in name else n)
-        return out
-    finally:
-        fk.use_kernel, kernel_type.run = saved
-        fk.EAGER_DIRECT = True
+            calls = dict(op_decode=op_decode, op_prefill=op_prefill, op_fwd_bwd=op_fwd_bwd, ffn_middle_decode=ffn_decode,
+                         ffn_middle_fwd_bwd=ffn_fwd_bwd)
+            out = {}
+            for direct in (True, False):
+                fk.EAGER_DIRECT = direct
+                for name, fn in calls.items():
+                    out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, n // 3 if "bwd" in name else n)
+            return out
+        finally:
+            fk.EAGER_DIRECT = True
 
 
 def main(argv=None):

@@ -77,41 +77,12 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from . import harness as H
+from .harness import LaunchStub
 
 SHAPE = dict(n_embd=64, n_head=4, vocab_size=256, n_positions=128)
 PROMPT = 16
 SPARSE = {"sparse_poly": ["polynomial"], "sparse_psf": ["polynomial", "spectral", "feedback"]}
 CALLS = ("prefill", "decode_dynamic", "decode_static", "decode_dynamic_padded")
-
-
-# ---------------------------------------------------------------------------- the launch stub
-class LaunchStub:
-    """Count Triton's kernel launches; with ``stub`` (the CPU) force the kernels path of each
-    ``ffn_kernels`` module and make the launches no-ops."""
-
-    def __init__(self, kernel_modules, stub: bool = True):
-        self.modules, self.stub = kernel_modules, stub
-        self.launches = 0
-
-    def __enter__(self):
-        self.kernel_type = type(self.modules[0]._forward_kernel)  # JITFunction (or the interpreter's)
-        self.saved = self.kernel_type.run, [m.use_kernel for m in self.modules]
-        launch = self.saved[0]
-
-        def run(*args, **kwargs):
-            self.launches += 1
-            return None if self.stub else launch(*args, **kwargs)
-
-        self.kernel_type.run = run
-        if self.stub:
-            for m in self.modules:
-                m.use_kernel = lambda h: True
-        return self
-
-    def __exit__(self, *exc):
-        self.kernel_type.run = self.saved[0]
-        for m, fn in zip(self.modules, self.saved[1]):
-            m.use_kernel = fn
 
 
 # ---------------------------------------------------------------------------- models
