@@ -357,6 +357,13 @@ def write_report(result, out_dir):
     plt.close(fig)
 
 
+def reference_drift(ppl: float, result: dict) -> float | None:
+    """How far (relative) a reference's perplexity is from the one ``result``'s rows healed from, when
+    beyond REFERENCE_TOLERANCE (None within it)."""
+    drift = ppl / result["dense"]["perplexity"] - 1
+    return drift if abs(drift) > REFERENCE_TOLERANCE else None
+
+
 def progress(row) -> tuple:
     """How far a row got: finished first, then its furthest milestone, then the number of calls that ran it."""
     return (row.get("status") == "done", max((p["step"] for p in row.get("curve", [])), default=-1), len(row.get("segments", [])))
@@ -376,8 +383,8 @@ def merge(out_dir: str, dirs: list) -> dict:
             raise SystemExit(f"--merge: no healing_curve.json in {d}")
         with open(other_path) as f:
             other = json.load(f)
-        drift = other["dense"]["perplexity"] / result["dense"]["perplexity"] - 1
-        if abs(drift) > REFERENCE_TOLERANCE:
+        drift = reference_drift(other["dense"]["perplexity"], result)
+        if drift is not None:
             raise SystemExit(f"--merge: {other_path} healed from a reference {100 * drift:+.2f}% away from {path}'s")
         for row in other["rows"]:
             if row["key"] not in rows or progress(row) > progress(rows[row["key"]]):
@@ -548,8 +555,8 @@ def main(argv=None):
                                                  "training": result.get("reference_training")})
     if "dense" not in result:
         result["dense"] = {"perplexity": dense_ppl, "model": args.dense_model or "smoke"}
-    drift = dense_ppl / result["dense"]["perplexity"] - 1
-    if abs(drift) > REFERENCE_TOLERANCE:
+    drift = reference_drift(dense_ppl, result)
+    if drift is not None:
         raise SystemExit(f"--dense_model/--work_dir: this reference's perplexity {dense_ppl:.3f} differs by {100 * drift:+.2f}% "
                          f"from the one the rows in {path} healed from ({result['dense']['perplexity']:.3f}); "
                          "use a new --out_dir for a new reference")
