@@ -135,7 +135,7 @@ def sparse_ffn_activation_reference(
 
 def _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):
     """One-line errors for inputs that do not fit the segment widths (the token mask's length is
-    checked on every call, in ``sparse_ffn_activation_unchecked``)."""
+    checked on every call, also with ``checked=False``)."""
     n_seg = (m > 0) + (k > 0) + (r > 0)
     fail = "sparse_ffn_activation: "
     if h.dim() not in (2, 3) or h.shape[-1] != m + k + r + n_gates:
@@ -167,6 +167,7 @@ def sparse_ffn_activation(
     n_gates: int,
     domain: float,
     degree: int,
+    checked: bool = True,
 ) -> Tensor:
     """``act`` (..., m + k + r) from ``h`` (..., m + k + r + n_gates): one kernel where ``use_kernel(h)``.
 
@@ -174,30 +175,12 @@ def sparse_ffn_activation(
     ``gates`` (n_seg,) the scalar gates; ``fb_kernel`` (r, w) the causal taps; ``fb_state``
     (batch, w-1, r) the decode state, updated in place (None: zeros, no update); ``token_mask``
     (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
+    ``checked=False`` skips ``_check``'s shape checks, for callers whose arguments follow from a layout
+    checked once (the FFN, on every call of every block); the token mask, the caller's input, is
+    checked always (the kernels would read before its start).
     """
-    _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree)
-    return sparse_ffn_activation_unchecked(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
-                                           n_gates=n_gates, domain=domain, degree=degree)
-
-
-def sparse_ffn_activation_unchecked(
-    h: Tensor,
-    coeffs: Tensor,
-    gates: Tensor,
-    fb_kernel: Tensor | None,
-    fb_state: Tensor | None,
-    token_mask: Tensor | None,
-    *,
-    m: int,
-    k: int,
-    r: int,
-    n_gates: int,
-    domain: float,
-    degree: int,
-) -> Tensor:
-    """``sparse_ffn_activation`` without ``_check``'s shape checks: for callers whose arguments
-    follow from a layout checked once (the FFN, per call of every block). The token mask, the
-    caller's input, is still checked (the kernels would read before its start)."""
+    if checked:
+        _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree)
     if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
         raise ValueError(f"sparse_ffn_activation: token_mask {tuple(token_mask.shape)} is shorter than the "
                          f"{h.shape[-2]} tokens")

@@ -30,7 +30,7 @@ from torch import nn
 from .component_base import FFNContext, GemmComponent
 from .configuration_sparse_gpt2 import FUSED_COMPONENTS
 from .feedback import FeedbackComponent, state_buffer
-from .ffn_kernels import plain_eager, sparse_ffn_activation_unchecked  # in this form, so save_pretrained copies ffn_kernels.py too
+from .ffn_kernels import plain_eager, sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
@@ -148,9 +148,9 @@ class UltraEfficientSparseFFN(nn.Module):
             state = state_buffer(ctx.cache, ctx.layer_idx, (batch, self.state_rows, r), h.dtype, h.device)
         if self.op_rows < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
             h = h[..., : self.op_rows].contiguous()
-        return sparse_ffn_activation_unchecked(
+        return sparse_ffn_activation(
             h, coeffs, gates, fb_kernel, state, ctx.token_mask,
-            m=m, k=k, r=r, n_gates=self.n_gates, domain=domain, degree=degree,
+            m=m, k=k, r=r, n_gates=self.n_gates, domain=domain, degree=degree, checked=False,
         )  # fmt: skip
 
     def _op_parameters(self, dtype: torch.dtype, reuse: bool) -> tuple:
