@@ -235,7 +235,13 @@ def run_row(row, dense, dense_ppl, calib, train_windows, evaluate, args, save_js
     run_dir = os.path.join(args.out_dir, "runs", row["key"])
     initial = os.path.join(run_dir, "initial")
     if not os.path.isfile(os.path.join(initial, "config.json")):
-        # built (again: a later sitting has not this one's checkpoints) from this call's reference
+        # built (again: a later sitting has not this one's checkpoints) from this call's reference; a run
+        # abandoned with its checkpoints leaves nothing in the row (its train_s would add to this run's)
+        restarts = row.get("restarts", 0) + bool(row.get("curve"))
+        for k in [k for k in row if k not in ("key", "ratio", "method")]:
+            del row[k]
+        if restarts:
+            row["restarts"] = restarts
         row["dense_ppl"] = dense_ppl
         t = time.time()
         model, row["build"] = build(row["method"], row["ratio"], dense, calib, args.seed)
@@ -275,6 +281,7 @@ def run_row(row, dense, dense_ppl, calib, train_windows, evaluate, args, save_js
     if finished:
         row["status"] = "done"
         row.pop("stopped_at_step", None)
+        row.pop("note", None)  # an error of an earlier try, retried from its checkpoints
         points = [p for p in row["curve"] if p["step"] > 0]
         if points:
             row["tokens_per_s"] = round(points[-1]["tokens"] / max(points[-1]["train_s"], 1e-9))

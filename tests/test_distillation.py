@@ -301,23 +301,27 @@ def test_healing_curve_refuses_a_reference_other_than_the_stored_rows_and_rename
         bench.main(flags)
 
 
-def test_healing_curve_row_restarted_without_its_checkpoints_records_the_reference_it_heals_from(tmp_path, one_thread):
+def test_healing_curve_row_restarted_without_its_checkpoints_is_a_new_run_from_the_reference_it_heals_from(tmp_path, one_thread):
     """A later sitting retrains the reference (within the tolerance) and has not the earlier one's checkpoints:
-    an unfinished row starts again from its build, and its dense_ppl is then the new reference's."""
+    an unfinished row starts again from its build, its dense_ppl is then the new reference's, and nothing of
+    the abandoned run (its training time, segments, shared-GPU note, error) is left in the row."""
     bench = _bench("bench_healing_curve")
     flags = ["--smoke", "--methods", "prune_ls", "--ratios", "0.4", "--tokens", "64,128", "--calibration_samples", "10",
              "--max_eval_tokens", "256", "--out_dir", str(tmp_path)]
-    bench.main(flags + ["--budget_s", "0"])  # stopped after its first step
+    bench.main(flags + ["--budget_s", "0", "--processes_per_gpu", "4"])  # stopped after its first step, on a shared GPU
     path = tmp_path / "healing_curve.json"
     stored = json.loads(path.read_text())
     stored["dense"]["perplexity"] *= 1.003  # the earlier sitting's reference
     stored["rows"][0]["dense_ppl"] *= 1.003
+    stored["rows"][0].update(train_s=1000.0, note="RuntimeError('an earlier failure')")
     path.write_text(json.dumps(stored))
     shutil.rmtree(tmp_path / "runs")
     again = bench.main(flags)
     (row,) = again["rows"]
-    assert row["status"] == "done" and row["segments"] == [[0, 1], [0, 2]]
+    assert row["status"] == "done" and row["segments"] == [[0, 2]] and row["restarts"] == 1
     assert row["dense_ppl"] == again["references"][-1]["perplexity"] != stored["rows"][0]["dense_ppl"]
+    assert "note" not in row and "processes_per_gpu" not in row
+    assert row["train_s"] < 1000.0 and row["tokens_per_s"] == round(128 / row["curve"][-1]["train_s"])
 
 
 def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thread):
