@@ -63,19 +63,21 @@ from modeling_sparse_gpt2.tooling.distillation import DistillationArguments, Dis
 from modeling_sparse_gpt2.tooling.evaluation import perplexity
 from modeling_sparse_gpt2.tooling.pretraining import PretrainArguments, train_dense_reference
 
-# (ratio, method) in the order they run; --ratios and --methods filter it. Each sparse-gpt2 row names its
-# components: "sparse_gpt2_poly" is the conversion's default (polynomial only, since this curve: §2.3 of
-# docs/benchmarks.md), "sparse_gpt2_psf" the former default (polynomial + spectral + feedback); the
-# ablations (per-neuron coefficients, degree 16, the fitted domain, sensitivity budgets, hidden-state
-# loss) change one thing of the default each; sparse_gpt2_fit_per_neuron combines the two that act on the
-# activation (the one difference between the default and the OBS-selected narrow GELU MLP).
-PLAN = [(0.4, m) for m in ("sparse_gpt2_poly", "sparse_gpt2_psf", "sparse_gpt2_all", "prune_ls", "prune_obs_ls", "scratch",
-                           "sparse_gpt2_per_neuron", "sparse_gpt2_deg16", "sparse_gpt2_fit_domain", "sparse_gpt2_sensitivity",
+# (ratio, method) in the order they run; --ratios and --methods filter it. Each sparse-gpt2 row names what
+# it is built with, so a row means the same whatever the package's default is when it runs:
+# "sparse_gpt2_fit_domain" is the conversion's default (polynomial only, each layer's domain where the
+# series fits GELU best: §2.3 of docs/benchmarks.md); "sparse_gpt2_poly" the default before it (the
+# quantile domain), "sparse_gpt2_psf" the one before that (polynomial + spectral + feedback). The
+# ablations (per-neuron coefficients, degree 16, sensitivity budgets, hidden-state loss) each change one
+# thing of sparse_gpt2_poly, the default when they were added; sparse_gpt2_fit_per_neuron is the default
+# with per-neuron coefficients.
+PLAN = [(0.4, m) for m in ("sparse_gpt2_fit_domain", "sparse_gpt2_poly", "sparse_gpt2_psf", "sparse_gpt2_all", "prune_ls",
+                           "prune_obs_ls", "scratch", "sparse_gpt2_per_neuron", "sparse_gpt2_deg16", "sparse_gpt2_sensitivity",
                            "sparse_gpt2_hidden", "sparse_gpt2_fit_per_neuron")]
-PLAN += [(0.2, "sparse_gpt2_poly"), (0.2, "prune_ls")]
+PLAN += [(0.2, "sparse_gpt2_fit_domain"), (0.2, "sparse_gpt2_poly"), (0.2, "prune_ls")]
 METHODS = sorted({m for _, m in PLAN})
 Y_TOP = 1.6  # the plot's top (ppl / dense): rows above it are named in the legend
-DEFAULT_METHOD = "sparse_gpt2_poly"  # the row whose components are the conversion's default
+DEFAULT_METHOD = "sparse_gpt2_fit_domain"  # the row built as the conversion's default
 RENAMED = {"sparse_gpt2": "sparse_gpt2_psf"}  # rows stored before the default changed: what they were built as
 REFERENCE_TOLERANCE = 0.005  # a later call's reference may differ from the stored rows' by this much (relative ppl)
 
@@ -151,9 +153,9 @@ def build(method: str, ratio: float, dense, calib, seed: int):
     """The model a row starts from (before any healing) and a note on how it was built."""
     torch.manual_seed(seed)
     if method.startswith("sparse_gpt2"):
-        # the default is polynomial only; the ablations change one thing of it, named here, so a row means
-        # the same whatever the package's default is when it runs
-        conv = ConversionArguments(ffn_flops_ratio=ratio, sparse_components=["polynomial"])
+        # polynomial only with the quantile domain (sparse_gpt2_poly); every other row changes one or two
+        # things of it, named here
+        conv = ConversionArguments(ffn_flops_ratio=ratio, sparse_components=["polynomial"], poly_domain_rule="quantile")
         if method == "sparse_gpt2_psf":
             conv.sparse_components = ["polynomial", "spectral", "feedback"]
         elif method == "sparse_gpt2_all":
@@ -162,7 +164,7 @@ def build(method: str, ratio: float, dense, calib, seed: int):
             conv.budget_mode = "sensitivity"
         elif method == "sparse_gpt2_per_neuron":
             conv.poly_coefficients = "per_neuron"
-        elif method == "sparse_gpt2_fit_domain":  # each layer's domain where the series fits GELU best
+        elif method == "sparse_gpt2_fit_domain":  # the default: each layer's domain where the series fits GELU best
             conv.poly_domain_rule = "fit"
         elif method == "sparse_gpt2_fit_per_neuron":  # starts as GELU to 0.2-0.3%, then learns an activation per neuron
             conv.poly_domain_rule, conv.poly_coefficients = "fit", "per_neuron"
@@ -346,15 +348,19 @@ def write_report(result, out_dir):
     ratios = sorted({r["ratio"] for r in result["rows"]}, reverse=True)
     fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 4.5), squeeze=False)
     for ax, ratio in zip(axes[0], ratios):
+        others = 0  # rows drawn in the colour cycle so far (the default is drawn in black)
         for r in result["rows"]:
             points = [p for p in r.get("curve", []) if p["tokens"] > 0]
             if r["ratio"] == ratio and points:
+                i, others = others, others + (r["method"] != DEFAULT_METHOD)
                 ref = r.get("dense_ppl", dense)
                 shown = [p for p in points if p["ppl"] / ref <= Y_TOP]  # a from-scratch row starts far above the rest
-                label = r["method"] + ("" if len(shown) == len(points) else
+                default = r["method"] == DEFAULT_METHOD
+                label = r["method"] + (" (default)" if default else "") + ("" if len(shown) == len(points) else
                                        f" (off the scale before {shown[0]['tokens'] / 1e6:.3g} M)" if shown else
                                        f" (off the scale: {points[-1]['ppl'] / ref:.3g}x at {points[-1]['tokens'] / 1e6:.3g} M)")
-                ax.plot([p["tokens"] for p in shown], [p["ppl"] / ref for p in shown], marker="o", label=label)
+                style = dict(color="k", lw=2.2, zorder=3) if default else dict(ls="-" if i < 10 else ":")  # 10 colours, then dotted
+                ax.plot([p["tokens"] for p in shown], [p["ppl"] / ref for p in shown], marker="o", label=label, **style)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_ylim(top=Y_TOP)
         ax.set(xscale="log", xlabel="healing tokens", ylabel="validation ppl / dense", title=f"FFN FLOPs {ratio}")

@@ -335,19 +335,34 @@ def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thre
         d.mkdir()
         shutil.copy(main / "healing_curve.json", d)
     bench.main(flags + ["--methods", "prune_ls", "--out_dir", str(a), "--processes_per_gpu", "2"])
-    bench.main(flags + ["--methods", "sparse_gpt2_poly", "--out_dir", str(b), "--processes_per_gpu", "2"])
+    bench.main(flags + ["--methods", "sparse_gpt2_fit_domain", "--out_dir", str(b), "--processes_per_gpu", "2"])
     merged = bench.main(["--merge", f"{a},{b}", "--out_dir", str(main)])
     rows = {r["key"]: r for r in merged["rows"]}
-    assert [r["key"] for r in merged["rows"]] == ["sparse_gpt2_poly@0.4", "prune_ls@0.4"]  # the PLAN's order
-    assert rows["prune_ls@0.4"]["status"] == rows["sparse_gpt2_poly@0.4"]["status"] == "done"
+    assert [r["key"] for r in merged["rows"]] == ["sparse_gpt2_fit_domain@0.4", "prune_ls@0.4"]  # the PLAN's order
+    assert rows["prune_ls@0.4"]["status"] == rows["sparse_gpt2_fit_domain@0.4"]["status"] == "done"
     assert rows["prune_ls@0.4"]["processes_per_gpu"] == 2 and len(merged["references"]) == 3
     assert json.loads((main / "healing_curve.json").read_text())["rows"] == merged["rows"]
-    assert "| 0.4 | sparse_gpt2_poly (default) | done |" in (main / "healing_curve.md").read_text()
+    assert "| 0.4 | sparse_gpt2_fit_domain (default) | done |" in (main / "healing_curve.md").read_text()
     stored = json.loads((b / "healing_curve.json").read_text())
     stored["dense"]["perplexity"] *= 1.02
     (b / "healing_curve.json").write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="--merge.*reference"):
         bench.main(["--merge", str(b), "--out_dir", str(main)])
+
+
+def test_healing_curve_default_row_is_built_with_the_conversions_defaults(monkeypatch):
+    """The row the curve's table and the docs call the default is converted with ConversionArguments' own
+    defaults: a default changed in the package without the curve (or the reverse) fails here."""
+    from types import SimpleNamespace
+
+    from modeling_sparse_gpt2.tooling.conversion import ConversionArguments
+
+    bench = _bench("bench_healing_curve")
+    seen = []
+    monkeypatch.setattr(bench, "convert_gpt2_to_sparse",
+                        lambda dense, calib, conv: (seen.append(conv), (SimpleNamespace(config=SimpleNamespace(poly_domain=[3.0])), None))[1])
+    bench.build(bench.DEFAULT_METHOD, 0.4, None, None, 0)
+    assert seen == [ConversionArguments(ffn_flops_ratio=0.4)]
 
 
 def test_healing_curve_bad_flags():

@@ -61,7 +61,7 @@ class ConversionOptions:
         default="uniform", metadata={"help": "uniform, or sensitivity (more for layers with larger reconstruction error)."}
     )
     poly_domain_rule: Literal["quantile", "fit"] = field(
-        default="quantile", metadata={"help": "How each layer's polynomial domain s is picked: quantile (the 99th percentile of |h|, clamped to [3, 8]) or fit (the s of DOMAIN_GRID whose fitted series reproduces GELU best on the calibration pre-activations)."}
+        default="fit", metadata={"help": "How each layer's polynomial domain s is picked: fit (the s of DOMAIN_GRID whose fitted series reproduces GELU best on the calibration pre-activations; the default since it healed 1.4% closer to dense than quantile after 32 M tokens, docs/benchmarks.md §2.3) or quantile (the 99th percentile of |h|, clamped to [3, 8])."}
     )
     ridge: float = field(default=1e-3, metadata={"help": "Ridge strength, relative to each feature's energy."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration forward."})
@@ -360,7 +360,7 @@ def choose_domain(poly, h: torch.Tensor, rule: str) -> float:
     return min(DOMAIN_GRID, key=error)
 
 
-def fit_polynomial(ffn, mlp: GPT2MLP, xs, neurons, domain_rule: str = "quantile"):
+def fit_polynomial(ffn, mlp: GPT2MLP, xs, neurons, domain_rule: str = "fit"):
     """Set the kept rows of c_fc, choose the domain s and fit the Chebyshev activation on h_S."""
     poly = ffn.components["polynomial"]
     w1 = mlp.c_fc.weight[:, neurons].T
