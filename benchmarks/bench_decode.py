@@ -39,8 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="batch sizes (default 1,32; --tiny 1,2)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 16; --tiny 4)")
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per generate call (default 128; --tiny 4)")
-    p.add_argument("--isolation", default=None, choices=["process", "none"],
-                   help="generate each model in a fresh process (default on GPU) or in this one")
+    H.add_isolation_arg(p, "generate")
     return p.parse_args(argv)
 
 
@@ -57,7 +56,7 @@ def settings(args) -> dict:
              batches=H.csv(args.batches, int) or ([1, 2] if args.tiny else [1, 32]),
              prompt_len=args.prompt_len or (4 if args.tiny else 16),
              new_tokens=args.new_tokens or (4 if args.tiny else 128),
-             isolation=(args.isolation or ("process" if S["gpu"] else "none")) == "process")
+             isolation=H.isolation(args, S))
     return S
 
 
@@ -159,17 +158,6 @@ def _isolated_worker(S, target, kind, stage, batch, mode):
     return measure_generate(model, S, batch, mode) if stage == "generate" else measure_step(model, S, batch, mode)
 
 
-def measure_isolated(S, target, kind, stage, batch, mode) -> dict:
-    """The measurement in a fresh process: no compiled code, CUDA graph pool or allocator state
-    left over from the models measured before it."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        out = pool.apply(_isolated_worker, (S, target, kind, stage, batch, mode))
-    out["isolated_process"] = True
-    return out
-
-
 def plan(S):
     """(stage, mode) pairs in the order they run; modes the device cannot run are recorded as skipped."""
     pairs = []
@@ -195,7 +183,7 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
                         H.skip(rows, row, f"{mode} needs CUDA", results)
                         continue
                     if S["isolation"] and stage == "generate":
-                        fn = lambda k=kind, b=batch, m=mode: measure_isolated(S, target, k, stage, b, m)  # noqa: E731
+                        fn = lambda k=kind, b=batch, m=mode: H.in_fresh_process(_isolated_worker, S, target, k, stage, b, m)  # noqa: E731
                     elif stage == "generate":
                         fn = lambda k=kind, b=batch, m=mode: measure_generate(infer[k], S, b, m)  # noqa: E731
                     else:

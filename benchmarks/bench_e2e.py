@@ -14,7 +14,9 @@ and the ideal (plain GPT-2, ``n_inner`` = the sparse FFN's fused width).
 
 Both ``eager`` and ``compile`` (each transformer block compiled, regional compilation; ``--compile-scope
 model`` compiles the whole model). Medians after a settled warm-up, ratios to dense and to the ideal
-of the same run in each row.
+of the same run in each row. On GPU each row runs in a fresh process (``--isolation process``): both
+stages are bound by the host at these sizes, and in one process the models' times depended on what
+ran before them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"])
     p.add_argument("--train-tokens", default=None, help="batch x seq of a training step (default 16x1024)")
     p.add_argument("--prefill-tokens", default=None, help="batch x seq of a prefill (default 8x1024)")
+    H.add_isolation_arg(p, "time")
     return p.parse_args(argv)
 
 
@@ -62,7 +65,7 @@ def settings(args) -> dict:
              train_tokens=tokens_arg(args.train_tokens or ("2x16" if args.tiny else "16x1024"), "--train-tokens"),
              prefill_tokens=tokens_arg(args.prefill_tokens or ("2x16" if args.tiny else "8x1024"), "--prefill-tokens"),
              train_precision="fp32 weights, autocast to dtype" if S["dtype"] != "fp32" else "fp32",
-             optimizer="torch.optim.AdamW(lr=1e-4, fused on CUDA)")
+             optimizer="torch.optim.AdamW(lr=1e-4, fused on CUDA)", isolation=H.isolation(args, S))
     return S
 
 
@@ -135,6 +138,14 @@ def measure_prefill(model, S, compile_: bool) -> dict:
     return out
 
 
+def _isolated_worker(S, target, kind, stage, compile_):
+    H.configure_torch(S)
+    models, _ = H.build_models(S["model"], target, S, kinds=(kind,))
+    if stage == "train":
+        return measure_train(models[kind], S, compile_)
+    return measure_prefill(H.inference_copy(models[kind], S), S, compile_)
+
+
 def bench(S: dict, results: H.Results, section: str = SECTION):
     rows = results.section(section, S)
     for target, kinds, models, info in H.models_per_target(S, results, section):
@@ -144,7 +155,9 @@ def bench(S: dict, results: H.Results, section: str = SECTION):
                 for kind in kinds:
                     row = dict(stage=stage, mode=mode, kind=kind, target=None if kind == "dense" else target,
                                ffn_flops_ratio=info[kind]["ffn_flops_ratio"])
-                    if stage == "train":
+                    if S["isolation"]:
+                        fn = lambda k=kind, st=stage, c=(mode == "compile"): H.in_fresh_process(_isolated_worker, S, target, k, st, c)  # noqa: E731
+                    elif stage == "train":
                         fn = lambda m=models[kind], c=(mode == "compile"): measure_train(m, S, c)  # noqa: E731
                     else:
                         fn = lambda m=infer[kind], c=(mode == "compile"): measure_prefill(m, S, c)  # noqa: E731

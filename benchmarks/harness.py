@@ -482,6 +482,29 @@ def reset_compiler():
     torch._dynamo.reset()
 
 
+def add_isolation_arg(p, what: str):
+    """--isolation, one declaration for the sections that can measure each model in its own process."""
+    p.add_argument("--isolation", default=None, choices=["process", "none"],
+                   help=f"{what} each model in a fresh process (default on GPU) or in this one")
+
+
+def isolation(args, S) -> bool:
+    return (args.isolation or ("process" if S["gpu"] else "none")) == "process"
+
+
+def in_fresh_process(fn, *args) -> dict:
+    """``fn(*args)`` (a module-level function) in a fresh, spawned process: no compiled code, CUDA graph
+    pool, allocator or host state left over from the models measured before it. On the H200 the
+    host-bound rows (prefill, ``generate``) of models measured one after another in one process
+    depended on their order (docs/benchmarks.md §3.9)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        out = pool.apply(fn, args)
+    out["isolated_process"] = True
+    return out
+
+
 def free_memory(S):
     gc.collect()
     if S["gpu"]:

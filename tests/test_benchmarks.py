@@ -136,6 +136,18 @@ def test_bench_e2e_smoke(tmp_path):
     assert "| train | eager | 0.4 | time |" in make_report.kernel_tables(data)
 
 
+def test_bench_e2e_isolation_times_each_row_in_a_fresh_process(tmp_path, monkeypatch):
+    """--isolation process (the GPU default): every row comes from its own spawned process, which
+    builds its model afresh; the parent's models are not the ones timed."""
+    parent_calls = []
+    monkeypatch.setattr(bench_e2e, "measure_prefill", lambda *a: parent_calls.append(a) or {})
+    data = smoke(bench_e2e, tmp_path, "--stages", "prefill", "--isolation", "process")
+    rows = data["e2e"]["rows"]
+    _ok(rows)
+    assert parent_calls == [] and all(r["isolated_process"] and r["tokens_per_s"] > 0 for r in rows)
+    assert [r["kind"] for r in rows] == ["dense", "sparse", "ideal"] and data["settings"]["isolation"] is True
+
+
 def test_bench_decode_smoke_and_the_step_it_times_is_a_true_decode_step(tmp_path):
     data = smoke(bench_decode, tmp_path, "--batches", "2")
     rows = data["decode"]["rows"]
