@@ -151,10 +151,7 @@ def measure_step(model, S, batch: int, mode: str) -> dict:
 
 
 def _isolated_worker(S, target, kind, stage, batch, mode):
-    H.configure_torch(S)
-    models, _ = H.build_models(S["model"], target, S, kinds=(kind,))
-    model = H.inference_copy(models[kind], S)
-    del models
+    model = H.inference_copy(H.model_in_fresh_process(S, target, kind), S)
     return measure_generate(model, S, batch, mode) if stage == "generate" else measure_step(model, S, batch, mode)
 
 

@@ -139,17 +139,16 @@ def measure_prefill(model, S, compile_: bool) -> dict:
 
 
 def _isolated_worker(S, target, kind, stage, compile_):
-    H.configure_torch(S)
-    models, _ = H.build_models(S["model"], target, S, kinds=(kind,))
+    model = H.model_in_fresh_process(S, target, kind)
     if stage == "train":
-        return measure_train(models[kind], S, compile_)
-    return measure_prefill(H.inference_copy(models[kind], S), S, compile_)
+        return measure_train(model, S, compile_)
+    return measure_prefill(H.inference_copy(model, S), S, compile_)
 
 
 def bench(S: dict, results: H.Results, section: str = SECTION):
     rows = results.section(section, S)
     for target, kinds, models, info in H.models_per_target(S, results, section):
-        infer = {kind: H.inference_copy(m, S) for kind, m in models.items()} if "prefill" in S["stages"] else {}
+        infer = {kind: H.inference_copy(m, S) for kind, m in models.items()} if "prefill" in S["stages"] and not S["isolation"] else {}
         for stage in S["stages"]:
             for mode in S["modes"]:
                 for kind in kinds:

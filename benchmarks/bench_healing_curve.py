@@ -352,10 +352,10 @@ def write_report(result, out_dir):
         for r in result["rows"]:
             points = [p for p in r.get("curve", []) if p["tokens"] > 0]
             if r["ratio"] == ratio and points:
-                i, others = others, others + (r["method"] != DEFAULT_METHOD)
+                default = r["method"] == DEFAULT_METHOD
+                i, others = others, others + (not default)
                 ref = r.get("dense_ppl", dense)
                 shown = [p for p in points if p["ppl"] / ref <= Y_TOP]  # a from-scratch row starts far above the rest
-                default = r["method"] == DEFAULT_METHOD
                 label = r["method"] + (" (default)" if default else "") + ("" if len(shown) == len(points) else
                                        f" (off the scale before {shown[0]['tokens'] / 1e6:.3g} M)" if shown else
                                        f" (off the scale: {points[-1]['ppl'] / ref:.3g}x at {points[-1]['tokens'] / 1e6:.3g} M)")

@@ -492,6 +492,13 @@ def isolation(args, S) -> bool:
     return (args.isolation or ("process" if S["gpu"] else "none")) == "process"
 
 
+def model_in_fresh_process(S, target, kind):
+    """The one model an isolated worker times, built as the parent builds it."""
+    configure_torch(S)
+    models, _ = build_models(S["model"], target, S, kinds=(kind,))
+    return models[kind]
+
+
 def in_fresh_process(fn, *args) -> dict:
     """``fn(*args)`` (a module-level function) in a fresh, spawned process: no compiled code, CUDA graph
     pool, allocator or host state left over from the models measured before it. On the H200 the

@@ -360,7 +360,7 @@ def choose_domain(poly, h: torch.Tensor, rule: str) -> float:
     return min(DOMAIN_GRID, key=error)
 
 
-def fit_polynomial(ffn, mlp: GPT2MLP, xs, neurons, domain_rule: str = "fit"):
+def fit_polynomial(ffn, mlp: GPT2MLP, xs, neurons, domain_rule: str):
     """Set the kept rows of c_fc, choose the domain s and fit the Chebyshev activation on h_S."""
     poly = ffn.components["polynomial"]
     w1 = mlp.c_fc.weight[:, neurons].T
