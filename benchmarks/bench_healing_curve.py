@@ -48,6 +48,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -382,6 +383,13 @@ def progress(row) -> tuple:
     return (row.get("status") == "done", max((p["step"] for p in row.get("curve", [])), default=-1), len(row.get("segments", [])))
 
 
+def reference_identity(reference: dict):
+    """What tells two records of a reference evaluation apart: the id each call draws (two parallel calls can evaluate
+    the same retrained reference within one second, so date and perplexity alone do not); records written
+    before ids were drawn have only those."""
+    return reference.get("id") or (reference["date"], reference["perplexity"])
+
+
 def merge(out_dir: str, dirs: list) -> dict:
     """Rows healed in other folders (parallel processes) into out_dir's curve: per key the most advanced row."""
     path = os.path.join(out_dir, "healing_curve.json")
@@ -402,8 +410,8 @@ def merge(out_dir: str, dirs: list) -> dict:
         for row in other["rows"]:
             if row["key"] not in rows or progress(row) > progress(rows[row["key"]]):
                 rows[row["key"]] = row
-        seen = {(r["date"], r["perplexity"]) for r in result.get("references", [])}
-        result.setdefault("references", []).extend(r for r in other.get("references", []) if (r["date"], r["perplexity"]) not in seen)
+        seen = {reference_identity(r) for r in result.get("references", [])}
+        result.setdefault("references", []).extend(r for r in other.get("references", []) if reference_identity(r) not in seen)
     order = {f"{m}@{r}": i for i, (r, m) in enumerate(PLAN)}
     result["rows"] = sorted(rows.values(), key=lambda r: order.get(r["key"], len(order)))
     result.setdefault("merged_from", []).extend(os.path.abspath(d) for d in dirs)
@@ -564,7 +572,7 @@ def main(argv=None):
     # the reference of this call: a later session retrains it with the same recipe (its weights cannot be
     # kept between device sittings), so every call checks it against the one the stored rows healed from
     dense_ppl = evaluate(dense)
-    result.setdefault("references", []).append({"date": environment()["date"], "perplexity": dense_ppl,
+    result.setdefault("references", []).append({"id": uuid.uuid4().hex, "date": environment()["date"], "perplexity": dense_ppl,
                                                  "training": result.get("reference_training")})
     if "dense" not in result:
         result["dense"] = {"perplexity": dense_ppl, "model": args.dense_model or "smoke"}

@@ -324,10 +324,13 @@ def test_healing_curve_row_restarted_without_its_checkpoints_is_a_new_run_from_t
     assert row["train_s"] < 1000.0 and row["tokens_per_s"] == round(128 / row["curve"][-1]["train_s"])
 
 
-def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thread):
+def test_healing_curve_merges_rows_healed_in_parallel_folders(tmp_path, one_thread, monkeypatch):
     """Rows healed by separate processes (each in a copy of the curve's folder) come together in --out_dir:
-    each row as far as it got anywhere, and a folder healed from another reference is refused."""
+    each row as far as it got anywhere, every call's reference evaluation kept once (even when parallel calls
+    evaluate the same reference within one second), and a folder healed from another reference is refused."""
     bench = _bench("bench_healing_curve")
+    environment = bench.environment
+    monkeypatch.setattr(bench, "environment", lambda: {**environment(), "date": "2026-12-02 10:08:26"})  # one second
     flags = ["--smoke", "--ratios", "0.4", "--tokens", "64,128", "--calibration_samples", "10", "--max_eval_tokens", "256"]
     main, a, b = (tmp_path / n for n in ("main", "a", "b"))
     bench.main(flags + ["--methods", "prune_ls", "--out_dir", str(main), "--budget_s", "0"])  # stopped after one step
