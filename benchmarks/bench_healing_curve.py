@@ -43,7 +43,6 @@ reference. ``--processes_per_gpu N`` records in the rows it runs that their toke
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys

@@ -5,6 +5,7 @@
     python -m benchmarks.profile_host --smoke                 # a check of this script (seconds)
     python -m benchmarks.profile_host --device cuda --baseline-rev main --output docs/benchmarks/results/host_cost_h200.json
     python -m benchmarks.profile_host --device cuda --compile --output docs/benchmarks/results/host_cost_compiled_h200.json
+    python -m benchmarks.profile_host --models ideal,sparse_poly --call-kinds prefill   # a subset of the rows
 
 Eager prefill and ``generate`` of GPT-2 small on a GPU wait on the host: the sparse model's kernels
 take less GPU time than the ideal's, but its blocks take longer to dispatch. This measures that
@@ -44,9 +45,14 @@ Beside the times, two counts that have no noise: the Python (and builtin) functi
 blocks dispatch beyond the ideal's. ``cProfile`` of the sparse decode step lists each function's
 own time per call.
 
-``--compile`` (GPU only) times the same calls with each block under ``torch.compile`` (regional, as
-``bench_e2e``'s compiled rows), for the host work of compiled blocks; a ``cProfile`` of the default
-(polynomial-only) prefill is listed as well.
+``--models`` and ``--call-kinds`` choose a subset of the rows (the ideal is always measured: every row is
+also given as its difference to the ideal's). ``--compile`` (GPU only) times the same calls with each
+block under ``torch.compile`` (regional, as ``bench_e2e``'s compiled rows), for the host work of
+compiled blocks; there every (model, blocks, call) variant is compiled once on its first call (all
+32 took 132 s on the H200 machine), so with ``--compile`` the default subset is the question it
+answers, ``--models ideal,sparse_poly --call-kinds prefill,decode_static`` (8 variants), unless the flags
+are given. A ``cProfile`` of the default (polynomial-only) prefill is listed as well, of the
+``sparse_psf`` decode step where those are measured.
 
 ``--baseline-rev REV`` adds the sparse models built from the package's remote-code files at git
 revision REV (``git archive``), imported under another package name, so one command compares the
@@ -83,6 +89,8 @@ SHAPE = dict(n_embd=64, n_head=4, vocab_size=256, n_positions=128)
 PROMPT = 16
 SPARSE = {"sparse_poly": ["polynomial"], "sparse_psf": ["polynomial", "spectral", "feedback"]}
 CALLS = ("prefill", "decode_dynamic", "decode_static", "decode_dynamic_padded")
+MODELS = ("dense", "ideal", *SPARSE)
+COMPILE_DEFAULT = (("ideal", "sparse_poly"), ("prefill", "decode_static"))  # --compile's rows unless --models / --call-kinds
 
 
 # ---------------------------------------------------------------------------- models
@@ -105,8 +113,9 @@ def load_baseline(rev: str):
     return modeling, importlib.import_module(f"{name}.ffn_kernels"), commit
 
 
-def build(n_layer: int, dtype, baseline=None, device="cpu") -> dict:
-    """``{kind: model}`` (eval, ``dtype``, on ``device``) at ``n_layer`` blocks; sparse kinds of ``baseline`` as ``kind@rev``."""
+def build(n_layer: int, dtype, baseline=None, device="cpu", kinds=MODELS) -> dict:
+    """``{kind: model}`` (eval, ``dtype``, on ``device``) at ``n_layer`` blocks for ``kinds``; their sparse
+    kinds of ``baseline`` as ``kind@rev`` too."""
     from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
 
     shape = dict(SHAPE, n_layer=n_layer)
@@ -115,9 +124,11 @@ def build(n_layer: int, dtype, baseline=None, device="cpu") -> dict:
     width = H.fused_width(H._meta_ffn(configs["sparse_psf"]))
     builders = {"dense": (GPT2LMHeadModel, dense_config), "ideal": (GPT2LMHeadModel, H.gpt2_config(shape, n_inner=width))}
     builders.update({kind: (SparseGPT2LMHeadModel, cfg) for kind, cfg in configs.items()})
+    builders = {kind: b for kind, b in builders.items() if kind in kinds}
     if baseline is not None:
         modeling, _, commit = baseline
-        builders.update({f"{kind}@{commit[:8]}": (modeling.SparseGPT2LMHeadModel, cfg) for kind, cfg in configs.items()})
+        builders.update({f"{kind}@{commit[:8]}": (modeling.SparseGPT2LMHeadModel, cfg) for kind, cfg in configs.items()
+                         if kind in kinds})
     models = {}
     for kind, (cls, cfg) in builders.items():
         torch.manual_seed(0)
@@ -131,18 +142,20 @@ def inner_width(model) -> int:
 
 
 # ---------------------------------------------------------------------------- the calls
-def calls_of(model) -> dict:
-    """``{call: (setup, step)}``: ``setup`` runs untimed before each timed ``step``."""
+def calls_of(model, calls=CALLS) -> dict:
+    """``{call: (setup, step)}`` for ``calls``: ``setup`` runs untimed before each timed ``step``."""
     ids = torch.randint(1, SHAPE["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(model.device)
 
     def prefill():
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    out = {"prefill": (lambda: None, prefill)}
+    out = {"prefill": (lambda: None, prefill)} if "prefill" in calls else {}
     padded = torch.ones_like(ids)
     padded[:, 0] = 0
     for call, cache_implementation, mask in (("decode_dynamic", None, None), ("decode_static", "static", None),
                                              ("decode_dynamic_padded", None, padded)):
+        if call not in calls:
+            continue
         args, kwargs = recorded_decode_step(model, ids, cache_implementation, mask)
         cache = next(v for k, v in kwargs.items() if k in ("cache", "past_key_values"))
 
@@ -257,16 +270,30 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="a check of this script: 1 and 2 blocks, 2 rounds of 2 calls")
     p.add_argument("--compile", action="store_true",
                    help="each block under torch.compile (regional, as bench_e2e's compiled rows); --device cuda only")
+    p.add_argument("--models", default=None,
+                   help=f"comma list of {','.join(MODELS)} (default: all; with --compile {','.join(COMPILE_DEFAULT[0])})")
+    p.add_argument("--call-kinds", default=None,
+                   help=f"comma list of {','.join(CALLS)} (default: all; with --compile {','.join(COMPILE_DEFAULT[1])})")
     args = p.parse_args(argv)
     if args.compile and not args.device.startswith("cuda"):
         p.error("--compile: needs --device cuda (the compiled blocks launch the kernels themselves: nothing to stub)")
+    for flag, known, compiled in (("models", MODELS, COMPILE_DEFAULT[0]), ("call_kinds", CALLS, COMPILE_DEFAULT[1])):
+        given = getattr(args, flag)
+        chosen = (H.csv(given) or []) if given is not None else list(compiled if args.compile else known)
+        unknown = [v for v in chosen if v not in known]
+        name = "--" + flag.replace("_", "-")
+        if unknown or not chosen:
+            p.error(f"{name}: unknown {unknown}; choose from {','.join(known)}" if unknown else f"{name}: none given")
+        setattr(args, flag, [v for v in known if v in chosen])  # in the table's order
+    if "ideal" not in args.models:
+        p.error("--models: the ideal is always measured (every row is also its difference to the ideal's); add ideal")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.smoke:
         args.layers, args.rounds, args.calls, args.profile_calls = "1,2", 2, 2, 2
     return args
 
 
-def summarise(samples: dict, counts: dict, kinds, layers) -> list:
+def summarise(samples: dict, counts: dict, kinds, layers, calls=CALLS) -> list:
     """Rows per (model, call): medians over rounds of the per-round slope and intercept, and of
     the per-round difference to the ideal's (each round's samples are paired)."""
     lo, hi = layers
@@ -284,7 +311,7 @@ def summarise(samples: dict, counts: dict, kinds, layers) -> list:
     med = statistics.median
     rows = []
     for kind in kinds:
-        for call in CALLS:
+        for call in calls:
             low, high = counts[(kind, lo, call)], counts[(kind, hi, call)]
             ideal_low, ideal_high = counts[("ideal", lo, call)], counts[("ideal", hi, call)]
             per_block = {n: (high["top_level"].get(n, 0) - low["top_level"].get(n, 0)) / (hi - lo)
@@ -332,14 +359,14 @@ def main(argv=None):
     H.warn_if_dirty(env)
     launch = "real launches (Triton and CUDA), a synchronize before each call" if gpu else "triton launcher stubbed (run is a no-op)"
     settings = dict(device=args.device, compile=args.compile, shape=SHAPE, prompt=PROMPT, layers=layers, dtype=args.dtype, rounds=args.rounds,
-                    calls=args.calls, threads=1, ffn_flops_ratio=0.4, launch=launch,
+                    calls=args.calls, models=args.models, call_kinds=args.call_kinds, threads=1, ffn_flops_ratio=0.4, launch=launch,
                     clock="time.thread_time_ns (CPU time of the calling thread)",
                     baseline=dict(rev=args.baseline_rev, commit=baseline[2]) if baseline else None)
     result = dict(benchmark="profile_host", environment=env, settings=settings)
     stub = LaunchStub([ffn_kernels] + ([baseline[1]] if baseline else []), stub=not gpu)
     sync = torch.cuda.synchronize if gpu else None
     with stub, torch.no_grad():
-        models = {n: build(n, H.DTYPES[args.dtype], baseline, args.device) for n in layers}
+        models = {n: build(n, H.DTYPES[args.dtype], baseline, args.device, args.models) for n in layers}
         if args.compile:  # compiled on the first (warm-up) call of each variant
             H.reset_compiler()
             for model in (m for by_kind in models.values() for m in by_kind.values()):
@@ -348,7 +375,7 @@ def main(argv=None):
         kinds = list(models[layers[0]])
         result["models"] = {k: dict(inner=inner_width(m), components=getattr(m.config, "sparse_components", None))
                             for k, m in models[layers[0]].items()}
-        variants = {(k, n, c): fns for n in layers for k in kinds for c, fns in calls_of(models[n][k]).items()}
+        variants = {(k, n, c): fns for n in layers for k in kinds for c, fns in calls_of(models[n][k], args.call_kinds).items()}
         print(f"{len(variants)} variants built in {time.perf_counter() - t0:.1f} s", flush=True)
         counts = {key: dict(dispatched_ops(*fns, stub), python_calls=python_calls(*fns)) for key, fns in variants.items()}
         for fns in variants.values():  # warm-up
@@ -359,17 +386,16 @@ def main(argv=None):
                 gc.collect()
                 samples[key].append(timed_us(*fns, args.calls, sync))
             print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - t0:.0f} s", flush=True)
-        result["rows"] = summarise(samples, counts, kinds, layers)
+        result["rows"] = summarise(samples, counts, kinds, layers, args.call_kinds)
         result["samples_us_per_call"] = {f"{k}/{n}/{c}": v for (k, n, c), v in samples.items()}
-        decode = variants[("sparse_psf", layers[1], "decode_dynamic")]
-        result["cprofile_sparse_psf_decode_dynamic"] = dict(
-            layers=layers[1], calls=args.profile_calls, functions=profile_functions(*decode, args.profile_calls, 40))
-        prefill = variants[("sparse_poly", layers[1], "prefill")]  # the default's: where compiled prefill loses
-        result["cprofile_sparse_poly_prefill"] = dict(
-            layers=layers[1], calls=args.profile_calls, functions=profile_functions(*prefill, args.profile_calls, 40))
+        # the default's prefill (where compiled prefill loses) and the feedback model's decode step, where measured
+        for kind, call in (("sparse_psf", "decode_dynamic"), ("sparse_poly", "prefill")):
+            if (kind, layers[1], call) in variants:
+                result[f"cprofile_{kind}_{call}"] = dict(layers=layers[1], calls=args.profile_calls, functions=profile_functions(
+                    *variants[(kind, layers[1], call)], args.profile_calls, 40))
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print_table(result["rows"], layers, launch)
-    for key in ("cprofile_sparse_psf_decode_dynamic", "cprofile_sparse_poly_prefill"):
+    for key in (k for k in result if k.startswith("cprofile_")):
         print(f"\ncProfile, {key[9:]} at {layers[1]} blocks: own us per call")
         for f in result[key]["functions"][:25]:
             print(f"  {f['own_us']:8.1f}  x{f['calls']:<5g} {f['function']}")

@@ -237,6 +237,29 @@ def test_profile_host_compile_needs_a_gpu():
     assert P.parse_args(["--compile", "--device", "cuda"]).compile
 
 
+def test_profile_host_measures_the_chosen_models_and_calls_beside_the_ideal(tmp_path):
+    """--models / --call-kinds: only those rows are built and timed (--compile defaults to the compiled question's
+    few, so compiling fits a device call); the ideal cannot be left out, and an unknown name is refused."""
+    from benchmarks import profile_host as P
+    from modeling_sparse_gpt2 import ffn_kernels
+
+    args = P.parse_args(["--compile", "--device", "cuda"])
+    assert (args.models, args.call_kinds) == (list(P.COMPILE_DEFAULT[0]), list(P.COMPILE_DEFAULT[1]))
+    assert P.parse_args(["--call-kinds", "decode_static,prefill"]).call_kinds == ["prefill", "decode_static"]  # the table's order
+    assert (P.parse_args([]).models, P.parse_args([]).call_kinds) == (list(P.MODELS), list(P.CALLS))
+    for bad in (["--models", "sparse_poly"], ["--models", "ideal,gelu"], ["--call-kinds", "decode"], ["--call-kinds", ""]):
+        with pytest.raises(SystemExit):
+            P.parse_args(bad)
+    if ffn_kernels.triton is None:
+        pytest.skip("profile_host stubs Triton's launcher")
+    result = P.main(["--smoke", "--models", "ideal,sparse_poly", "--call-kinds", "prefill", "--output", str(tmp_path / "h.json")])
+    assert [(r["model"], r["call"]) for r in result["rows"]] == [("ideal", "prefill"), ("sparse_poly", "prefill")]
+    assert set(result["models"]) == {"ideal", "sparse_poly"} and "cprofile_sparse_poly_prefill" in result
+    assert "cprofile_sparse_psf_decode_dynamic" not in result
+    assert {key.split("/")[2] for key in result["samples_us_per_call"]} == {"prefill"}  # nothing else was timed
+    assert json.loads((tmp_path / "h.json").read_text())["rows"] == result["rows"]
+
+
 # ---------------------------------------------------------------------------- the long benchmarks (slow)
 def run_module(module, *args, timeout=900):
     res = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=ROOT, env=ENV, capture_output=True,
