@@ -318,3 +318,44 @@ def test_chebyshev_fit_error_falls_with_the_degree_and_grows_with_the_domain(tmp
     assert 0.01 < err[(8.0, 8)] < 0.2 and json.loads(out.read_text())["rows"] == rows
     with pytest.raises(SystemExit, match="--degrees"):
         chebyshev_fit_error.main(["--degrees", "eight"])
+
+
+# ---------------------------------------------------------------------------- a device sitting (sitting.sh)
+def run_sitting(env, timeout=600):
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "sitting.sh")], env=dict(ENV, **env),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_sitting_refuses_missing_tokens_or_tokenizer_in_one_line_before_writing_anything(tmp_path):
+    job, tokens = tmp_path / "job", tmp_path / "tokens"
+    tokens.mkdir()
+    env = {"JOB_DIR": str(job), "TOKENS": "", "TOKENIZER": ""}
+    cases = [({}, "TOKENS: not set"), ({"TOKENS": str(tokens)}, "TOKENS: no train.npy or train.npy.xz"),
+             ({"TOKENS": str(tokens), "TOKENIZER": str(tmp_path)}, "TOKENIZER: not a folder with GPT-2's vocab.json")]
+    for given, problem in cases:
+        if given.get("TOKENIZER"):  # the tokens are there now (compressed): the tokenizer is what is missing
+            for split in ("train", "validation"):
+                (tokens / f"{split}.npy.xz").write_bytes(b"")
+        res = run_sitting(dict(env, **given))
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and problem in res.stderr, res.stderr
+        assert not job.exists()
+
+
+@pytest.mark.slow
+def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_its_folder(tmp_path):
+    """SMOKE=1: every step of a sitting on the CPU; the curve row it was given is healed to its last point,
+    a malformed row is reported, and a second call in the same folder resumes the curve (nothing re-healed)."""
+    job = tmp_path / "job"
+    env = {"SMOKE": "1", "JOB_DIR": str(job), "JOB_SECONDS": "500", "TAIL_S": "60", "ROWS": "0.4 prune_ls;oops"}
+    res = run_sitting(env)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "ROWS: 'oops' is not 'RATIO METHOD'" in res.stdout
+    for name in ("host_cost.json", "speed.json", "curve/healing_curve.json", "curve/healing_curve.md", "sitting.log"):
+        assert (job / name).is_file(), name
+    curve = json.loads((job / "curve" / "healing_curve.json").read_text())
+    assert [(r["key"], r["status"]) for r in curve["rows"]] == [("prune_ls@0.4", "done")]
+    assert json.loads((job / "speed.json").read_text())["settings"]["sections"] == ["decode", "e2e"]
+    again = run_sitting(dict(env, ROWS="0.4 prune_ls", SPEED_SECTIONS="decode"))
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "all rows done" in (job / "curve_prune_ls_0.4.log").read_text()
+    assert json.loads((job / "curve" / "healing_curve.json").read_text())["rows"] == curve["rows"]
