@@ -293,6 +293,7 @@ def host_cost(n=1000):
 
     from benchmarks.harness import LaunchStub
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
         try:
@@ -335,6 +336,7 @@ def host_cost(n=1000):
             return out
         finally:
             fk.EAGER_DIRECT = True
+            torch.set_num_threads(threads)
 
 
 def main(argv=None):

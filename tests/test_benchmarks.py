@@ -252,7 +252,10 @@ def test_profile_host_measures_the_chosen_models_and_calls_beside_the_ideal(tmp_
             P.parse_args(bad)
     if ffn_kernels.triton is None:
         pytest.skip("profile_host stubs Triton's launcher")
+    threads = torch.get_num_threads()
     result = P.main(["--smoke", "--models", "ideal,sparse_poly", "--call-kinds", "prefill", "--output", str(tmp_path / "h.json")])
+    # the process's settings come back as they were: one thread and flushed denormals broke later tests
+    assert torch.get_num_threads() == threads and torch.tensor(1e-40).item() != 0.0
     assert [(r["model"], r["call"]) for r in result["rows"]] == [("ideal", "prefill"), ("sparse_poly", "prefill")]
     assert set(result["models"]) == {"ideal", "sparse_poly"} and "cprofile_sparse_poly_prefill" in result
     assert "cprofile_sparse_psf_decode_dynamic" not in result
