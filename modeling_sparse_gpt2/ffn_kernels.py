@@ -130,7 +130,7 @@ def sparse_ffn_activation_reference(
         if n_gates:
             a = a * (2 * torch.sigmoid(x[..., n_act + i : n_act + i + 1]))
         scaled.append(a)
-    return torch.cat(scaled, dim=-1).to(h.dtype)
+    return (torch.cat(scaled, dim=-1) if len(scaled) > 1 else scaled[0]).to(h.dtype)  # one segment: no copy
 
 
 def _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):

@@ -17,6 +17,7 @@ FLOPs per token: matmul 4·d·m; elementwise m·(3·(deg-1) + 2·(deg+1) + 6).
 """
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,68 @@ def gelu_fit_error(h: torch.Tensor, coeffs, mask, domain: float, degree: int) ->
     return float((a - target).norm() / target.norm())
 
 
-# Elements (rows x columns) per chunk of ``ChebyshevActivation`` (512 KB fp32 buffers: in L2/L3). Tuned on
-# the 2-core CPU: per-op dispatch (~10 us there) dominates below ~64K, the whole tensor (~6 MB) is 2x slower.
-CHUNK_ELEMENTS = 128 * 1024
+# Elements (rows x columns) per chunk of ``ChebyshevActivation`` (1 MB fp32 buffers, nine of them in the
+# backward: in L2/L3). Tuned on the 2-core CPU (1,024 x 1,216 elements, interleaved runs): 256K took 0.85-0.9x
+# the time of 128K forward and backward, 64K 1.3x (per-op dispatch, ~10 us there), the whole tensor 2x.
+CHUNK_ELEMENTS = 256 * 1024
+# Up to this degree ``ChebyshevActivation`` evaluates the series in the power basis (Horner: one pass
+# per degree, Clenshaw takes two). The basis change multiplies coefficients by up to 2^(degree-1)
+# (T_8 = 128 t^8 - 256 t^6 + ...), and fp32 rounding with them: about 1e-5 at degree 8; above it, Clenshaw.
+POWER_BASIS_MAX_DEGREE = 8
+
+
+@lru_cache(maxsize=None)
+def _chebyshev_to_power(degree: int) -> torch.Tensor:
+    """``M`` (fp64, CPU) with T_i(t) = sum_p M[i, p] t^p for i, p <= degree: so a series c (Chebyshev)
+    is e = M^T c in powers, and the moments m_p = sum g t^p give sum g T_i = (M m)_i."""
+    m = torch.zeros(degree + 1, degree + 1, dtype=torch.float64)
+    m[0, 0] = 1.0
+    if degree >= 1:
+        m[1, 1] = 1.0
+    for i in range(2, degree + 1):  # T_i = 2 t T_{i-1} - T_{i-2}
+        m[i, 1:] = 2 * m[i - 1, :-1]
+        m[i] -= m[i - 2]
+    return m
+
+
+def _power_series(cols: torch.Tensor, degree: int) -> tuple:
+    """``(e, even)``: the series ``cols`` (degree+1, P) in the power basis, in cols' dtype, and whether
+    it is T_1 plus even terms (its odd powers above t exactly zero, as for the default GELU fit)."""
+    e = (_chebyshev_to_power(degree).to(cols.device).T @ cols.double()).to(cols.dtype)
+    return e, degree >= 2 and not bool(e[3::2].any())
+
+
+def _horner(a, x, out):
+    """sum_k a[k] x^k into ``out`` (a: (K, P), P broadcasting over the columns): K - 1 passes."""
+    n = a.shape[0] - 1
+    if n == 0:
+        return out.copy_(a[0].expand_as(out))
+    torch.addcmul(a[n - 1], x, a[n], out=out)
+    for k in range(n - 2, -1, -1):
+        torch.addcmul(a[k], out, x, out=out)
+    return out
+
+
+def _power_value(e, even, t, u, out):
+    """f(t) = sum_p e_p t^p; when ``even``, e_1 t + sum_j e_2j u^j with u = t^2 (half the passes)."""
+    if not even:
+        return _horner(e, t, out)
+    _horner(e[0::2], u, out)
+    return out.addcmul_(t, e[1])
+
+
+def _power_slope_series(e, domain: float):
+    """The coefficients a_q of f'(t) / s = sum_q a_q t^q, a_q = (q + 1) e_{q+1} / s."""
+    return e[1:] * (torch.arange(1, e.shape[0], dtype=e.dtype, device=e.device)[:, None] / domain)
+
+
+def _power_slope(a, even, t, u, out):
+    """f'(t) / s from ``_power_slope_series``; when ``even`` (f is e_1 t plus even powers, so f' is a_0
+    plus odd powers), a_0 + t sum_j a_{2j+1} u^j with u = t^2."""
+    if not even:
+        return _horner(a, t, out)
+    _horner(a[1::2], u, out)
+    return torch.addcmul(a[0], out, t, out=out)
 
 
 def _clenshaw(a, t, two_t, out, spare):
@@ -126,16 +186,19 @@ def _clenshaw(a, t, two_t, out, spare):
 class ChebyshevActivation(torch.autograd.Function):
     """``chebyshev_activation`` with a hand-written backward, over chunks of ``CHUNK_ELEMENTS``.
 
-    forward:  t = clamp(h/s, -1, 1);  a = sum_i c_i T_i(t) + relu(h - s)         (Clenshaw on T)
-    backward: dh = g * (f'(t)/s * [|h/s| <= 1] + [h > s]),  f' = sum_i i c_i U_{i-1}(t)  (on U)
+    forward:  t = clamp(h/s, -1, 1);  a = f(t) + relu(h - s),  f = sum_i c_i T_i
+    backward: dh = g * (f'(t)/s * [|h/s| <= 1] + [h > s])
               dc_i = sum over tokens of g * T_i(t)   (per neuron, or over everything when shared)
     The same math as ``chebyshev_activation_autograd`` (its clamp passes the gradient at |h/s| = 1,
     its relu none at h = s), but autograd streams ~3 full tensors per degree forward and ~6 backward
-    through memory; here each chunk's recurrence stays in cache (preallocated buffers, in-place
-    ops), the coefficient gradient is one matmul or one reduction per chunk, and only h is saved.
-    Computes in promote_types(h, fp32) and returns h's dtype. ``c`` is the masked series,
+    through memory; here each chunk's work stays in cache (preallocated buffers, in-place ops) and
+    only h is saved. Up to ``POWER_BASIS_MAX_DEGREE`` f and f' are evaluated in the power basis by
+    Horner's rule (one pass per degree; for the default series, T_1 plus even terms, half of that
+    in u = t^2), above it by Clenshaw's recurrence on T and U (two passes per degree); the
+    coefficient gradients always come from T_i itself (one addcmul and one dot or column sum per
+    degree). Computes in promote_types(h, fp32) and returns h's dtype. ``c`` is the masked series,
     (degree+1,) or (P, degree+1) with P in (1, h.shape[-1]). Not twice differentiable.
-    Passes per chunk: forward 2·deg + 4, backward 4·deg + 8.
+    Passes per chunk at degree 8, default series: forward 11, backward about 36 (Clenshaw: 22, 48).
     """
 
     @staticmethod
@@ -146,13 +209,18 @@ class ChebyshevActivation(torch.autograd.Function):
         x2 = h.detach().reshape(-1, h.shape[-1] if h.dim() else 1)
         out = torch.empty(x2.shape, dtype=h.dtype, device=h.device)
         chunks = _Chunks(x2, cols.dtype)
+        power = degree <= POWER_BASIS_MAX_DEGREE
+        e, even = _power_series(cols, degree) if power else (None, False)
         t, two_t, s0, s1, s2 = (chunks.buffer() for _ in range(5))
         res = None if out.dtype == cols.dtype else chunks.buffer()
         for r0, r1, x in chunks:
             n = r1 - r0
-            t_, two_t_ = torch.div(x, domain, out=t[:n]).clamp_(-1.0, 1.0), torch.mul(t[:n], 2.0, out=two_t[:n])
+            t_ = torch.div(x, domain, out=t[:n]).clamp_(-1.0, 1.0)
             y = out[r0:r1] if res is None else res[:n]
-            _clenshaw(cols, t_, two_t_, y, (s0[:n], s1[:n], s2[:n]))
+            if power:
+                _power_value(e, even, t_, torch.mul(t_, t_, out=two_t[:n]) if even else None, y)
+            else:
+                _clenshaw(cols, t_, torch.mul(t_, 2.0, out=two_t[:n]), y, (s0[:n], s1[:n], s2[:n]))
             y.add_(torch.sub(x, domain, out=t_).clamp_min_(0.0))
             if res is not None:
                 out[r0:r1].copy_(y)
@@ -168,45 +236,62 @@ class ChebyshevActivation(torch.autograd.Function):
         dtype, per_neuron = cols.dtype, cols.shape[1] > 1
         x2 = h.reshape(-1, h.shape[-1] if h.dim() else 1)
         g2 = grad.reshape(x2.shape)
-        # f'(t)/s = sum_k a_k U_k(t), a_k = (k+1) c_{k+1} / s
-        a_u = cols[1:] * (torch.arange(1, degree + 1, dtype=dtype, device=h.device)[:, None] / domain)
+        # f'(t)/s in the power basis (Horner) up to POWER_BASIS_MAX_DEGREE, else sum_k a_k U_k(t) with
+        # a_k = (k+1) c_{k+1} / s (Clenshaw on U)
+        power = 1 <= degree <= POWER_BASIS_MAX_DEGREE
+        if power:
+            e, even = _power_series(cols, degree)
+            a_p = _power_slope_series(e, domain)
+        else:
+            a_u = cols[1:] * (torch.arange(1, degree + 1, dtype=dtype, device=h.device)[:, None] / domain)
         gh = torch.empty(x2.shape, dtype=h.dtype, device=h.device) if need_h else None
         gc = torch.zeros(cols.shape, dtype=dtype, device=h.device) if need_c else None
         chunks = _Chunks(x2, dtype)
-        tb = chunks.stack(degree) if need_c and degree else None  # T_1..T_deg of a chunk; T_1 = t
-        t = tb[0] if tb is not None else chunks.buffer()
-        two_t, fp, s0, s1, s2 = (chunks.buffer() for _ in range(5))
-        inside, tail = chunks.buffer(torch.bool), chunks.buffer(torch.bool)
+        # The coefficient gradients sum g T_i, in the Chebyshev basis whatever the degree (moments sum g t^p
+        # would lose digits to the basis change), one term at a time in three rotating chunk buffers (in
+        # cache), each summed against g as it is made: T_i = sigma_i R_i with sigma_i = (-1)^(i // 2), so
+        # R_i = R_{i-2} + (-1)^(i+1) 2 t R_{i-1} is one addcmul (T's own 2 t T_{i-1} - T_{i-2} is two passes)
+        sigma = torch.tensor([(-1.0) ** (i // 2) for i in range(degree + 1)], dtype=dtype, device=h.device)[:, None]
+        one = torch.ones((), dtype=dtype, device=h.device)
+        t, two_t, fp, s0, s1, s2 = (chunks.buffer() for _ in range(6))
+        # the masks [|h/s| <= 1] and [h > s] as 0/1 in the compute dtype: a comparison into a bool tensor and
+        # arithmetic with one run 4-7x slower on the CPU than the same ops on floats
+        inside, tail = chunks.buffer(), chunks.buffer()
         gbuf = None if g2.dtype == dtype else chunks.buffer()
         for r0, r1, x in chunks:
             n = r1 - r0
             g = g2[r0:r1] if gbuf is None else gbuf[:n].copy_(g2[r0:r1])
+            g_flat = g.reshape(-1)  # (a copy only if grad is not contiguous: once per chunk)
             t_ = torch.div(x, domain, out=t[:n])
             torch.le(torch.abs(t_, out=fp[:n]), 1.0, out=inside[:n])
             torch.gt(x, domain, out=tail[:n])
             t_.clamp_(-1.0, 1.0)
-            two_t_ = torch.mul(t_, 2.0, out=two_t[:n])
+            two_t_ = None if power else torch.mul(t_, 2.0, out=two_t[:n])
             if need_h:
-                d = fp[:n].zero_() if degree == 0 else _clenshaw(a_u, two_t_, two_t_, fp[:n], (s0[:n], s1[:n], s2[:n]))
+                if degree == 0:
+                    d = fp[:n].zero_()
+                elif power:
+                    d = _power_slope(a_p, even, t_, torch.mul(t_, t_, out=s0[:n]) if even else None, fp[:n])
+                else:
+                    d = _clenshaw(a_u, two_t_, two_t_, fp[:n], (s0[:n], s1[:n], s2[:n]))
                 d.mul_(inside[:n]).add_(tail[:n])
                 if gh.dtype == dtype:
                     torch.mul(d, g, out=gh[r0:r1])
                 else:
                     gh[r0:r1].copy_(d.mul_(g))
-            if need_c:
-                if tb is not None:
-                    tn = tb[:, :n]
-                    if degree >= 2:
-                        torch.mul(two_t_, t_, out=tn[1]).sub_(1.0)
-                    for i in range(2, degree):
-                        torch.mul(two_t_, tn[i - 1], out=tn[i]).sub_(tn[i - 2])
-                    if per_neuron:
-                        gc[1:] += tn.mul_(g).sum(1)
-                    else:
-                        gc[1:, 0] += torch.mv(tn.reshape(degree, -1), g.reshape(-1))
+            if need_c:  # (the slope's buffers s0-s2 and fp are free again)
                 gc[0] += g.sum(0) if per_neuron else g.sum()
+                r_prev, r = one, t_  # R_0, R_1
+                for i in range(1, degree + 1):
+                    if i >= 2:  # R_i into the buffer R_{i-3} held
+                        out = (s0, s1, s2)[i % 3][:n]
+                        r_prev, r = r, torch.addcmul(r_prev, t_, r, value=2.0 if i % 2 else -2.0, out=out)
+                    if per_neuron:  # gc_i += sum g R_i, over the rows or over everything
+                        gc[i] += torch.mul(r, g, out=fp[:n]).sum(0)
+                    else:
+                        gc[i, 0] += torch.dot(r.reshape(-1), g_flat)
         grad_h = gh.reshape(h.shape) if need_h else None
-        grad_c = gc.T.reshape(c.shape).to(c.dtype) if need_c else None
+        grad_c = (gc * sigma).T.reshape(c.shape).to(c.dtype) if need_c else None  # sum g R_i -> sum g T_i
         return grad_h, grad_c, None, None
 
 

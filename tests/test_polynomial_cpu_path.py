@@ -1,6 +1,7 @@
 """The CPU path of the Chebyshev activation (``ChebyshevActivation``) against its specification
 (``chebyshev_activation_autograd``): values and gradients of h and of the coefficients, shared and
-per neuron, masked, beyond +-s, over chunk boundaries that do not divide the rows."""
+per neuron, masked (also as the default GELU series, T_1 plus even terms), beyond +-s, over chunk
+boundaries that do not divide the rows, in both of its evaluations (power basis and Clenshaw)."""
 
 import pytest
 import torch
@@ -16,13 +17,26 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(P, "CHUNK_ELEMENTS", 40)  # 3 rows of 13 columns: 7 rows end in a partial chunk
 
 
-def _inputs(shape, degree, per_neuron, dtype, seed=0):
+@pytest.fixture(params=["power", "clenshaw"])
+def basis(request, monkeypatch):
+    """Both evaluations of the series: Horner in the power basis (the default up to degree 8) and Clenshaw."""
+    monkeypatch.setattr(P, "POWER_BASIS_MAX_DEGREE", 8 if request.param == "power" else -1)
+    return request.param
+
+
+MASKS = {
+    "every_third_off": lambda i: i % 3 != 2,
+    "gelu": lambda i: (i < 2) | (i % 2 == 0),  # the conversion's default: T_0, T_1 and the even terms
+}
+
+
+def _inputs(shape, degree, per_neuron, dtype, seed=0, mask="every_third_off"):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 * DOMAIN  # many beyond +-s
     h.view(-1)[:4] = torch.tensor([DOMAIN, -DOMAIN, 3 * DOMAIN, -3 * DOMAIN], dtype=torch.float64)
     m = shape[-1]
     c = torch.randn((m, degree + 1) if per_neuron else (degree + 1,), generator=g, dtype=torch.float64)
-    mask = (torch.arange(degree + 1) % 3 != 2).double()  # some coefficients masked off
+    mask = MASKS[mask](torch.arange(degree + 1)).double()  # some coefficients masked off
     return h.to(dtype), c.to(dtype if dtype == torch.float64 else torch.float32), mask
 
 
@@ -33,10 +47,11 @@ def _grads(fn, h, c, mask, degree, gy):
     return y.detach(), h.grad, c.grad
 
 
-@pytest.mark.parametrize("degree", [0, 1, 2, 5, 8])
+@pytest.mark.parametrize("degree", [0, 1, 2, 5, 8, 12])
 @pytest.mark.parametrize("per_neuron", [False, True])
-def test_gradcheck_float64(small_chunks, degree, per_neuron):
-    h, c, mask = _inputs((7, 13), degree, per_neuron, torch.float64)
+@pytest.mark.parametrize("mask_kind", sorted(MASKS))
+def test_gradcheck_float64(small_chunks, basis, degree, per_neuron, mask_kind):
+    h, c, mask = _inputs((7, 13), degree, per_neuron, torch.float64, mask=mask_kind)
     h = h + 1e-3 * torch.sign(h) * (h.abs() == DOMAIN)  # no finite difference across the kinks at +-s
     fn = lambda h, c: ChebyshevActivation.apply(h, c * mask, DOMAIN, degree)
     assert torch.autograd.gradcheck(fn, (h.requires_grad_(), c.requires_grad_()))
@@ -45,9 +60,10 @@ def test_gradcheck_float64(small_chunks, degree, per_neuron):
 @pytest.mark.parametrize("shape", [(7, 13), (1, 13), (2, 5, 13), (13,)])
 @pytest.mark.parametrize("per_neuron", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_matches_the_autograd_specification(small_chunks, shape, per_neuron, dtype):
+@pytest.mark.parametrize("mask_kind", sorted(MASKS))
+def test_matches_the_autograd_specification(small_chunks, basis, shape, per_neuron, dtype, mask_kind):
     degree = 8
-    h, c, mask = _inputs(shape, degree, per_neuron, dtype)
+    h, c, mask = _inputs(shape, degree, per_neuron, dtype, mask=mask_kind)
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     y, gh, gc = _grads(chebyshev_activation, h, c, mask, degree, gy)
     # the specification in fp32 for half inputs (the CPU path computes in fp32 inside)
@@ -58,7 +74,7 @@ def test_matches_the_autograd_specification(small_chunks, shape, per_neuron, dty
     torch.testing.assert_close(y.to(wide), y_ref.to(dtype).to(wide), rtol=tol, atol=tol)
     torch.testing.assert_close(gh.to(wide), gh_ref.to(dtype).to(wide), rtol=tol, atol=tol)
     torch.testing.assert_close(gc, gc_ref, rtol=tol, atol=tol * h.numel())
-    assert (gc[..., 2::3] == 0).all()  # masked coefficients get no gradient
+    assert (gc[..., mask == 0] == 0).all()  # masked coefficients get no gradient
 
 
 def test_the_kinks_at_plus_minus_s_take_the_specifications_one_sided_gradients(small_chunks):
@@ -105,3 +121,17 @@ def test_mismatched_series_is_one_line_error():
         chebyshev_activation(torch.randn(4, 13), torch.randn(5, 9), 1.0, DOMAIN, 8)
     with pytest.raises(ValueError, match="degree\\+1"):
         chebyshev_activation(torch.randn(4, 13), torch.randn(13, 7), 1.0, DOMAIN, 8)
+
+
+def test_the_default_series_is_evaluated_in_u_and_other_series_in_t():
+    """Only a series whose odd powers above t vanish (the GELU fit: T_1 plus even terms) takes the
+    half-length evaluation in u = t^2; any odd term above T_1 keeps the full one."""
+    gelu = torch.tensor([0.8961, 1.5, 0.7109, 0.0, -0.1369, 0.0, 0.0374, 0.0, -0.0092])[:, None]
+    e, even = P._power_series(gelu, 8)
+    assert even and (e[3::2] == 0).all()
+    torch.testing.assert_close(e.T @ torch.tensor([0.3**p for p in range(9)]), torch.tensor(
+        [sum(c * P.chebyshev_basis(torch.tensor(0.3, dtype=torch.float64), 8)[i] for i, c in enumerate(gelu[:, 0].tolist()))],
+        dtype=torch.float32))
+    odd = gelu.clone()
+    odd[5] = 1e-3
+    assert not P._power_series(odd, 8)[1] and not P._power_series(gelu[:2], 1)[1]
