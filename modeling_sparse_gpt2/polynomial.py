@@ -216,8 +216,10 @@ class ChebyshevActivation(torch.autograd.Function):
         out = torch.empty(x2.shape, dtype=h.dtype, device=h.device)
         chunks = _Chunks(x2, cols.dtype)
         power = degree <= POWER_BASIS_MAX_DEGREE
-        e, even = _power_series(cols, degree) if power else (None, False)
-        t, two_t, s0, s1, s2 = (chunks.buffer() for _ in range(5))
+        # the series in powers, made once here for the backward too
+        e, even = ctx.power_series = _power_series(cols, degree) if power else (None, False)
+        t, two_t = chunks.buffer(), chunks.buffer()
+        s0, s1, s2 = (None,) * 3 if power else (chunks.buffer() for _ in range(3))  # Clenshaw's spares
         res = None if out.dtype == cols.dtype else chunks.buffer()
         for r0, r1, x in chunks:
             n = r1 - r0
@@ -244,9 +246,9 @@ class ChebyshevActivation(torch.autograd.Function):
         g2 = grad.reshape(x2.shape)
         # f'(t)/s in the power basis (Horner) up to POWER_BASIS_MAX_DEGREE, else sum_k a_k U_k(t) with
         # a_k = (k+1) c_{k+1} / s (Clenshaw on U)
-        power = 1 <= degree <= POWER_BASIS_MAX_DEGREE
+        e, even = ctx.power_series
+        power = e is not None
         if power:
-            e, even = _power_series(cols, degree)
             a_p = _power_slope_series(e, domain)
         else:
             a_u = cols[1:] * (torch.arange(1, degree + 1, dtype=dtype, device=h.device)[:, None] / domain)
@@ -259,7 +261,8 @@ class ChebyshevActivation(torch.autograd.Function):
         # R_i = R_{i-2} + (-1)^(i+1) 2 t R_{i-1} is one addcmul (T's own 2 t T_{i-1} - T_{i-2} is two passes)
         sigma = torch.tensor([(-1.0) ** (i // 2) for i in range(degree + 1)], dtype=dtype, device=h.device)[:, None]
         one = torch.ones((), dtype=dtype, device=h.device)
-        t, two_t, fp, s0, s1, s2 = (chunks.buffer() for _ in range(6))
+        t, fp, s0, s1, s2 = (chunks.buffer() for _ in range(5))
+        two_t = None if power else chunks.buffer()
         # the masks [|h/s| <= 1] and [h > s] as 0/1 in the compute dtype: a comparison into a bool tensor and
         # arithmetic with one run 4-7x slower on the CPU than the same ops on floats
         inside, tail = chunks.buffer(), chunks.buffer()
