@@ -9,7 +9,8 @@
     # smoke run of every section on the CPU, seconds
     python -m benchmarks.bench_all --tiny --device cpu --output /tmp/all.json
 
-Sections, in the order they run (each a benchmark module's ``bench`` on the shared results file):
+Sections (each a benchmark module's ``bench`` on the shared results file; they run in the order
+``--sections`` names them, so a short budget reaches the first ones):
 
 * ``ffn``: ``bench_ffn``, the FFN alone, d = 768/1024/1280/1600, 8 x 1,024 tokens, FFN FLOPs
   0.5/0.4/0.2, forward and forward+backward, eager and compiled;
@@ -80,10 +81,8 @@ def main(argv=None):
     H.configure_torch(S)
     results = H.Results(args.output, S, benchmark="bench_all")
     H.warm_gpu(S)
-    for name in SECTIONS:
+    for name in dict.fromkeys(sections):
         module = SECTIONS[name][0]
-        if name not in sections:
-            continue
         section_settings = module.settings(module.parse_args(section_argv(args, name)))
         print(f"[{name}] t={results.budget.elapsed():.0f}s", flush=True)
         try:

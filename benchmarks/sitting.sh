@@ -4,22 +4,26 @@
 #   JOB_SECONDS=1500 TOKENS=/data/tokens TOKENIZER=/data/gpt2-tokenizer \
 #     ROWS="0.2 sparse_gpt2_fit_domain;0.4 sparse_gpt2_all" bash benchmarks/sitting.sh
 #   SMOKE=1 JOB_DIR=/tmp/sitting bash benchmarks/sitting.sh        # the same steps on the CPU, tiny (a minute)
+#   HOST_STEPS= SPEED="ffn --ffn-args '--ratios 0.4'; decode --decode-args '--modes cuda_graphs'" ...  # speed only
 #
 # Steps, in order, each stopped by its share of the budget (a step cut short leaves what it finished):
-#   1. host work per block (profile_host, eager and --compile: its narrow compiled default), capped;
+#   1. host work per block (profile_host, eager and --compile: its narrow compiled default), capped; the
+#      profiles in HOST_STEPS ("eager compiled" by default, empty: none);
 #   2. the healing curve: the committed healing_curve.json is copied into $JOB_DIR/curve (once: a second
 #      call in the same JOB_DIR resumes it), the dense reference is trained or reused in $JOB_DIR/ref and
 #      checked against the stored rows'; each item of ROWS ("RATIO METHOD", ';'-separated) then heals as
 #      its own call until TAIL_S seconds are left. If the retrained reference is refused (it drifted), the
 #      rows go into $JOB_DIR/curve_new, a new curve, instead;
-#   3. the speed rows: bench_all with the sections in SPEED_SECTIONS and SPEED_ARGS, for what is left.
-# Everything lands in $JOB_DIR: logs (sitting.log, one per step), host_cost*.json, curve/, speed.json.
+#   3. the speed rows: one bench_all call per item of SPEED (';'-separated, each "SECTIONS [FLAGS...]" with
+#      shell quoting, e.g. "ffn --ffn-args '--ratios 0.4'"), in that order, each with what is left.
+# Everything lands in $JOB_DIR: logs (sitting.log, one per step), host_cost*.json, curve/, speed_N.json
+# (N: the item of SPEED).
 # Commit what it measured by copying those into docs/benchmarks/results/ and the curve folder.
 #
 # Environment: JOB_SECONDS (budget, default 1500), JOB_DIR (default ./sitting), TOKENS (a folder with
 # train.npy and validation.npy, or .npy.xz, from `sparse-gpt2 prepare-tokens`), TOKENIZER (GPT-2's BPE
-# folder, to train the reference), ROWS, TAIL_S (seconds kept for step 3, default 170), SPEED_SECTIONS
-# (default decode,e2e), SPEED_ARGS (extra bench_all flags), WHEELS (optional folder of wheels installed
+# folder, to train the reference), ROWS, TAIL_S (seconds kept for step 3, default 170), HOST_STEPS, SPEED
+# (default "decode,e2e"), WHEELS (optional folder of wheels installed
 # first with --no-deps into $JOB_DIR/site, for a machine image that lacks some of the dependencies).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +32,8 @@ START=$(date +%s)
 JOB_SECONDS=${JOB_SECONDS:-1500}
 JOB_DIR=$(realpath -m "${JOB_DIR:-sitting}")
 TAIL_S=${TAIL_S:-170}
-SPEED_SECTIONS=${SPEED_SECTIONS:-decode,e2e}
-SPEED_ARGS=${SPEED_ARGS:-}
+HOST_STEPS=${HOST_STEPS-eager compiled}
+SPEED=${SPEED-decode,e2e}
 SMOKE=${SMOKE:-}
 LOG=$JOB_DIR/sitting.log
 
@@ -73,6 +77,17 @@ else
     SEED_CURVE=docs/benchmarks/results/healing_curve/healing_curve.json
 fi
 
+for host in $HOST_STEPS; do
+    [ "$host" = eager ] || [ "$host" = compiled ] || die "HOST_STEPS: '$host' is neither eager nor compiled"
+done
+IFS=';' read -ra speed_items <<<"$SPEED"
+speed_words=()  # one line per item: its words, tab-separated, as the shell would split them
+for item in "${speed_items[@]}"; do
+    [ -n "${item// /}" ] || continue
+    words=$(python3 -c 'import shlex, sys; print("\t".join(shlex.split(sys.argv[1])))' "$item" 2>/dev/null) \
+        || die "SPEED: cannot split '$item' into words (unbalanced quotes?)"
+    speed_words+=("$words")
+done
 [ -z "${WHEELS:-}" ] || compgen -G "$WHEELS/*.whl" >/dev/null || die "WHEELS: no .whl files in $WHEELS"
 mkdir -p "$JOB_DIR" || die "JOB_DIR: cannot create $JOB_DIR"
 if [ -n "${WHEELS:-}" ]; then
@@ -91,10 +106,13 @@ fi
 CURVE_FLAGS+=(--work_dir "$JOB_DIR/ref")
 
 # 1. host work per block
-step host_eager 100 python -m benchmarks.profile_host "${HOST_FLAGS[@]}" --output "$JOB_DIR/host_cost.json"
-if [ -z "$SMOKE" ]; then
-    step host_compiled 170 python -m benchmarks.profile_host "${HOST_FLAGS[@]}" --compile --output "$JOB_DIR/host_cost_compiled.json"
-fi
+for host in $HOST_STEPS; do
+    if [ "$host" = eager ]; then
+        step host_eager 100 python -m benchmarks.profile_host "${HOST_FLAGS[@]}" --output "$JOB_DIR/host_cost.json"
+    elif [ -z "$SMOKE" ]; then  # compiling its variants takes minutes: not in a smoke run
+        step host_compiled 170 python -m benchmarks.profile_host "${HOST_FLAGS[@]}" --compile --output "$JOB_DIR/host_cost_compiled.json"
+    fi
+done
 
 # 2. the healing curve
 CURVE=$JOB_DIR/curve
@@ -126,7 +144,11 @@ if [ -n "${ROWS:-}" ]; then
 fi
 
 # 3. the speed rows
-read -ra extra <<<"$SPEED_ARGS"
-step speed $(($(left) - 20)) python -m benchmarks.bench_all "${SPEED_FLAGS[@]}" --sections "$SPEED_SECTIONS" \
-    --budget-s $(($(left) - 60)) --output "$JOB_DIR/speed.json" "${extra[@]}"
+n=0
+for words in "${speed_words[@]}"; do
+    n=$((n + 1))
+    IFS=$'\t' read -ra item <<<"$words"
+    step "speed_$n" $(($(left) - 20)) python -m benchmarks.bench_all "${SPEED_FLAGS[@]}" --sections "${item[0]}" \
+        --budget-s $(($(left) - 60)) --output "$JOB_DIR/speed_$n.json" "${item[@]:1}" || true
+done
 say "sitting done, $(left)s of the budget left"

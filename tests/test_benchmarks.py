@@ -179,12 +179,14 @@ def test_bench_healing_smoke(tmp_path):
     assert sparse["median_ms_vs_pruned"] == pytest.approx(sparse["median_ms"] / pruned["median_ms"])
 
 
-def test_bench_all_smoke_writes_every_section_asked_for(tmp_path, capsys):
+def test_bench_all_smoke_writes_every_section_asked_for_in_the_order_asked(tmp_path, capsys):
     data = smoke(bench_all, tmp_path, "--sections", "ffn_cpu,ffn", "--ffn-args", "--ratios 0.4")
     assert set(data) >= {"ffn", "ffn_cpu"} and not {"e2e", "decode", "healing"} & set(data)
     _ok(data["ffn"]["rows"] + data["ffn_cpu"]["rows"])
     assert {r["target"] for r in data["ffn"]["rows"]} == {None, 0.4} and data["ffn_cpu"]["settings"]["dtype"] == "fp32"
-    assert "sparse  @0.4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sparse  @0.4" in out
+    assert out.index("[ffn_cpu] t=") < out.index("[ffn] t="), "a short budget must reach the sections named first"
     with pytest.raises(SystemExit, match="--sections: unknown"):
         bench_all.main(TINY + ["--sections", "ffn,warp", "--output", str(tmp_path / "x.json")])
 
@@ -334,7 +336,9 @@ def test_sitting_refuses_missing_tokens_or_tokenizer_in_one_line_before_writing_
     tokens.mkdir()
     env = {"JOB_DIR": str(job), "TOKENS": "", "TOKENIZER": ""}
     cases = [({}, "TOKENS: not set"), ({"TOKENS": str(tokens)}, "TOKENS: no train.npy or train.npy.xz"),
-             ({"TOKENS": str(tokens), "TOKENIZER": str(tmp_path)}, "TOKENIZER: not a folder with GPT-2's vocab.json")]
+             ({"TOKENS": str(tokens), "TOKENIZER": str(tmp_path)}, "TOKENIZER: not a folder with GPT-2's vocab.json"),
+             ({"SMOKE": "1", "HOST_STEPS": "eager compild"}, "HOST_STEPS: 'compild' is neither eager nor compiled"),
+             ({"SMOKE": "1", "SPEED": "decode; ffn --ffn-args '--ratios 0.4"}, "SPEED: cannot split ' ffn --ffn-args")]
     for given, problem in cases:
         if given.get("TOKENIZER"):  # the tokens are there now (compressed): the tokenizer is what is missing
             for split in ("train", "validation"):
@@ -353,12 +357,17 @@ def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_i
     res = run_sitting(env)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "ROWS: 'oops' is not 'RATIO METHOD'" in res.stdout
-    for name in ("host_cost.json", "speed.json", "curve/healing_curve.json", "curve/healing_curve.md", "sitting.log"):
+    for name in ("host_cost.json", "speed_1.json", "curve/healing_curve.json", "curve/healing_curve.md", "sitting.log"):
         assert (job / name).is_file(), name
     curve = json.loads((job / "curve" / "healing_curve.json").read_text())
     assert [(r["key"], r["status"]) for r in curve["rows"]] == [("prune_ls@0.4", "done")]
-    assert json.loads((job / "speed.json").read_text())["settings"]["sections"] == ["decode", "e2e"]
-    again = run_sitting(dict(env, ROWS="0.4 prune_ls", SPEED_SECTIONS="decode"))
+    assert json.loads((job / "speed_1.json").read_text())["settings"]["sections"] == ["decode", "e2e"]
+    # no host work; two speed calls, the second with quoted flags of its own
+    again = run_sitting(dict(env, ROWS="0.4 prune_ls", HOST_STEPS="",
+                             SPEED="decode; ffn --ffn-args '--ratios 0.3 --modes eager'"))
     assert again.returncode == 0, again.stdout[-3000:]
+    assert "host_eager" not in again.stdout
+    ffn = json.loads((job / "speed_2.json").read_text())
+    assert ffn["settings"]["sections"] == ["ffn"] and {r["target"] for r in ffn["ffn"]["rows"]} == {None, 0.3}
     assert "all rows done" in (job / "curve_prune_ls_0.4.log").read_text()
     assert json.loads((job / "curve" / "healing_curve.json").read_text())["rows"] == curve["rows"]
