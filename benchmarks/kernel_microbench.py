@@ -17,7 +17,9 @@ the timings settle), eager for every width first, then under ``torch.compile``, 
 After the eager rows it times the op's backward by itself at each width (``_backward``: both
 kernels and the partial buffers; ``_param_grads``, the reductions of the partial sums), against
 ``gelu_backward`` of the ideal's width, with each kernel's GPU time from ``torch.profiler``, and
-at the first width under each backward tile of ``--sweep``. Rows past ``--budget-s`` seconds are
+at the first width under each backward tile of ``--sweep`` (wall time of ``_backward`` and each
+kernel's GPU time; a tile ending in ``r`` sums the coefficient gradients in registers,
+``BACKWARD_TILE["in_registers"]``). Rows past ``--budget-s`` seconds are
 skipped and listed (``skipped``). ``--host`` adds the op's host time per call on the CPU with
 Triton's launcher stubbed out (``host_cost``).
 
@@ -219,7 +221,8 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
     """The op's backward by itself at width d: ms per call of ``_backward`` (both kernels, the
     partial buffers, the token-gate row sums) and of the ``_param_grads`` reductions, against
     ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
-    ``_backward`` under each backward tile of ``sweep`` ((tokens, columns, warps) tuples)."""
+    ``_backward`` under each backward tile of ``sweep`` ((tokens, columns, warps, in_registers) tuples),
+    its wall time and its kernels' GPU times."""
     m, k, r = widths(d, ratio)
     mod = SparseMLP(d, m, k, r, token_gates).to(device)
     meta = mod.meta
@@ -239,26 +242,49 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
     row["gelu_backward_ms"] = cuda_time(lambda: torch.ops.aten.gelu_backward(gelu_g, gelu_h, approximate="tanh"))
     row["backward_vs_gelu"] = row["backward_ms"] / row["gelu_backward_ms"]
     if torch.cuda.is_available():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                bwd()
-            torch.cuda.synchronize()
-        kernels = {}
-        for e in prof.key_averages():
-            us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-            if us:
-                kernels[e.key] = us / 10 / 1e3  # ms per backward
-        row["kernel_ms"] = kernels
+        row["kernel_ms"] = kernel_ms(bwd)
     saved = dict(fk.BACKWARD_TILE)
     row["sweep"] = []
     try:
-        for bt, bc, warps in sweep:
-            fk.BACKWARD_TILE.update(tokens=bt, columns=bc, warps=warps)
-            row["sweep"].append(dict(tokens=bt, columns=bc, warps=warps, backward_ms=cuda_time(bwd)))
+        for bt, bc, warps, in_registers in sweep:
+            fk.BACKWARD_TILE.update(tokens=bt, columns=bc, warps=warps, in_registers=in_registers)
+            entry = dict(tokens=bt, columns=bc, warps=warps, in_registers=in_registers, backward_ms=cuda_time(bwd))
+            if torch.cuda.is_available():
+                entry["kernel_ms"] = kernel_ms(bwd)
+            row["sweep"].append(entry)
     finally:
         fk.BACKWARD_TILE.clear()
         fk.BACKWARD_TILE.update(saved)
     return row
+
+
+def kernel_ms(fn, calls=10) -> dict:
+    """GPU time per call of each kernel ``fn`` launches (``torch.profiler``, mean of ``calls`` calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us:
+            kernels[e.key] = us / calls / 1e3
+    return kernels
+
+
+def parse_sweep(spec: str) -> list:
+    """``--sweep``: comma-separated TOKENSxCOLUMNSxWARPS, each optionally ending in ``r`` (the
+    coefficient sums in registers), as (tokens, columns, warps, in_registers) tuples."""
+    tiles = []
+    for c in (c.strip() for c in spec.split(",")):
+        if not c:
+            continue
+        try:
+            bt, bc, warps = (int(v) for v in c.removesuffix("r").split("x"))
+        except ValueError:
+            raise SystemExit(f"--sweep: {c!r} is not TOKENSxCOLUMNSxWARPS[r], such as 64x128x8 or 4x128x4r") from None
+        tiles.append((bt, bc, warps, c.endswith("r")))
+    return tiles
 
 
 def host_us(fn, n=1000, reps=5):
@@ -346,8 +372,9 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sweep", default="32x64x4,64x64x8,128x64x8,64x128x8",
-                   help="backward tiles (tokens x columns x warps) timed at the first width; '' for none")
+    p.add_argument("--sweep", default="64x128x8,4x128x4r,8x128x8r,8x64x4r,16x64x4r,32x64x8",
+                   help="backward tiles (tokens x columns x warps, 'r': coefficient sums in registers) timed at "
+                        "the first width; '' for none")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
     p.add_argument("--budget-s", type=float, default=100.0, help="rows that would start after this many seconds are skipped")
     p.add_argument("--smoke", action="store_true",
@@ -355,17 +382,17 @@ def main(argv=None):
                         "TRITON_INTERPRET=1, else the reference)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
+    sweep = parse_sweep(args.sweep)
     t0 = time.perf_counter()
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.d, args.tokens = "64", 64
         TIMING.update(inner=1, reps=2, max_warmup=2)
-        sweep = [(8, 16, 4)]
+        sweep = [(8, 16, 4, False), (4, 16, 4, True)]
     else:
         if not torch.cuda.is_available() or fk.triton is None:
             sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")
         device, dtype = "cuda", torch.bfloat16
-        sweep = [tuple(int(v) for v in c.split("x")) for c in args.sweep.split(",") if c]
     torch.manual_seed(0)
     dims = [int(v) for v in args.d.split(",")]
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
@@ -431,7 +458,10 @@ def main(argv=None):
                 for name, ms in sorted(row.get("kernel_ms", {}).items(), key=lambda kv: -kv[1])[:6]:
                     print(f"    {ms:8.3f} ms  {name[:90]}")
                 for c in row["sweep"]:
-                    print(f"    tile {c['tokens']}x{c['columns']} warps {c['warps']}: {c['backward_ms']:.3f} ms")
+                    main_ms = c.get("kernel_ms", {}).get("_backward_kernel")
+                    print(f"    tile {c['tokens']}x{c['columns']} warps {c['warps']}"
+                          f"{' in registers' if c['in_registers'] else ''}: {c['backward_ms']:.3f} ms"
+                          + (f", _backward_kernel {main_ms:.3f} ms" if main_ms is not None else ""))
     if args.host or args.smoke:
         result["host_us_per_call_cpu"] = host_cost(n=50 if args.smoke else 1000)
         print("host time per call (CPU, launch stubbed), us:",

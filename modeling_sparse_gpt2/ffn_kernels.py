@@ -32,7 +32,10 @@ two kernels over disjoint columns: ``_backward_kernel`` on the polynomial and sp
 launches ``G`` programs per column tile (the same ``G`` for both); a program walks every G-th
 token tile and accumulates its gradient sums in fp32 registers as 2-D tiles ``[coefficient or tap,
 column]``: per token tile one token sum (``tl.sum`` over axis 0) per coefficient, landing on the
-tile's own column axis. At the end a program writes its partial sums once (no atomics) into its row
+tile's own column axis; with ``BACKWARD_TILE["in_registers"]`` the polynomial kernel instead keeps one
+``[BT, BC]`` tile per coefficient, adds to it elementwise on every token tile and sums its tokens once
+after the last (small tiles, no reduction inside the loop: see ``_backward_kernel``). At the end a
+program writes its partial sums once (no atomics) into its row
 of one buffer ``part`` (``_part_layout``; for shared coefficients the column reduction is done here,
 once); ``_param_grads`` reduces ``part`` with one sum over the programs and one over the column
 tiles' slots. The token-gate gradient of a row is a sum over columns, which the column tiles split,
@@ -71,9 +74,13 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
 # warps and its programs per column tile (None: fill the GPU). Backward 64x128, 8 warps: the fastest of
-# `kernel_microbench --sweep` on the H200 at d = 768, 8,192 tokens (0.59 ms; 64x64: 0.98, 128x64: 0.85).
+# `kernel_microbench --sweep` on the H200 at d = 768, 8,192 tokens (0.59 ms; 64x64: 0.98, 128x64: 0.85;
+# wall time of the whole backward call, host included). Compiled for sm_90 it needs more than 255
+# registers per thread and spills (`python -m benchmarks.kernel_registers`); ``in_registers`` with a
+# small tile (4x128, 4 warps: 105 registers, no spill) is the candidate, not yet timed on the GPU.
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 16, "token_programs": None}
+BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 16, "token_programs": None,
+                 "in_registers": False}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -360,15 +367,32 @@ if triton is not None:
             tl.store(slot_ptr + FB_IDX, tl.sum(tl.where((cols >= fb0) & (cols < n_act), acc_gate, 0.0), axis=0))
 
     @triton.jit
+    def _add_at(terms, i: tl.constexpr, v):
+        """``terms`` (a tuple of tiles) with ``v`` added to its i-th tile (tuples are immutable)."""
+        out = ()
+        for j in tl.static_range(len(terms)):
+            if j == i:
+                out = out + (terms[j] + v,)
+            else:
+                out = out + (terms[j],)
+        return out
+
+    @triton.jit
     def _backward_kernel(
         h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, part_ptr, row_part_ptr,
         T, n_tiles_t, n_tiles, n_prog_t, stride_hb, stride_ht, stride_gb, stride_gt,
         m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
         DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
-        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr,
     ):
         """Polynomial and spectral columns [0, m + k): grad_h, and the partial sums of the
-        coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``)."""
+        coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``).
+
+        Two ways to sum the coefficient and gate gradients over a program's tokens: per tile (one
+        ``tl.sum`` over the tile's tokens per coefficient, added into a ``[coefficient, column]``
+        tile), or ``IN_REGISTERS``: one ``[BT, BC]`` tile per coefficient (a tuple), added to
+        elementwise on every token tile and summed over its tokens once, after the program's last
+        tile (no cross-warp reduction or layout change inside the loop, for small tiles)."""
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
@@ -384,6 +408,11 @@ if triton is not None:
         # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
+        terms = ()  # IN_REGISTERS: sum of dL/da * g * tau * T_i(t) per element, one tile per i
+        if IN_REGISTERS:
+            for i in tl.static_range(DEGREE + 1):
+                terms = terms + (tl.zeros((BT, BC), dtype=tl.float32),)
+        gate_terms = tl.zeros((BT, BC), dtype=tl.float32)  # IN_REGISTERS: dL/dact * tau * a per element
         tile = pid_t
         while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
             b = (tile // n_tiles_t).to(tl.int64)
@@ -429,16 +458,27 @@ if triton is not None:
                 gp = tl.where(ok & is_poly[None, :], go * gate[None, :] * tau, 0.0)
                 t_prev = tl.full((BT, BC), 1.0, tl.float32)
                 t_cur = tc
-                acc_coeff += tl.where(di[:, None] == 0, tl.sum(gp, axis=0)[None, :], 0.0)
-                if DEGREE >= 1:
-                    acc_coeff += tl.where(di[:, None] == 1, tl.sum(gp * tc, axis=0)[None, :], 0.0)
+                if IN_REGISTERS:
+                    terms = _add_at(terms, 0, gp)
+                    if DEGREE >= 1:
+                        terms = _add_at(terms, 1, gp * tc)
+                else:
+                    acc_coeff += tl.where(di[:, None] == 0, tl.sum(gp, axis=0)[None, :], 0.0)
+                    if DEGREE >= 1:
+                        acc_coeff += tl.where(di[:, None] == 1, tl.sum(gp * tc, axis=0)[None, :], 0.0)
                 for i in tl.static_range(2, DEGREE + 1):
                     t_next = 2.0 * tc * t_cur - t_prev
                     t_prev = t_cur
                     t_cur = t_next
-                    acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
+                    if IN_REGISTERS:
+                        terms = _add_at(terms, i, gp * t_cur)
+                    else:
+                        acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
             gh = go * gate[None, :] * tau * da
-            acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
+            if IN_REGISTERS:
+                gate_terms += tl.where(ok, go * tau * a, 0.0)
+            else:
+                acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
             gh_rows = gh_ptr + b * stride_hb + t * stride_ht
             tl.store(gh_rows[:, None] + cols[None, :], gh.to(gh_ptr.dtype.element_ty), mask=ok)
             if TOKEN_GATES:
@@ -449,7 +489,16 @@ if triton is not None:
         # this program's partial sums, written once (layout: ``_part_layout``)
         row = part_ptr + pid_t * n_part
         slot = row + slot0 + pid_c * slot_width
-        if PER_NEURON:
+        if IN_REGISTERS:  # the token sums, once
+            acc_gate = tl.sum(gate_terms, axis=0)
+            for i in tl.static_range(DEGREE + 1):
+                coeff_sum = tl.sum(terms[i], axis=0)  # zeros on a tile without polynomial columns
+                if PER_NEURON:
+                    tl.store(row + cols * (DEGREE + 1) + i, coeff_sum, mask=is_poly)
+                else:
+                    tl.store(slot + i, tl.sum(coeff_sum, axis=0))
+            _gate_slots(slot + (0 if PER_NEURON else DEGREE + 1), acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+        elif PER_NEURON:
             tl.store(row + cols[None, :] * (DEGREE + 1) + di[:, None], acc_coeff,
                      mask=is_poly[None, :] & (di < DEGREE + 1)[:, None])
             _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
@@ -666,7 +715,7 @@ if triton is not None:
             _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
                 h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
                 m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
-                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], **flags,
+                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], IN_REGISTERS=BACKWARD_TILE["in_registers"], **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
             _launcher(_feedback_backward_kernel, (programs, n_tiles_f), direct)(

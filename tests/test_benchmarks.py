@@ -1,5 +1,6 @@
 """The benchmarks: their honesty rules (harness) and a CPU smoke run of each in the default test run."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -371,3 +372,28 @@ def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_i
     assert ffn["settings"]["sections"] == ["ffn"] and {r["target"] for r in ffn["ffn"]["rows"]} == {None, 0.3}
     assert "all rows done" in (job / "curve_prune_ls_0.4.log").read_text()
     assert json.loads((job / "curve" / "healing_curve.json").read_text())["rows"] == curve["rows"]
+
+
+# ---------------------------------------------------------------------------- kernel tiles offline (no GPU)
+def test_kernel_sweep_tiles_read_the_registers_suffix_and_refuse_malformed_ones():
+    from benchmarks.kernel_microbench import parse_sweep
+
+    assert parse_sweep("64x128x8, 4x128x4r,") == [(64, 128, 8, False), (4, 128, 4, True)]
+    with pytest.raises(SystemExit, match="--sweep: '4x128' is not TOKENSxCOLUMNSxWARPS"):
+        parse_sweep("64x128x8,4x128")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
+def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(tmp_path):
+    """The backward with its coefficient sums in registers exists to keep small tiles free of
+    cross-warp reductions and spills: compiled for sm_90 by triton's ptxas, it uses no local memory."""
+    from benchmarks import kernel_registers
+
+    out = tmp_path / "regs.json"
+    result = kernel_registers.main(["--tiles", "4x128x4r", "--output", str(out)])
+    forward, backward = result["rows"]
+    assert forward["kernel"] == "_forward_kernel" and backward["in_registers"] is True
+    for row in result["rows"]:
+        assert 0 < row["registers"] <= 255 and row["programs_per_sm"] >= 1
+    assert backward["spill_store_bytes"] == backward["spill_load_bytes"] == 0
+    assert json.loads(out.read_text())["rows"] == result["rows"]

@@ -123,6 +123,16 @@ def test_forward_backward_match_reference(case):
 
 
 @kernel_case
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_backward_with_coefficient_sums_in_registers_matches_reference(case, monkeypatch):
+    """``BACKWARD_TILE["in_registers"]``: the backward's coefficient and gate sums kept per element
+    across a program's token tiles and summed once at its end; the same gradients."""
+    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", True)
+    batch, tokens, m, k, r, token_gates, per_neuron, padded = case
+    check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
+
+
+@kernel_case
 def test_registered_ops_match_reference(monkeypatch):
     """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
     the same check through them."""

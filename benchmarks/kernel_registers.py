@@ -1,0 +1,116 @@
+"""Registers, spills and occupancy of the FFN's Triton kernels per tile, compiled for an H100/H200 (sm_90)
+on any machine: no GPU is needed, only triton (its bundled ptxas does the register allocation).
+
+    python -m benchmarks.kernel_registers                                  # the defaults and the sweep's tiles
+    python -m benchmarks.kernel_registers --tiles 64x128x8,4x128x4r --output docs/benchmarks/results/kernel_registers.json
+
+A kernel whose threads need more than 255 registers spills to local memory, and the registers per
+thread bound how many programs an SM keeps resident (65,536 registers, 64 warps per SM on sm_90):
+both are what a tile choice trades against the work per program. This is a static figure of the
+compiled code, not a timing; `kernel_microbench --sweep` times the same tiles on the GPU.
+Tiles: TOKENSxCOLUMNSxWARPS, a trailing ``r`` for the backward's coefficient sums in registers
+(``ffn_kernels.BACKWARD_TILE["in_registers"]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .kernel_microbench import parse_sweep
+
+TARGET_ARCH = 90
+REGISTERS_PER_SM, WARPS_PER_SM, MAX_REGISTERS = 65536, 64, 255
+BF16_POINTERS = {"h_ptr", "out_ptr", "gout_ptr", "gh_ptr"}  # the activations; the rest fp32, the mask int64
+
+
+def signature(kernel) -> dict:
+    """Argument types of a kernel of ``ffn_kernels`` as its launch in bf16 passes them."""
+    sig = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*bf16" if p.name in BF16_POINTERS else "*i64" if p.name == "mask_ptr" else "*fp32"
+        else:
+            sig[p.name] = "fp32" if p.name == "domain" else "i32"
+    return sig
+
+
+def compile_stats(kernel, constants: dict, num_warps: int) -> dict:
+    """Compile ``kernel`` for sm_90 with ``constants`` and return ptxas's registers and spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton.compile(ASTSource(kernel, signature(kernel), constants),
+                              target=GPUTarget("cuda", TARGET_ARCH, 32), options=dict(num_warps=num_warps))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{TARGET_ARCH}a", str(ptx), "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+
+    def number(pattern):
+        found = re.search(pattern, info)
+        return int(found.group(1)) if found else 0
+
+    regs = number(r"Used (\d+) registers")
+    return dict(registers=regs, spill_store_bytes=number(r"(\d+) bytes spill stores"),
+                spill_load_bytes=number(r"(\d+) bytes spill loads"), shared_bytes=compiled.metadata.shared,
+                warps=num_warps, programs_per_sm=min(REGISTERS_PER_SM // (max(regs, 1) * 32 * num_warps),
+                                                     WARPS_PER_SM // num_warps))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", default="64x128x8,4x128x4r,8x128x8r,8x64x4r,16x64x4r,32x64x8",
+                   help="backward tiles, as kernel_microbench --sweep")
+    p.add_argument("--degree", type=int, default=8)
+    p.add_argument("--per-neuron", action="store_true", help="per-neuron Chebyshev coefficients")
+    p.add_argument("--token-gates", action="store_true")
+    p.add_argument("--output", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    tiles = parse_sweep(args.tiles)
+    try:
+        from modeling_sparse_gpt2 import ffn_kernels as fk
+    except ImportError as exc:  # the package itself imports without triton
+        sys.exit(f"kernel_registers: {exc}")
+    if fk.triton is None:
+        sys.exit("kernel_registers: needs triton (pip install triton)")
+    flags = dict(DEGREE=args.degree, PER_NEURON=args.per_neuron, TOKEN_GATES=args.token_gates)
+    dp = 1 << args.degree.bit_length()  # next power of two above the degree: DEGREE + 1 coefficients fit
+    rows = []
+    fwd = dict(fk.FORWARD_TILE)
+    rows.append(dict(kernel="_forward_kernel", tokens=fwd["tokens"], columns=fwd["columns"], in_registers=None,
+                     **compile_stats(fk._forward_kernel, dict(flags, WINDOW=1, HAS_MASK=False, HAS_STATE=False,
+                                                              WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
+                                                              BS=1), 4)))
+    for bt, bc, warps, in_registers in tiles:
+        stats = compile_stats(fk._backward_kernel, dict(flags, BT=bt, BC=bc, DP=dp, IN_REGISTERS=in_registers), warps)
+        rows.append(dict(kernel="_backward_kernel", tokens=bt, columns=bc, in_registers=in_registers, **stats))
+    print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}")
+    print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'programs/SM':>11s}")
+    for r in rows:
+        tile = f"{r['tokens']}x{r['columns']}x{r['warps']}{'r' if r['in_registers'] else ''}"
+        print(f"{r['kernel']:18s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
+              f" {r['shared_bytes']:6d} {r['programs_per_sm']:11d}")
+    result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,
+                  per_neuron=args.per_neuron, token_gates=args.token_gates, forward_tile=fwd,
+                  backward_tile=dict(fk.BACKWARD_TILE), rows=rows)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
