@@ -14,7 +14,9 @@
 #      checked against the stored rows'; each item of ROWS ("RATIO METHOD", ';'-separated) then heals as
 #      its own call until TAIL_S seconds are left. If the retrained reference is refused (it drifted), the
 #      rows go into $JOB_DIR/curve_new, a new curve, instead;
-#   3. the speed rows: one bench_all call per item of SPEED (';'-separated, each "SECTIONS [FLAGS...]" with
+#   3. EXTRA_STEPS: any other commands (';'-separated, each its own step extra_N, run by bash in the
+#      repository with $JOB_DIR set; e.g. a kernel sweep or the kernel tests on the GPU);
+#   4. the speed rows: one bench_all call per item of SPEED (';'-separated, each "SECTIONS [FLAGS...]" with
 #      shell quoting, e.g. "ffn --ffn-args '--ratios 0.4'"), in that order, each with what is left.
 # Everything lands in $JOB_DIR: logs (sitting.log, one per step), host_cost*.json, curve/, speed_N.json
 # (N: the item of SPEED).
@@ -22,7 +24,7 @@
 #
 # Environment: JOB_SECONDS (budget, default 1500), JOB_DIR (default ./sitting), TOKENS (a folder with
 # train.npy and validation.npy, or .npy.xz, from `sparse-gpt2 prepare-tokens`), TOKENIZER (GPT-2's BPE
-# folder, to train the reference), ROWS, TAIL_S (seconds kept for step 3, default 170), HOST_STEPS, SPEED
+# folder, to train the reference), ROWS, TAIL_S (seconds kept for steps 3-4, default 170), HOST_STEPS, EXTRA_STEPS, SPEED
 # (default "decode,e2e"), WHEELS (optional folder of wheels installed
 # first with --no-deps into $JOB_DIR/site, for a machine image that lacks some of the dependencies).
 set -uo pipefail
@@ -31,6 +33,7 @@ REPO=$PWD
 START=$(date +%s)
 JOB_SECONDS=${JOB_SECONDS:-1500}
 JOB_DIR=$(realpath -m "${JOB_DIR:-sitting}")
+export JOB_DIR  # EXTRA_STEPS write their outputs under it
 TAIL_S=${TAIL_S:-170}
 HOST_STEPS=${HOST_STEPS-eager compiled}
 SPEED=${SPEED-decode,e2e}
@@ -143,7 +146,16 @@ if [ -n "${ROWS:-}" ]; then
     done
 fi
 
-# 3. the speed rows
+# 3. other commands
+IFS=';' read -ra extra_items <<<"${EXTRA_STEPS:-}"
+n=0
+for item in "${extra_items[@]}"; do
+    [ -n "${item// /}" ] || continue
+    n=$((n + 1))
+    step "extra_$n" $(($(left) - 20)) bash -c "$item" || true
+done
+
+# 4. the speed rows
 n=0
 for words in "${speed_words[@]}"; do
     n=$((n + 1))

@@ -363,11 +363,11 @@ def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_i
     curve = json.loads((job / "curve" / "healing_curve.json").read_text())
     assert [(r["key"], r["status"]) for r in curve["rows"]] == [("prune_ls@0.4", "done")]
     assert json.loads((job / "speed_1.json").read_text())["settings"]["sections"] == ["decode", "e2e"]
-    # no host work; two speed calls, the second with quoted flags of its own
-    again = run_sitting(dict(env, ROWS="0.4 prune_ls", HOST_STEPS="",
+    # no host work; an extra command; two speed calls, the second with quoted flags of its own
+    again = run_sitting(dict(env, ROWS="0.4 prune_ls", HOST_STEPS="", EXTRA_STEPS="echo swept > $JOB_DIR/swept.txt",
                              SPEED="decode; ffn --ffn-args '--ratios 0.3 --modes eager'"))
     assert again.returncode == 0, again.stdout[-3000:]
-    assert "host_eager" not in again.stdout
+    assert "host_eager" not in again.stdout and (job / "swept.txt").read_text() == "swept\n"
     ffn = json.loads((job / "speed_2.json").read_text())
     assert ffn["settings"]["sections"] == ["ffn"] and {r["target"] for r in ffn["ffn"]["rows"]} == {None, 0.3}
     assert "all rows done" in (job / "curve_prune_ls_0.4.log").read_text()
