@@ -272,6 +272,11 @@ def kernel_ms(fn, calls=10) -> dict:
     return kernels
 
 
+# The backward tiles --sweep times by default: the default tile, tiles of four elements per thread with the
+# sums in registers (about 105 registers each on sm_90, `kernel_registers`), a non-spilling per-tile one.
+SWEEP = "64x128x8,4x128x4r,2x128x2r,4x256x8r,8x128x8r,32x64x8"
+
+
 def parse_sweep(spec: str) -> list:
     """``--sweep``: comma-separated TOKENSxCOLUMNSxWARPS, each optionally ending in ``r`` (the
     coefficient sums in registers), as (tokens, columns, warps, in_registers) tuples."""
@@ -372,7 +377,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--sweep", default="64x128x8,4x128x4r,8x128x8r,8x64x4r,16x64x4r,32x64x8",
+    p.add_argument("--sweep", default=SWEEP,
                    help="backward tiles (tokens x columns x warps, 'r': coefficient sums in registers) timed at "
                         "the first width; '' for none")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .kernel_microbench import parse_sweep
+from .kernel_microbench import SWEEP, parse_sweep
 
 TARGET_ARCH = 90
 REGISTERS_PER_SM, WARPS_PER_SM, MAX_REGISTERS = 65536, 64, 255
@@ -71,7 +71,7 @@ def compile_stats(kernel, constants: dict, num_warps: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiles", default="64x128x8,4x128x4r,8x128x8r,8x64x4r,16x64x4r,32x64x8",
+    p.add_argument("--tiles", default=SWEEP,
                    help="backward tiles, as kernel_microbench --sweep")
     p.add_argument("--degree", type=int, default=8)
     p.add_argument("--per-neuron", action="store_true", help="per-neuron Chebyshev coefficients")
