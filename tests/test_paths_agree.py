@@ -41,10 +41,15 @@ def models(draw):
         k_freq=draw(st.integers(2, 8)), tensor_blocks=draw(st.sampled_from([2, 4])),
         micro_group_size=draw(st.sampled_from([4, 8])),
     )  # fmt: skip
-    seed = draw(st.integers(0, 2**16))
+    return built(config, draw(st.integers(0, 2**16)))
+
+
+def built(config, seed):
+    """The model of ``config`` in float64, eval mode, with no FFN parameter left at its zero init (the
+    bias, token gates, feedback taps), so each one shows in the logits."""
     torch.manual_seed(seed)
     model = make_nonzero(SparseGPT2LMHeadModel(config), seed)
-    with torch.no_grad():  # no FFN parameter left at its zero init (the bias, token gates), so each one shows
+    with torch.no_grad():
         g = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
             if ".mlp." in name and p.is_floating_point() and not p.any():
@@ -81,6 +86,21 @@ def test_decoding_with_a_cache_equals_one_forward_over_random_configs(model, see
         cache = DynamicCache()
         steps = [model(ids[:, :prefill], cache=cache, use_cache=True).logits]
         for t in range(prefill, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=RTOL * whole.std().item(), rtol=0)
+
+
+def test_each_layer_decodes_with_its_own_feedback_state():
+    """Two layers with token feedback (window 3): decoding a token at a time with a cache equals one
+    forward only if each layer reads and advances its own state in the cache (the random configs above
+    draw two feedback layers in about one example of ten, so this case is pinned here)."""
+    model = built(tiny_config(n_layer=2, sparse_components=["polynomial", "feedback"], feedback_window=3), seed=0)
+    ids = tokens(0)
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache = DynamicCache()
+        steps = [model(ids[:, :2], cache=cache, use_cache=True).logits]
+        for t in range(2, ids.shape[1]):
             steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=RTOL * whole.std().item(), rtol=0)
 

@@ -75,7 +75,7 @@ MUTANTS = [
     ("M24", "modeling_sparse_gpt2.py", "inputs[TOKEN_MASK_KWARG] = token_mask.clone(memory_format=torch.contiguous_format)", "pass",
      "static cache: the token mask does not reach the feedback (issue 13.1)", PADDED_STATIC),
     ("M25", "modeling_sparse_gpt2.py", "            kwargs[TOKEN_MASK_KWARG] = mask", "            pass", "2-D padding mask not passed to the FFN (a direct forward with a mask)", FORMULA),
-    ("M26", "modeling_sparse_gpt2.py", "layer_idx = self.mlp.layer_idx if cache is not None else 0", "layer_idx = 0", "every layer shares one feedback state", CACHE),
+    ("M26", "modeling_sparse_gpt2.py", "layer_idx = mlp.layer_idx if cache is not None else 0", "layer_idx = 0", "every layer shares one feedback state", CACHE),
     ("M27", "modeling_sparse_gpt2.py", "        reorder_feedback_states(cache, beam_idx)\n", "", "beam reorder skips the feedback state", BEAMS),
     ("M28", "modeling_sparse_gpt2.py", "tokens = batch_size * (seq_len if seq_len is not None else self.config.n_positions)",
      "tokens = batch_size * self.config.n_positions", "flops_report ignores seq_len", FLOPS),
