@@ -29,6 +29,22 @@ def test_chebyshev_fit_approximates_gelu_on_its_domain():
     assert c[3::2].abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("reference", [True, False], ids=["specification", "cpu-function"])
+@pytest.mark.parametrize("degree", [3, 8, 12])
+def test_chebyshev_activation_is_the_cosine_series_with_a_flat_left_and_linear_right_tail(reference, degree):
+    """a(h) = sum_i c_i cos(i arccos(t)), t = clamp(h / s, -1, 1), plus relu(h - s): T_i from its
+    closed form, independent of the recurrences (the specification's and the CPU Function's power
+    basis / Clenshaw), inside the domain and on both sides of it."""
+    g = torch.Generator().manual_seed(degree)
+    c, s = torch.randn(degree + 1, generator=g, dtype=torch.float64), 3.0
+    c[degree // 2] = 0.0  # a masked term
+    h = torch.linspace(-2 * s, 2 * s, 401, dtype=torch.float64)
+    theta = torch.arccos((h / s).clamp(-1.0, 1.0))
+    want = sum(c[i] * torch.cos(i * theta) for i in range(degree + 1)) + torch.relu(h - s)
+    got = chebyshev_activation(h, c, torch.ones_like(c), s, degree, reference=reference)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * want.abs().max().item())
+
+
 def test_chebyshev_activation_is_finite_for_huge_inputs_in_every_dtype():
     c = chebyshev_fit(gelu_new, 12, 4.0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

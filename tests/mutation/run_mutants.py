@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PKG = "modeling_sparse_gpt2"
 
 FORMULA = ["tests/test_feedback_formula.py"]
-FUSED = ["tests/test_paths_agree.py", "-k", "fused"]
+FUSED = ["tests/test_paths_agree.py", "tests/test_components.py", "-k", "fused"]  # random configs + the pinned ones
 CACHE = ["tests/test_paths_agree.py", "-k", "cache"]
 PADDED_STATIC = ["tests/test_generation_cache.py", "-k", "tiny_config"]
 PADDED = ["tests/test_generation_cache.py", "-k", "dynamic"]
@@ -36,6 +36,7 @@ COMPONENTS = ["tests/test_components.py"]
 FLOPS = ["tests/test_flops.py", "-k", "analytic or dense_equivalent"]
 CONVERSION = ["tests/test_conversion.py", "-k", "least_squares or reproduce_the_dense or bit_identical or initialised"]
 DISTILL = ["tests/test_distillation_loss.py"]
+KERNELS = ["tests/test_kernels.py"]  # the Triton kernels, under the interpreter on a CPU
 
 # (id, file under modeling_sparse_gpt2/, original, replacement, what it breaks, tests)
 MUTANTS = [
@@ -56,8 +57,22 @@ MUTANTS = [
     ("M11", "feedback.py", 'return F.gelu(s, approximate="tanh")', "return s", "feedback without its gelu", FORMULA),
     ("M12", "feedback.py", "state.copy_(state.index_select(0, beam_idx.to(state.device)))", "pass", "beam search does not reorder the feedback state", BEAMS),
     ("M13", "feedback.py", "return 2 * self.rows * self.window + 8 * self.rows", "return 8 * self.rows", "feedback's elementwise FLOPs omit the convolution", FLOPS),
+    # ---- ffn_kernels.py: the Triton kernels (test_kernels runs them under TRITON_INTERPRET=1 on a CPU)
+    ("M37", "ffn_kernels.py", "\n            poly = c0.to(tl.float32) + tc * b1 - b2 + tl.maximum(x - domain, 0.0)",
+     "\n            poly = c0.to(tl.float32) + tc * b1 - b2", "forward kernel drops the linear tail", KERNELS),
+    ("M38", "ffn_kernels.py", "(b1 + tc * d1 - d2) / domain, 0.0) + tl.where(x > domain, 1.0, 0.0)",
+     "(b1 + tc * d1 - d2) / domain, 0.0)", "backward kernel drops the tail's slope from dL/dh", KERNELS),
+    ("M39", "ffn_kernels.py", "tl.sum(gp * t_cur, axis=0)[None, :], 0.0)", "tl.sum(gp * t_prev, axis=0)[None, :], 0.0)",
+     "backward per tile: T_(i-1) in the coefficient gradient of T_i", KERNELS),
+    ("M40", "ffn_kernels.py", "terms = _add_at(terms, i, gp * t_cur)", "terms = _add_at(terms, i, gp * t_prev)",
+     "backward in registers: T_(i-1) in the coefficient gradient of T_i", KERNELS),
     # ---- polynomial.py, spectral.py, tensor.py, micro.py, gates.py
-    ("M14", "polynomial.py", "t_prev, t_cur = t_cur, two_t * t_cur - t_prev", "t_prev, t_cur = t_cur, two_t * t_cur + t_prev", "wrong Chebyshev recurrence", COMPONENTS),
+    ("M14", "polynomial.py", "t_prev, t_cur = t_cur, two_t * t_cur - t_prev", "t_prev, t_cur = t_cur, two_t * t_cur + t_prev", "wrong Chebyshev recurrence (the specification)", COMPONENTS),
+    ("M41", "polynomial.py", "            y.add_(torch.sub(x, domain, out=t_).clamp_min_(0.0))", "            pass",
+     "CPU Function: the forward loses its linear tail", COMPONENTS),
+    ("M42", "polynomial.py", "torch.addcmul(r_prev, t_, r, value=2.0 if i % 2 else -2.0, out=out)",
+     "torch.addcmul(r_prev, t_, r, value=-2.0 if i % 2 else 2.0, out=out)", "CPU Function: wrong signs in the coefficient gradients' recurrence",
+     COMPONENTS + ["tests/test_polynomial_cpu_path.py"]),
     ("M15", "polynomial.py", "    return out + F.relu(h - domain)", "    return out", "activation loses its linear tail beyond the domain", COMPONENTS),
     ("M16", "polynomial.py", "active = torch.argsort(c.abs(), descending=True)[: self.num_terms]", "active = torch.argsort(c.abs(), descending=True)[: self.num_terms + 1]",
      "one Chebyshev coefficient too many", CONVERSION),
