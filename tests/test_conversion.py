@@ -356,3 +356,29 @@ def test_perplexity_matches_a_hand_computation():
         res = perplexity(model, tokens, 64, stride=32)
         assert res["tokens_scored"] == n == 149
         assert res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_spectral_frequencies_are_where_the_residual_lives():
+    """The spectral segment keeps the k DCT frequencies of x that carry the residual the kept neurons
+    leave: with a target whose unexplained part depends on x only through k planted frequencies (the
+    kept activations independent of x), the fit chooses exactly those, and its residual is the noise."""
+    from modeling_sparse_gpt2.configuration_sparse_gpt2 import SparseGPT2Config
+    from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
+    from modeling_sparse_gpt2.spectral import dct_rows
+    from modeling_sparse_gpt2.tooling.conversion import GramStats, fit_output_side
+
+    d, k = 32, 4
+    ffn = UltraEfficientSparseFFN(SparseGPT2Config(n_embd=d, n_layer=1, n_head=4, n_positions=16, vocab_size=97,
+                                                   sparse_components=["polynomial", "spectral"], k_freq=k), 0)
+    m = ffn.segment_widths[0]
+    g = torch.Generator().manual_seed(0)
+    planted = torch.tensor([3, 9, 17, 25])
+    x, a = torch.randn(4096, d, generator=g, dtype=torch.float64), torch.randn(4096, m, generator=g, dtype=torch.float64)
+    z = x @ dct_rows(planted, d).double().T  # x's planted frequency components
+    y = a @ torch.randn(m, d, generator=g, dtype=torch.float64) + z @ torch.randn(k, d, generator=g, dtype=torch.float64)
+    y = y + 1e-3 * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    stats = GramStats(m, d, "cpu")
+    stats.add(a, x, y)
+    residual, pruned_only = fit_output_side(ffn, stats, ridge=1e-9)
+    assert ffn.components["spectral"].freq_index.tolist() == planted.tolist()
+    assert residual.sum() < 1e-4 * pruned_only.sum()
