@@ -75,8 +75,8 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
 # warps and its programs per column tile (None: fill the GPU). Backward 64x128, 8 warps: the fastest of
 # `kernel_microbench --sweep` on the H200 at d = 768, 8,192 tokens (0.59 ms; 64x64: 0.98, 128x64: 0.85;
-# wall time of the whole backward call, host included). Compiled for sm_90 it needs more than 255
-# registers per thread and spills (`python -m benchmarks.kernel_registers`); ``in_registers`` with a
+# wall time of the whole backward call, host included). Compiled for sm_90 it uses all 255 registers
+# per thread and still spills (`python -m benchmarks.kernel_registers`); ``in_registers`` with a
 # small tile (4x128, 4 warps: 105 registers, no spill) is the candidate, not yet timed on the GPU.
 FORWARD_TILE = {"tokens": 32, "columns": 64}
 BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 16, "token_programs": None,
@@ -408,11 +408,11 @@ if triton is not None:
         # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
-        terms = ()  # IN_REGISTERS: sum of dL/da * g * tau * T_i(t) per element, one tile per i
-        if IN_REGISTERS:
+        if IN_REGISTERS:  # per element: dL/da * g * tau * T_i(t), one tile per i; dL/dact * tau * a
+            terms = ()
             for i in tl.static_range(DEGREE + 1):
                 terms = terms + (tl.zeros((BT, BC), dtype=tl.float32),)
-        gate_terms = tl.zeros((BT, BC), dtype=tl.float32)  # IN_REGISTERS: dL/dact * tau * a per element
+            gate_terms = tl.zeros((BT, BC), dtype=tl.float32)
         tile = pid_t
         while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
             b = (tile // n_tiles_t).to(tl.int64)
