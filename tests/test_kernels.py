@@ -189,7 +189,9 @@ def test_decode_state_with_autograd():
 
 
 @kernel_case
-def test_opcheck():
+@pytest.mark.parametrize("in_registers", [False, True], ids=["per-tile-sums", "sums-in-registers"])
+def test_opcheck(in_registers, monkeypatch):
+    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", in_registers)
     h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 2, 5, 2, 2, True, True, window=2, padded=True)
     tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
     grads = [coeffs.requires_grad_(), gates.requires_grad_(), fb_kernel.requires_grad_()]
