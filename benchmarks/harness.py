@@ -209,6 +209,22 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def one_thread(flush_denormal: bool = False):
+    """One intra-op thread (and, with ``flush_denormal``, denormals flushed to zero) inside the block; the
+    process's thread count and denormal mode are given back afterwards (a test run shares them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    if flush_denormal:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flush_denormal:
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+
+
 class LaunchStub:
     """Count Triton's kernel launches; with ``stub`` (the CPU) force the kernels path of each
     ``ffn_kernels`` module and make the launches no-ops, so the op's host work can be timed where

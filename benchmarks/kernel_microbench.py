@@ -322,11 +322,9 @@ def host_cost(n=1000):
     from modeling_sparse_gpt2.configuration_sparse_gpt2 import SparseGPT2Config
     from modeling_sparse_gpt2.sparse_ffn import UltraEfficientSparseFFN
 
-    from benchmarks.harness import LaunchStub
+    from benchmarks.harness import LaunchStub, one_thread
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
+    with one_thread(), LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
         try:
             mod = SparseMLP(64, 40, 4, 4, token_gates=True)
             meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
@@ -367,7 +365,6 @@ def host_cost(n=1000):
             return out
         finally:
             fk.EAGER_DIRECT = True
-            torch.set_num_threads(threads)
 
 
 def main(argv=None):

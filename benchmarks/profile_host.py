@@ -342,14 +342,8 @@ def summarise(samples: dict, counts: dict, kinds, layers, calls=CALLS) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)  # the stubbed kernels leave their outputs uninitialised
-    try:
+    with H.one_thread(flush_denormal=True):  # the stubbed kernels leave their outputs uninitialised
         return measure(args)
-    finally:  # both are the process's: a caller (a test run) gets them back as they were
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
 
 
 def measure(args) -> dict:

@@ -116,18 +116,12 @@ def test_remembered_forward_tiles_follow_the_tile_settings(monkeypatch):
 
 
 @kernel_case
+@pytest.mark.parametrize("in_registers", [False, True], ids=["per-tile-sums", "sums-in-registers"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_forward_backward_match_reference(case):
-    batch, tokens, m, k, r, token_gates, per_neuron, padded = case
-    check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
-
-
-@kernel_case
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_backward_with_coefficient_sums_in_registers_matches_reference(case, monkeypatch):
-    """``BACKWARD_TILE["in_registers"]``: the backward's coefficient and gate sums kept per element
-    across a program's token tiles and summed once at its end; the same gradients."""
-    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", True)
+def test_forward_backward_match_reference(case, in_registers, monkeypatch):
+    """Both ways of summing the backward's coefficient and gate gradients (``BACKWARD_TILE["in_registers"]``:
+    kept per element across a program's token tiles and summed once at its end) give the reference's."""
+    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", in_registers)
     batch, tokens, m, k, r, token_gates, per_neuron, padded = case
     check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
 
