@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -50,7 +51,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-from modeling_sparse_gpt2 import SparseGPT2LMHeadModel
+from modeling_sparse_gpt2 import SparseGPT2LMHeadModel, ffn_kernels
 from modeling_sparse_gpt2.modeling_sparse_gpt2 import sparse_ffns
 
 try:  # transformers 5.x: build models without running (slow, here useless) weight init
@@ -83,7 +84,35 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
     p.add_argument("--align", type=int, default=64,
                    help="round the sparse FFN's fused width down to a multiple of this (1: the solver's exact budget)")
     p.add_argument("--sparse-kwargs", default="{}", help="JSON dict of extra conversion knobs, e.g. '{\"sparse_components\": [\"polynomial\"]}'")
+    p.add_argument("--backward-tile", default=None,
+                   help="time with this backward kernel tile instead of ffn_kernels.BACKWARD_TILE, as "
+                        "TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS] (parse_tiles), e.g. 4x128x4rf")
     return p
+
+
+def parse_tiles(spec: str, flag: str = "--sweep") -> list[dict]:
+    """Backward kernel tiles, comma-separated, each ``TOKENSxCOLUMNSxWARPS`` optionally followed by
+    ``r`` (the coefficient sums in registers), ``f`` (the next tile's loads issued before this one's
+    arithmetic) and ``pPROGRAMS`` (token programs per column tile), as ``ffn_kernels.BACKWARD_TILE`` updates."""
+    tiles = []
+    for c in (c.strip() for c in spec.split(",")):
+        if not c:
+            continue
+        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(r?)(f?)(?:p(\d+))?", c)
+        if not found or 0 in (int(found[1]), int(found[2]), int(found[3])):
+            raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS], such as 64x128x8 "
+                             "or 4x128x4rf")
+        tiles.append(dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3]),
+                          in_registers=found[4] == "r", prefetch=found[5] == "f",
+                          token_programs=int(found[6]) if found[6] else None))
+    return tiles
+
+
+def tile_name(tile: dict) -> str:
+    """The ``parse_tiles`` spelling of a backward tile."""
+    return (f"{tile['tokens']}x{tile['columns']}x{tile['warps']}{'r' if tile.get('in_registers') else ''}"
+            + ("f" if tile.get("prefetch") else "")
+            + (f"p{tile['token_programs']}" if tile.get("token_programs") else ""))
 
 
 def csv(value, cast=str):
@@ -101,6 +130,11 @@ def common_settings(args, budget_s: float) -> dict:
         raise SystemExit(f"--sparse-kwargs: not a JSON dict: {err}") from None
     if args.reps is not None and args.reps < 1:
         raise SystemExit(f"--reps must be >= 1, got {args.reps}")
+    if getattr(args, "backward_tile", None):
+        tiles = parse_tiles(args.backward_tile, flag="--backward-tile")
+        if len(tiles) != 1:
+            raise SystemExit(f"--backward-tile: one tile, got {args.backward_tile!r}")
+        ffn_kernels.BACKWARD_TILE.update(tiles[0])
     return dict(
         device=device, gpu=gpu, tiny=args.tiny,
         dtype=args.dtype or ("bf16" if gpu else "fp32"),
@@ -112,6 +146,7 @@ def common_settings(args, budget_s: float) -> dict:
         align=1 if args.tiny else max(1, args.align),
         sparse_kwargs=knobs,
         sample_ms=10.0 if gpu else 0.0,
+        backward_tile=dict(ffn_kernels.BACKWARD_TILE),
     )
 
 

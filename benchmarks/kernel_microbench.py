@@ -18,8 +18,10 @@ After the eager rows it times the op's backward by itself at each width (``_back
 kernels and the partial buffers; ``_param_grads``, the reductions of the partial sums), against
 ``gelu_backward`` of the ideal's width, with each kernel's GPU time from ``torch.profiler``, and
 at the first width under each backward tile of ``--sweep`` (wall time of ``_backward`` and each
-kernel's GPU time; a tile ending in ``r`` sums the coefficient gradients in registers,
-``BACKWARD_TILE["in_registers"]``). Rows past ``--budget-s`` seconds are
+kernel's GPU time; ``r``: the coefficient gradients summed in registers, ``BACKWARD_TILE["in_registers"]``;
+``f``: the next tile's loads issued before this one's arithmetic; ``pN``: N token programs per
+column tile). ``--fastest-of FILE`` prints
+the tile whose polynomial backward kernel was fastest, for ``bench_* --backward-tile``. Rows past ``--budget-s`` seconds are
 skipped and listed (``skipped``). ``--host`` adds the op's host time per call on the CPU with
 Triton's launcher stubbed out (``host_cost``).
 
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import parse_tiles, tile_name  # noqa: E402
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
@@ -221,7 +224,7 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
     """The op's backward by itself at width d: ms per call of ``_backward`` (both kernels, the
     partial buffers, the token-gate row sums) and of the ``_param_grads`` reductions, against
     ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
-    ``_backward`` under each backward tile of ``sweep`` ((tokens, columns, warps, in_registers) tuples),
+    ``_backward`` under each backward tile of ``sweep`` (``BACKWARD_TILE`` updates, ``harness.parse_tiles``),
     its wall time and its kernels' GPU times."""
     m, k, r = widths(d, ratio)
     mod = SparseMLP(d, m, k, r, token_gates).to(device)
@@ -246,9 +249,10 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
     saved = dict(fk.BACKWARD_TILE)
     row["sweep"] = []
     try:
-        for bt, bc, warps, in_registers in sweep:
-            fk.BACKWARD_TILE.update(tokens=bt, columns=bc, warps=warps, in_registers=in_registers)
-            entry = dict(tokens=bt, columns=bc, warps=warps, in_registers=in_registers, backward_ms=cuda_time(bwd))
+        for tile in sweep:
+            fk.BACKWARD_TILE.update(saved)
+            fk.BACKWARD_TILE.update(tile)
+            entry = dict(tile, backward_ms=cuda_time(bwd))
             if torch.cuda.is_available():
                 entry["kernel_ms"] = kernel_ms(bwd)
             row["sweep"].append(entry)
@@ -272,24 +276,21 @@ def kernel_ms(fn, calls=10) -> dict:
     return kernels
 
 
-# The backward tiles --sweep times by default: the default tile, tiles of four elements per thread with the
-# sums in registers (about 105 registers each on sm_90, `kernel_registers`), a non-spilling per-tile one.
-SWEEP = "64x128x8,4x128x4r,2x128x2r,4x256x8r,8x128x8r,32x64x8"
+# The backward tiles --sweep times by default: the default tile (and with the former 128 programs), then tiles
+# of two to eight elements per thread with the coefficient sums in registers (about 100-120 registers on sm_90,
+# `kernel_registers`), each without and with the next tile's loads prefetched, some at twice the programs.
+SWEEP = ("64x128x8,64x128x8p128,4x128x4r,4x128x4rf,8x128x8r,8x128x8rf,4x256x8rf,2x128x2rf,8x128x4rf,"
+         "4x128x4rfp106,8x128x8rfp132,4x128x4rfp264")
 
 
-def parse_sweep(spec: str) -> list:
-    """``--sweep``: comma-separated TOKENSxCOLUMNSxWARPS, each optionally ending in ``r`` (the
-    coefficient sums in registers), as (tokens, columns, warps, in_registers) tuples."""
-    tiles = []
-    for c in (c.strip() for c in spec.split(",")):
-        if not c:
-            continue
-        try:
-            bt, bc, warps = (int(v) for v in c.removesuffix("r").split("x"))
-        except ValueError:
-            raise SystemExit(f"--sweep: {c!r} is not TOKENSxCOLUMNSxWARPS[r], such as 64x128x8 or 4x128x4r") from None
-        tiles.append((bt, bc, warps, c.endswith("r")))
-    return tiles
+def fastest_tile(result: dict) -> str:
+    """The sweep's tile whose polynomial backward kernel took the least GPU time, spelled for
+    ``--backward-tile`` (``harness.tile_name``); from a results file of this script."""
+    timed = [c for row in result.get("backward", []) for c in row.get("sweep", [])
+             if c.get("kernel_ms", {}).get("_backward_kernel") is not None]
+    if not timed:
+        raise SystemExit("kernel_microbench --fastest-of: no sweep entry with a _backward_kernel GPU time")
+    return tile_name(min(timed, key=lambda c: c["kernel_ms"]["_backward_kernel"]))
 
 
 def host_us(fn, n=1000, reps=5):
@@ -375,8 +376,10 @@ def main(argv=None):
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sweep", default=SWEEP,
-                   help="backward tiles (tokens x columns x warps, 'r': coefficient sums in registers) timed at "
-                        "the first width; '' for none")
+                   help="backward tiles timed at the first width, TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS] "
+                        "('r': coefficient sums in registers, 'f': prefetched loads, p: token programs); '' for none")
+    p.add_argument("--fastest-of", default=None, metavar="FILE",
+                   help="print the fastest tile of FILE's sweep (a results file of this script) and exit")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
     p.add_argument("--budget-s", type=float, default=100.0, help="rows that would start after this many seconds are skipped")
     p.add_argument("--smoke", action="store_true",
@@ -384,13 +387,19 @@ def main(argv=None):
                         "TRITON_INTERPRET=1, else the reference)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
-    sweep = parse_sweep(args.sweep)
+    if args.fastest_of:
+        try:
+            print(fastest_tile(json.loads(Path(args.fastest_of).read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            sys.exit(f"kernel_microbench --fastest-of: cannot read {args.fastest_of}: {exc}")
+        return
+    sweep = parse_tiles(args.sweep)
     t0 = time.perf_counter()
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.d, args.tokens = "64", 64
         TIMING.update(inner=1, reps=2, max_warmup=2)
-        sweep = [(8, 16, 4, False), (4, 16, 4, True)]
+        sweep = parse_tiles("8x16x4,4x16x4rfp3")
     else:
         if not torch.cuda.is_available() or fk.triton is None:
             sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")
@@ -461,8 +470,7 @@ def main(argv=None):
                     print(f"    {ms:8.3f} ms  {name[:90]}")
                 for c in row["sweep"]:
                     main_ms = c.get("kernel_ms", {}).get("_backward_kernel")
-                    print(f"    tile {c['tokens']}x{c['columns']} warps {c['warps']}"
-                          f"{' in registers' if c['in_registers'] else ''}: {c['backward_ms']:.3f} ms"
+                    print(f"    tile {tile_name(c)}: {c['backward_ms']:.3f} ms"
                           + (f", _backward_kernel {main_ms:.3f} ms" if main_ms is not None else ""))
     if args.host or args.smoke:
         result["host_us_per_call_cpu"] = host_cost(n=50 if args.smoke else 1000)

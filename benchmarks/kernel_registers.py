@@ -8,8 +8,9 @@ A kernel whose threads need more than 255 registers spills to local memory, and 
 thread bound how many programs an SM keeps resident (65,536 registers, 64 warps per SM on sm_90):
 both are what a tile choice trades against the work per program. This is a static figure of the
 compiled code, not a timing; `kernel_microbench --sweep` times the same tiles on the GPU.
-Tiles: TOKENSxCOLUMNSxWARPS, a trailing ``r`` for the backward's coefficient sums in registers
-(``ffn_kernels.BACKWARD_TILE["in_registers"]``).
+Tiles: as ``kernel_microbench --sweep`` (``harness.parse_tiles``): TOKENSxCOLUMNSxWARPS, ``r`` for the
+backward's coefficient sums in registers (``ffn_kernels.BACKWARD_TILE["in_registers"]``), ``f`` for the
+next tile's loads prefetched (the programs per column tile, ``pN``, do not change the compiled code).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .kernel_microbench import SWEEP, parse_sweep
+from .harness import parse_tiles, tile_name
+from .kernel_microbench import SWEEP
 
 TARGET_ARCH = 90
 REGISTERS_PER_SM, WARPS_PER_SM, MAX_REGISTERS = 65536, 64, 255
@@ -78,7 +80,7 @@ def main(argv=None):
     p.add_argument("--token-gates", action="store_true")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
-    tiles = parse_sweep(args.tiles)
+    tiles = parse_tiles(args.tiles, flag="--tiles")
     try:
         from modeling_sparse_gpt2 import ffn_kernels as fk
     except ImportError as exc:  # the package itself imports without triton
@@ -93,13 +95,16 @@ def main(argv=None):
                      **compile_stats(fk._forward_kernel, dict(flags, WINDOW=1, HAS_MASK=False, HAS_STATE=False,
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), 4)))
-    for bt, bc, warps, in_registers in tiles:
-        stats = compile_stats(fk._backward_kernel, dict(flags, BT=bt, BC=bc, DP=dp, IN_REGISTERS=in_registers), warps)
-        rows.append(dict(kernel="_backward_kernel", tokens=bt, columns=bc, in_registers=in_registers, **stats))
+    for tile in tiles:
+        constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
+                         PREFETCH=tile["prefetch"])
+        stats = compile_stats(fk._backward_kernel, constants, tile["warps"])
+        rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
+                         in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
     print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}")
     print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'programs/SM':>11s}")
     for r in rows:
-        tile = f"{r['tokens']}x{r['columns']}x{r['warps']}{'r' if r['in_registers'] else ''}"
+        tile = tile_name(r)
         print(f"{r['kernel']:18s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
               f" {r['shared_bytes']:6d} {r['programs_per_sm']:11d}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,

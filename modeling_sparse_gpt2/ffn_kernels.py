@@ -80,7 +80,7 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 # small tile (4x128, 4 warps: 105 registers, no spill) is the candidate, not yet timed on the GPU.
 FORWARD_TILE = {"tokens": 32, "columns": 64}
 BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 16, "token_programs": None,
-                 "in_registers": False}
+                 "in_registers": False, "prefetch": False}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -378,12 +378,28 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _tile_rows(tile, n_tiles, n_tiles_t, T, BT: tl.constexpr):
+        """(sequence, token indices, rows in range) of token tile ``tile``; a tile past the last one
+        (a program's masked last step) has no rows in range and the addresses of tile 0."""
+        live = tile < n_tiles
+        tile = tl.where(live, tile, 0)
+        t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
+        return (tile // n_tiles_t).to(tl.int64), t, (t < T) & live
+
+    @triton.jit
+    def _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok):
+        """h and dL/dact of one tile, in their storage dtype."""
+        x = tl.load((h_ptr + b * stride_hb + t * stride_ht)[:, None] + cols[None, :], mask=ok, other=0.0)
+        go = tl.load((gout_ptr + b * stride_gb + t * stride_gt)[:, None] + cols[None, :], mask=ok, other=0.0)
+        return x, go
+
+    @triton.jit
     def _backward_kernel(
         h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, part_ptr, row_part_ptr,
-        T, n_tiles_t, n_tiles, n_prog_t, stride_hb, stride_ht, stride_gb, stride_gt,
+        T, n_tiles_t, n_tiles, n_prog_t, n_iter, stride_hb, stride_ht, stride_gb, stride_gt,
         m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
         DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
-        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """Polynomial and spectral columns [0, m + k): grad_h, and the partial sums of the
         coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``).
@@ -404,6 +420,15 @@ if triton is not None:
         is_poly = cols < m
         di = tl.arange(0, DP)
         gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
+        # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
+        # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
+        coef = ()
+        for i in tl.static_range(DEGREE + 1):
+            if PER_NEURON:
+                ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + i, mask=is_poly, other=0.0)[None, :]
+            else:
+                ci = tl.load(coeff_ptr + i)
+            coef = coef + (ci.to(tl.float32),)
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
         # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
@@ -413,16 +438,26 @@ if triton is not None:
             for i in tl.static_range(DEGREE + 1):
                 terms = terms + (tl.zeros((BT, BC), dtype=tl.float32),)
             gate_terms = tl.zeros((BT, BC), dtype=tl.float32)
-        tile = pid_t
-        while tile < n_tiles:  # tiles pid_t, pid_t + n_prog_t, ... (a while: numpy 2.4 breaks the interpreter's range)
-            b = (tile // n_tiles_t).to(tl.int64)
-            t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
-            row_ok = t < T
+        # tiles pid_t, pid_t + n_prog_t, ...: n_iter = ceil(n_tiles / n_prog_t) steps, the last one masked
+        # where it runs past n_tiles. PREFETCH: the next tile's h and dL/dact are loaded before this
+        # tile's arithmetic and carried into the next step, so their memory latency hides under it.
+        if PREFETCH:
+            b, t, row_ok = _tile_rows(pid_t, n_tiles, n_tiles_t, T, BT)
+            ok = row_ok[:, None] & col_ok[None, :]
+            x_next, go_next = _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok)
+        for it in range(0, n_iter):
+            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT)
             ok = row_ok[:, None] & col_ok[None, :]
             h_rows = h_ptr + b * stride_hb + t * stride_ht
-            x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            go = tl.load((gout_ptr + b * stride_gb + t * stride_gt)[:, None] + cols[None, :], mask=ok,
-                         other=0.0).to(tl.float32)
+            if PREFETCH:
+                x_raw, go_raw = x_next, go_next
+                b_n, t_n, row_ok_n = _tile_rows(pid_t + (it + 1) * n_prog_t, n_tiles, n_tiles_t, T, BT)
+                x_next, go_next = _load_pair(h_ptr, gout_ptr, b_n, t_n, stride_hb, stride_ht, stride_gb, stride_gt,
+                                             cols, row_ok_n[:, None] & col_ok[None, :])
+            else:
+                x_raw, go_raw = _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok)
+            x = x_raw.to(tl.float32)
+            go = go_raw.to(tl.float32)
             tau, dtau = _token_gates(h_rows, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX, TOKEN_GATES, BT, BC)
             a = x  # spectral: identity, derivative 1
             da = tl.full((BT, BC), 1.0, tl.float32)
@@ -434,22 +469,13 @@ if triton is not None:
                 d1 = tl.zeros((BT, BC), dtype=tl.float32)
                 d2 = tl.zeros((BT, BC), dtype=tl.float32)
                 for step in tl.static_range(DEGREE):
-                    if PER_NEURON:
-                        ci_ptr = coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step)
-                        ci = tl.load(ci_ptr, mask=is_poly, other=0.0)[None, :]
-                    else:
-                        ci = tl.load(coeff_ptr + (DEGREE - step))
                     d0 = 2.0 * b1 + 2.0 * tc * d1 - d2
-                    b0 = ci.to(tl.float32) + 2.0 * tc * b1 - b2
+                    b0 = coef[DEGREE - step] + 2.0 * tc * b1 - b2
                     b2 = b1
                     b1 = b0
                     d2 = d1
                     d1 = d0
-                if PER_NEURON:
-                    c0 = tl.load(coeff_ptr + cols * (DEGREE + 1), mask=is_poly, other=0.0)[None, :]
-                else:
-                    c0 = tl.load(coeff_ptr)
-                poly = c0.to(tl.float32) + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
+                poly = coef[0] + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
                 inside = (xs >= -1.0) & (xs <= 1.0)
                 dpoly = tl.where(inside, (b1 + tc * d1 - d2) / domain, 0.0) + tl.where(x > domain, 1.0, 0.0)
                 a = tl.where(is_poly[None, :], poly, a)
@@ -485,7 +511,6 @@ if triton is not None:
                 dg = tl.where(ok, go * gate[None, :] * a * dtau, 0.0)
                 _row_gate_parts(row_part_ptr, pid_c, n_rows, b, t, T, row_ok, dg, cols, m, fb0, n_act, SPEC_IDX,
                                 FB_IDX, N_SEG)
-            tile += n_prog_t
         # this program's partial sums, written once (layout: ``_part_layout``)
         row = part_ptr + pid_t * n_part
         slot = row + slot0 + pid_c * slot_width
@@ -509,7 +534,7 @@ if triton is not None:
     @triton.jit
     def _feedback_backward_kernel(
         h_ptr, gout_ptr, gh_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr, part_ptr, row_part_ptr,
-        T, n_tiles_t, n_tiles, n_prog_t, tile_c0,
+        T, n_tiles_t, n_tiles, n_prog_t, n_iter, tile_c0,
         stride_hb, stride_ht, stride_gb, stride_gt, stride_sb, stride_st, stride_mb, stride_mt,
         mask_off, m, k, r, SPEC_IDX, FB_IDX, N_SEG, n_part, slot0, slot_width, kern_off, n_rows,
         DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
@@ -529,11 +554,8 @@ if triton is not None:
         gate = tl.load(gate_ptr + FB_IDX + 0 * rc, mask=is_fb, other=0.0).to(tl.float32)
         acc_kernel = tl.zeros((WP, BC), dtype=tl.float32)  # sum over tokens of dL/dz * u_{t-w+1+j}, row j
         acc_gate = tl.zeros((BC,), dtype=tl.float32)
-        tile = pid_t
-        while tile < n_tiles:
-            b = (tile // n_tiles_t).to(tl.int64)
-            t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
-            row_ok = t < T
+        for it in range(0, n_iter):  # as in _backward_kernel
+            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT)
             ok = row_ok[:, None] & is_fb[None, :]
             h_seq = h_ptr + b * stride_hb
             g_seq = gout_ptr + b * stride_gb
@@ -578,7 +600,6 @@ if triton is not None:
                 dg = tl.where(ok, go * gate[None, :] * a * dtau, 0.0)
                 _row_gate_parts(row_part_ptr, tile_c0 + pid_c, n_rows, b, t, T, row_ok, dg, cols, m, fb0, n_act,
                                 SPEC_IDX, FB_IDX, N_SEG)
-            tile += n_prog_t
         row = part_ptr + pid_t * n_part
         tl.store(row + kern_off + rc[None, :] * WINDOW + wi[:, None], acc_kernel,
                  mask=is_fb[None, :] & (wi < WINDOW)[:, None])
@@ -699,23 +720,24 @@ if triton is not None:
         n_tiles = batch * n_tiles_t
         n_tiles_c, n_tiles_f = _cdiv(m + k, bc), _cdiv(r, bcf)
         programs = BACKWARD_TILE["token_programs"]
-        if programs is None:  # fill the GPU with the wider of the two grids, at most 8 programs per SM per row
+        if programs is None:  # 4 polynomial programs per SM (2 feedback ones where there are feedback columns)
             sms = _sm_count(h.device) if h.is_cuda else 2
-            programs = min(8 * sms, max(_cdiv(4 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, max(n_tiles_f, 1))))
+            programs = max(_cdiv(4 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, n_tiles_f) if n_tiles_f else 1)
         programs = max(1, min(programs, n_tiles))
         slot0, slot_width, kern_off, n_part = _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c + n_tiles_f)
         f32 = dict(dtype=torch.float32, device=h.device)
         part = torch.empty(programs, n_part, **f32) if n_tiles > 0 else torch.zeros(1, n_part, **f32)
         row_part = torch.empty(n_tiles_c + n_tiles_f, batch * tokens, n_seg, **f32) if n_gates else part
         grad_h = torch.empty_like(h)
-        common = (tokens, n_tiles_t, n_tiles, programs)
+        common = (tokens, n_tiles_t, n_tiles, programs, _cdiv(n_tiles, programs))  # ..., steps per program
         strides = (h.stride(0), h.stride(1), grad.stride(0), grad.stride(1))
         flags = dict(DEGREE=degree, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0, DP=_pow2(degree + 1))
         if n_tiles > 0 and n_tiles_c > 0:
             _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
                 h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
                 m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
-                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], IN_REGISTERS=BACKWARD_TILE["in_registers"], **flags,
+                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], IN_REGISTERS=BACKWARD_TILE["in_registers"],
+                PREFETCH=BACKWARD_TILE["prefetch"], **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
             _launcher(_feedback_backward_kernel, (programs, n_tiles_f), direct)(

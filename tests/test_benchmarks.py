@@ -375,12 +375,48 @@ def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_i
 
 
 # ---------------------------------------------------------------------------- kernel tiles offline (no GPU)
-def test_kernel_sweep_tiles_read_the_registers_suffix_and_refuse_malformed_ones():
-    from benchmarks.kernel_microbench import parse_sweep
+def test_kernel_tiles_read_their_suffixes_round_trip_and_refuse_malformed_ones():
+    from benchmarks.harness import parse_tiles, tile_name
 
-    assert parse_sweep("64x128x8, 4x128x4r,") == [(64, 128, 8, False), (4, 128, 4, True)]
-    with pytest.raises(SystemExit, match="--sweep: '4x128' is not TOKENSxCOLUMNSxWARPS"):
-        parse_sweep("64x128x8,4x128")
+    tiles = parse_tiles("64x128x8, 4x128x4r,8x128x8rfp106,")
+    assert tiles == [dict(tokens=64, columns=128, warps=8, in_registers=False, prefetch=False, token_programs=None),
+                     dict(tokens=4, columns=128, warps=4, in_registers=True, prefetch=False, token_programs=None),
+                     dict(tokens=8, columns=128, warps=8, in_registers=True, prefetch=True, token_programs=106)]
+    assert [tile_name(t) for t in tiles] == ["64x128x8", "4x128x4r", "8x128x8rfp106"]
+    for bad in ("4x128", "4x128x4q", "0x128x4"):
+        with pytest.raises(SystemExit, match=f"--sweep: '{bad}' is not TOKENSxCOLUMNSxWARPS"):
+            parse_tiles(f"64x128x8,{bad}")
+
+
+def test_fastest_tile_is_the_one_whose_polynomial_backward_kernel_took_least_gpu_time():
+    """The sweep ranks tiles by the kernel's own GPU time, not the whole call's wall time."""
+    from benchmarks.kernel_microbench import fastest_tile
+
+    def entry(spec, wall, kernel):
+        from benchmarks.harness import parse_tiles
+
+        return dict(parse_tiles(spec)[0], backward_ms=wall, kernel_ms={"_backward_kernel": kernel, "other": 9.0})
+
+    result = {"backward": [{"sweep": [entry("64x128x8", 0.1, 0.30), entry("4x128x4rf", 0.5, 0.05),
+                                      entry("8x128x8r", 0.2, 0.07)]}, {"sweep": []}]}
+    assert fastest_tile(result) == "4x128x4rf"
+    with pytest.raises(SystemExit, match="no sweep entry"):
+        fastest_tile({"backward": [{"sweep": [dict(tokens=4, columns=8, warps=1, backward_ms=1.0)]}]})
+
+
+def test_backward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monkeypatch):
+    import argparse
+
+    from benchmarks import harness as H
+    from modeling_sparse_gpt2 import ffn_kernels as fk
+
+    monkeypatch.setattr(fk, "BACKWARD_TILE", dict(fk.BACKWARD_TILE))
+    p = H.add_common_args(argparse.ArgumentParser(), output=None)
+    S = H.common_settings(p.parse_args(["--device", "cpu", "--backward-tile", "4x128x4rf"]), budget_s=1.0)
+    assert fk.BACKWARD_TILE["tokens"] == 4 and fk.BACKWARD_TILE["prefetch"] is True
+    assert S["backward_tile"] == fk.BACKWARD_TILE and S["backward_tile"]["warps"] == 4
+    with pytest.raises(SystemExit, match="--backward-tile: one tile"):
+        H.common_settings(p.parse_args(["--device", "cpu", "--backward-tile", "4x128x4,8x128x8"]), budget_s=1.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")

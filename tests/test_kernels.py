@@ -4,8 +4,9 @@ On a CUDA machine with triton the cases run on the GPU in this process. On a CPU
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before triton is first
 imported; conftest imports the package first, so ``test_cases_under_the_interpreter`` runs this file
 again in a subprocess with the variable set, and the cases skip themselves in this process.
-The kernel cases run on small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 2
-backward programs), so every case spans several tiles; the whole-model tests run the tiles the GPU
+The kernel cases run on small tiles (4 tokens x 8 columns, 4 feedback columns in the backward, 3
+backward programs), so every case spans several tiles, and a backward program's last step can run
+past the tiles (masked); the whole-model tests run the tiles the GPU
 runs (fewer programs: the interpreter's cost is per program, ~10x less here).
 """
 
@@ -35,7 +36,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
-    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 2)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 3)  # 4 token tiles: two programs end on a masked step
 
 
 def kernel_case(test):
@@ -115,13 +116,20 @@ def test_remembered_forward_tiles_follow_the_tile_settings(monkeypatch):
     assert fk._forward_plan(40, 50, 4) == (4, 8, 10, 7, 4)
 
 
+# the backward's ways of running its loop: per-tile token sums, sums kept in registers across the tiles
+# (``in_registers``), and the same with the next tile's loads issued a step ahead (``prefetch``)
+BACKWARD_WAYS = {"per-tile-sums": dict(in_registers=False, prefetch=False),
+                 "sums-in-registers": dict(in_registers=True, prefetch=False),
+                 "sums-in-registers-prefetched": dict(in_registers=True, prefetch=True)}
+
+
 @kernel_case
-@pytest.mark.parametrize("in_registers", [False, True], ids=["per-tile-sums", "sums-in-registers"])
+@pytest.mark.parametrize("way", BACKWARD_WAYS.values(), ids=BACKWARD_WAYS.keys())
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_forward_backward_match_reference(case, in_registers, monkeypatch):
-    """Both ways of summing the backward's coefficient and gate gradients (``BACKWARD_TILE["in_registers"]``:
-    kept per element across a program's token tiles and summed once at its end) give the reference's."""
-    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", in_registers)
+def test_forward_backward_match_reference(case, way, monkeypatch):
+    """Every way of running the backward's loop (``BACKWARD_WAYS``) gives the reference's output and gradients."""
+    for key, value in way.items():
+        monkeypatch.setitem(fk.BACKWARD_TILE, key, value)
     batch, tokens, m, k, r, token_gates, per_neuron, padded = case
     check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, padded=padded))
 
@@ -183,9 +191,10 @@ def test_decode_state_with_autograd():
 
 
 @kernel_case
-@pytest.mark.parametrize("in_registers", [False, True], ids=["per-tile-sums", "sums-in-registers"])
-def test_opcheck(in_registers, monkeypatch):
-    monkeypatch.setitem(fk.BACKWARD_TILE, "in_registers", in_registers)
+@pytest.mark.parametrize("way", BACKWARD_WAYS.values(), ids=BACKWARD_WAYS.keys())
+def test_opcheck(way, monkeypatch):
+    for key, value in way.items():
+        monkeypatch.setitem(fk.BACKWARD_TILE, key, value)
     h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 2, 5, 2, 2, True, True, window=2, padded=True)
     tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
     grads = [coeffs.requires_grad_(), gates.requires_grad_(), fb_kernel.requires_grad_()]
