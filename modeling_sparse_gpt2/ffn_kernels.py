@@ -30,11 +30,12 @@ two kernels over disjoint columns: ``_backward_kernel`` on the polynomial and sp
 (no feedback code, so its registers are those of the Clenshaw recurrences) and
 ``_feedback_backward_kernel`` on the feedback columns with its own, narrower column tiles. Each
 launches ``G`` programs per column tile (the same ``G`` for both); a program walks every G-th
-token tile and accumulates its gradient sums in fp32 registers as 2-D tiles ``[coefficient or tap,
-column]``: per token tile one token sum (``tl.sum`` over axis 0) per coefficient, landing on the
-tile's own column axis; with ``BACKWARD_TILE["in_registers"]`` the polynomial kernel instead keeps one
-``[BT, BC]`` tile per coefficient, adds to it elementwise on every token tile and sums its tokens once
-after the last (small tiles, no reduction inside the loop: see ``_backward_kernel``). At the end a
+token tile (a loop of ``ceil(tiles / G)`` steps, the last one masked where it runs past the tiles).
+The polynomial kernel, by default (``BACKWARD_TILE["in_registers"]``), keeps one ``[BT, BC]`` fp32
+tile per coefficient, adds to it elementwise on every token tile and sums its tokens once after the
+last (small tiles, no reduction inside the loop), and with ``prefetch`` loads the next tile's h and
+dL/dact before this tile's arithmetic; otherwise, as the feedback kernel does, it adds one token sum
+(``tl.sum`` over axis 0) per coefficient and tile into a ``[coefficient, column]`` tile. At the end a
 program writes its partial sums once (no atomics) into its row
 of one buffer ``part`` (``_part_layout``; for shared coefficients the column reduction is done here,
 once); ``_param_grads`` reduces ``part`` with one sum over the programs and one over the column
@@ -73,14 +74,14 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
     INTERPRET = False
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
-# warps and its programs per column tile (None: fill the GPU). Backward 64x128, 8 warps: the fastest of
-# `kernel_microbench --sweep` on the H200 at d = 768, 8,192 tokens (0.59 ms; 64x64: 0.98, 128x64: 0.85;
-# wall time of the whole backward call, host included). Compiled for sm_90 it uses all 255 registers
-# per thread and still spills (`python -m benchmarks.kernel_registers`); ``in_registers`` with a
-# small tile (4x128, 4 warps: 105 registers, no spill) is the candidate, not yet timed on the GPU.
+# warps, its programs per column tile (None: 8 per SM over the polynomial column tiles, 2 per SM over the
+# feedback ones) and how its loop runs. Backward 4x128, 4 warps, sums in registers, loads prefetched: the
+# fastest polynomial backward kernel of `kernel_microbench --sweep` on the H200 (d = 768, 8,192 tokens, bf16;
+# GPU time 0.062 ms at 106 programs, against 0.161 ms for the former 64x128 / 8 warps per-tile sums, which
+# use all 255 registers and spill; `python -m benchmarks.kernel_registers`: 96 registers, no spill).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 64, "columns": 128, "warps": 8, "feedback_columns": 16, "token_programs": None,
-                 "in_registers": False, "prefetch": False}
+BACKWARD_TILE = {"tokens": 4, "columns": 128, "warps": 4, "feedback_columns": 16, "token_programs": None,
+                 "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -720,9 +721,9 @@ if triton is not None:
         n_tiles = batch * n_tiles_t
         n_tiles_c, n_tiles_f = _cdiv(m + k, bc), _cdiv(r, bcf)
         programs = BACKWARD_TILE["token_programs"]
-        if programs is None:  # 4 polynomial programs per SM (2 feedback ones where there are feedback columns)
+        if programs is None:  # 8 polynomial programs per SM (2 feedback ones where there are feedback columns)
             sms = _sm_count(h.device) if h.is_cuda else 2
-            programs = max(_cdiv(4 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, n_tiles_f) if n_tiles_f else 1)
+            programs = max(_cdiv(8 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, n_tiles_f) if n_tiles_f else 1)
         programs = max(1, min(programs, n_tiles))
         slot0, slot_width, kern_off, n_part = _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c + n_tiles_f)
         f32 = dict(dtype=torch.float32, device=h.device)
