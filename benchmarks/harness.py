@@ -130,7 +130,7 @@ def common_settings(args, budget_s: float) -> dict:
         raise SystemExit(f"--sparse-kwargs: not a JSON dict: {err}") from None
     if args.reps is not None and args.reps < 1:
         raise SystemExit(f"--reps must be >= 1, got {args.reps}")
-    if getattr(args, "backward_tile", None):
+    if args.backward_tile:
         tiles = parse_tiles(args.backward_tile, flag="--backward-tile")
         if len(tiles) != 1:
             raise SystemExit(f"--backward-tile: one tile, got {args.backward_tile!r}")

@@ -276,6 +276,19 @@ if triton is not None:
             return tl.full((BT, BC), 1.0, tl.float32), tl.zeros((BT, BC), dtype=tl.float32)
 
     @triton.jit
+    def _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr):
+        """The DEGREE + 1 Chebyshev coefficients as a tuple of fp32 values: scalars (shared), or [1, BC]
+        rows of the tile's columns (per neuron)."""
+        coef = ()
+        for i in tl.static_range(DEGREE + 1):
+            if PER_NEURON:
+                ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + i, mask=is_poly, other=0.0)[None, :]
+            else:
+                ci = tl.load(coeff_ptr + i)
+            coef = coef + (ci.to(tl.float32),)
+        return coef
+
+    @triton.jit
     def _forward_kernel(
         h_ptr, out_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
         T, n_tiles_t, stride_hb, stride_ht, stride_ob, stride_ot, stride_sb, stride_st, stride_mb, stride_mt, mask_off,
@@ -303,21 +316,14 @@ if triton is not None:
         a = x  # spectral: identity
         if col0 < m:  # poly: Clenshaw, b_i = c_i + 2 t b_{i+1} - b_{i+2}, sum = c_0 + t b_1 - b_2
             tc = tl.minimum(tl.maximum(x / domain, -1.0), 1.0)
+            coef = _chebyshev_coefficients(coeff_ptr, cols, cols < m, DEGREE, PER_NEURON)
             b1 = tl.zeros((BT, BC), dtype=tl.float32)
             b2 = tl.zeros((BT, BC), dtype=tl.float32)
             for step in tl.static_range(DEGREE):
-                if PER_NEURON:
-                    ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + (DEGREE - step), mask=cols < m, other=0.0)[None, :]
-                else:
-                    ci = tl.load(coeff_ptr + (DEGREE - step))
-                b0 = ci.to(tl.float32) + 2.0 * tc * b1 - b2
+                b0 = coef[DEGREE - step] + 2.0 * tc * b1 - b2
                 b2 = b1
                 b1 = b0
-            if PER_NEURON:
-                c0 = tl.load(coeff_ptr + cols * (DEGREE + 1), mask=cols < m, other=0.0)[None, :]
-            else:
-                c0 = tl.load(coeff_ptr)
-            poly = c0.to(tl.float32) + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
+            poly = coef[0] + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
             a = tl.where(cols[None, :] < m, poly, a)
         state_seq = state_ptr + b * stride_sb
         mask_seq = mask_ptr + b * stride_mb
@@ -423,13 +429,7 @@ if triton is not None:
         gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
         # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
         # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
-        coef = ()
-        for i in tl.static_range(DEGREE + 1):
-            if PER_NEURON:
-                ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + i, mask=is_poly, other=0.0)[None, :]
-            else:
-                ci = tl.load(coeff_ptr + i)
-            coef = coef + (ci.to(tl.float32),)
+        coef = _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE, PER_NEURON)
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
         # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
