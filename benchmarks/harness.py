@@ -93,18 +93,23 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
 def parse_tiles(spec: str, flag: str = "--sweep") -> list[dict]:
     """Backward kernel tiles, comma-separated, each ``TOKENSxCOLUMNSxWARPS`` optionally followed by
     ``r`` (the coefficient sums in registers), ``f`` (the next tile's loads issued before this one's
-    arithmetic) and ``pPROGRAMS`` (token programs per column tile), as ``ffn_kernels.BACKWARD_TILE`` updates."""
+    arithmetic), ``pPROGRAMS`` (token programs per column tile) and ``sPROGRAMS`` (token programs per SM,
+    where ``p`` is not given; without it the default's), as ``ffn_kernels.BACKWARD_TILE`` updates."""
     tiles = []
     for c in (c.strip() for c in spec.split(",")):
         if not c:
             continue
-        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(r?)(f?)(?:p(\d+))?", c)
-        if not found or 0 in (int(found[1]), int(found[2]), int(found[3])):
-            raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS], such as 64x128x8 "
-                             "or 4x128x4rf")
-        tiles.append(dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3]),
-                          in_registers=found[4] == "r", prefetch=found[5] == "f",
-                          token_programs=int(found[6]) if found[6] else None))
+        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(r?)(f?)(?:p(\d+))?(?:s(\d+))?", c)
+        if (not found or 0 in (int(found[1]), int(found[2]), int(found[3]))
+                or (found[6] or found[7]) and 0 in (int(found[6] or 1), int(found[7] or 1))):
+            raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS][sPER_SM], such as "
+                             "64x128x8 or 4x128x4rfs5")
+        tile = dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3]),
+                    in_registers=found[4] == "r", prefetch=found[5] == "f",
+                    token_programs=int(found[6]) if found[6] else None)
+        if found[7]:
+            tile["programs_per_sm"] = int(found[7])
+        tiles.append(tile)
     return tiles
 
 
@@ -112,7 +117,8 @@ def tile_name(tile: dict) -> str:
     """The ``parse_tiles`` spelling of a backward tile."""
     return (f"{tile['tokens']}x{tile['columns']}x{tile['warps']}{'r' if tile.get('in_registers') else ''}"
             + ("f" if tile.get("prefetch") else "")
-            + (f"p{tile['token_programs']}" if tile.get("token_programs") else ""))
+            + (f"p{tile['token_programs']}" if tile.get("token_programs") else "")
+            + (f"s{tile['programs_per_sm']}" if tile.get("programs_per_sm") else ""))
 
 
 def csv(value, cast=str):

@@ -276,11 +276,12 @@ def kernel_ms(fn, calls=10) -> dict:
     return kernels
 
 
-# The backward tiles --sweep times by default: the default tile (and with the former 128 programs), then tiles
-# of two to eight elements per thread with the coefficient sums in registers (about 100-120 registers on sm_90,
-# `kernel_registers`), each without and with the next tile's loads prefetched, some at twice the programs.
-SWEEP = ("64x128x8,64x128x8p128,4x128x4r,4x128x4rf,8x128x8r,8x128x8rf,4x256x8rf,2x128x2rf,8x128x4rf,"
-         "4x128x4rfp106,8x128x8rfp132,4x128x4rfp264")
+# The backward tiles --sweep times by default: the default tile, the former one (64x128, 8 warps, per-tile sums),
+# then tiles of one to eight elements per thread with the coefficient sums in registers and prefetched loads at
+# programs per SM around what an SM holds at once (`kernel_registers`' resident/SM on sm_90: 5 for 4x128x4rf,
+# 10 for 2x128x2rf and 4x64x2rf, 20 for 2x64x1rf): one wave of programs against one and a half or two.
+SWEEP = ("4x128x4rf,64x128x8,4x128x4rfs3,4x128x4rfs4,4x128x4rfs5,4x128x4rfs6,4x128x4rfs10,2x128x2rfs5,"
+         "2x128x2rfs10,2x128x2rfs20,4x64x2rfs10,2x256x4rfs5,2x64x1rfs20")
 
 
 def fastest_tile(result: dict) -> str:
@@ -376,8 +377,9 @@ def main(argv=None):
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sweep", default=SWEEP,
-                   help="backward tiles timed at the first width, TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS] "
-                        "('r': coefficient sums in registers, 'f': prefetched loads, p: token programs); '' for none")
+                   help="backward tiles timed at the first width, TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS][sPER_SM] "
+                        "('r': coefficient sums in registers, 'f': prefetched loads, p: token programs per "
+                        "column tile, s: per SM); '' for none")
     p.add_argument("--fastest-of", default=None, metavar="FILE",
                    help="print the fastest tile of FILE's sweep (a results file of this script) and exit")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")

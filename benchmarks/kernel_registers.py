@@ -10,7 +10,7 @@ both are what a tile choice trades against the work per program. This is a stati
 compiled code, not a timing; `kernel_microbench --sweep` times the same tiles on the GPU.
 Tiles: as ``kernel_microbench --sweep`` (``harness.parse_tiles``): TOKENSxCOLUMNSxWARPS, ``r`` for the
 backward's coefficient sums in registers (``ffn_kernels.BACKWARD_TILE["in_registers"]``), ``f`` for the
-next tile's loads prefetched (the programs per column tile, ``pN``, do not change the compiled code).
+next tile's loads prefetched (the programs per column tile or per SM, ``pN`` / ``sN``, do not change the compiled code).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def compile_stats(kernel, constants: dict, num_warps: int) -> dict:
     regs = number(r"Used (\d+) registers")
     return dict(registers=regs, spill_store_bytes=number(r"(\d+) bytes spill stores"),
                 spill_load_bytes=number(r"(\d+) bytes spill loads"), shared_bytes=compiled.metadata.shared,
-                warps=num_warps, programs_per_sm=min(REGISTERS_PER_SM // (max(regs, 1) * 32 * num_warps),
+                warps=num_warps, resident_per_sm=min(REGISTERS_PER_SM // (max(regs, 1) * 32 * num_warps),
                                                      WARPS_PER_SM // num_warps))
 
 
@@ -102,11 +102,11 @@ def main(argv=None):
         rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
     print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}")
-    print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'programs/SM':>11s}")
+    print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}")
     for r in rows:
         tile = tile_name(r)
         print(f"{r['kernel']:18s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
-              f" {r['shared_bytes']:6d} {r['programs_per_sm']:11d}")
+              f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,
                   per_neuron=args.per_neuron, token_gates=args.token_gates, forward_tile=fwd,
                   backward_tile=dict(fk.BACKWARD_TILE), rows=rows)

@@ -74,14 +74,14 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
     INTERPRET = False
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
-# warps, its programs per column tile (None: 8 per SM over the polynomial column tiles, 2 per SM over the
-# feedback ones) and how its loop runs. Backward 4x128, 4 warps, sums in registers, loads prefetched: the
+# warps, its programs per column tile (None: `programs_per_sm` per SM over the polynomial column tiles, 2 per
+# SM over the feedback ones) and how its loop runs. Backward 4x128, 4 warps, sums in registers, loads prefetched: the
 # fastest polynomial backward kernel of `kernel_microbench --sweep` on the H200 (d = 768, 8,192 tokens, bf16;
 # GPU time 0.062 ms at 106 programs, against 0.161 ms for the former 64x128 / 8 warps per-tile sums, which
 # use all 255 registers and spill; `python -m benchmarks.kernel_registers`: 96 registers, no spill).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
 BACKWARD_TILE = {"tokens": 4, "columns": 128, "warps": 4, "feedback_columns": 16, "token_programs": None,
-                 "in_registers": True, "prefetch": True}
+                 "programs_per_sm": 8, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -720,11 +720,7 @@ if triton is not None:
         n_tiles_t = _cdiv(tokens, bt)
         n_tiles = batch * n_tiles_t
         n_tiles_c, n_tiles_f = _cdiv(m + k, bc), _cdiv(r, bcf)
-        programs = BACKWARD_TILE["token_programs"]
-        if programs is None:  # 8 polynomial programs per SM (2 feedback ones where there are feedback columns)
-            sms = _sm_count(h.device) if h.is_cuda else 2
-            programs = max(_cdiv(8 * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, n_tiles_f) if n_tiles_f else 1)
-        programs = max(1, min(programs, n_tiles))
+        programs = _token_programs(n_tiles, n_tiles_c, n_tiles_f, _sm_count(h.device) if h.is_cuda else 2)
         slot0, slot_width, kern_off, n_part = _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c + n_tiles_f)
         f32 = dict(dtype=torch.float32, device=h.device)
         part = torch.empty(programs, n_part, **f32) if n_tiles > 0 else torch.zeros(1, n_part, **f32)
@@ -752,6 +748,17 @@ if triton is not None:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
         return grad_h, part
 
+    def _token_programs(n_tiles: int, n_tiles_c: int, n_tiles_f: int, sms: int) -> int:
+        """Programs along the backward's token tiles (each column tile has as many): ``token_programs``,
+        or ``programs_per_sm`` per SM over the polynomial column tiles (2 per SM over the feedback
+        ones, where there are feedback columns), never more than there are token tiles. Programs an SM
+        cannot hold at once (its registers, ``kernel_registers``) run as a second, partial wave."""
+        programs = BACKWARD_TILE["token_programs"]
+        if programs is None:
+            per_sm = BACKWARD_TILE["programs_per_sm"]
+            programs = max(_cdiv(per_sm * sms, max(n_tiles_c, 1)), _cdiv(2 * sms, n_tiles_f) if n_tiles_f else 1)
+        return max(1, min(programs, n_tiles))
+
     def _part_layout(m, r, n_seg, degree, window, per_neuron, n_tiles_c):
         """(slot0, slot_width, kern_off, width) of a token program's row of partial sums:
         ``[per-neuron coefficients m*(degree+1) | one slot per column tile: (shared coefficients
@@ -763,11 +770,16 @@ if triton is not None:
 
     def _param_grads(part, coeffs, gates, fb_kernel, m, r, degree):
         """Gradients of coeffs, gates and fb_kernel from the partial sums: one sum over the token
-        programs, one over the column tiles' slots (outside the op, so compiled graphs fuse them)."""
+        programs, one over the column tiles' slots (outside the op, so compiled graphs fuse them); with
+        shared coefficients and no feedback, one sum over both and one cast (fewer eager launches)."""
         per_neuron, n_seg = coeffs.shape[0] > 1, gates.shape[0]
         window = fb_kernel.shape[1] if fb_kernel is not None else 1
         slot0 = m * (degree + 1) if per_neuron else 0
         slot_width = n_seg + (0 if per_neuron else degree + 1)
+        if not per_neuron and fb_kernel is None:  # the row is slots only: one sum over programs and slots, one cast
+            slots = part.view(-1, slot_width).sum(0)
+            slots = slots.to(coeffs.dtype) if coeffs.dtype == gates.dtype else slots
+            return slots[: degree + 1].view(coeffs.shape).to(coeffs.dtype), slots[degree + 1 :].to(gates.dtype), None
         total = part.sum(0)
         kern_off = total.shape[0] - r * window
         slots = total[slot0:kern_off].view(-1, slot_width).sum(0)

@@ -378,12 +378,14 @@ def test_sitting_smoke_runs_host_work_curve_rows_and_speed_rows_and_resumes_in_i
 def test_kernel_tiles_read_their_suffixes_round_trip_and_refuse_malformed_ones():
     from benchmarks.harness import parse_tiles, tile_name
 
-    tiles = parse_tiles("64x128x8, 4x128x4r,8x128x8rfp106,")
+    tiles = parse_tiles("64x128x8, 4x128x4r,8x128x8rfp106,4x128x4rfs5,")
     assert tiles == [dict(tokens=64, columns=128, warps=8, in_registers=False, prefetch=False, token_programs=None),
                      dict(tokens=4, columns=128, warps=4, in_registers=True, prefetch=False, token_programs=None),
-                     dict(tokens=8, columns=128, warps=8, in_registers=True, prefetch=True, token_programs=106)]
-    assert [tile_name(t) for t in tiles] == ["64x128x8", "4x128x4r", "8x128x8rfp106"]
-    for bad in ("4x128", "4x128x4q", "0x128x4"):
+                     dict(tokens=8, columns=128, warps=8, in_registers=True, prefetch=True, token_programs=106),
+                     dict(tokens=4, columns=128, warps=4, in_registers=True, prefetch=True, token_programs=None,
+                          programs_per_sm=5)]
+    assert [tile_name(t) for t in tiles] == ["64x128x8", "4x128x4r", "8x128x8rfp106", "4x128x4rfs5"]
+    for bad in ("4x128", "4x128x4q", "0x128x4", "4x128x4rfs0", "4x128x4s5r"):
         with pytest.raises(SystemExit, match=f"--sweep: '{bad}' is not TOKENSxCOLUMNSxWARPS"):
             parse_tiles(f"64x128x8,{bad}")
 
@@ -430,6 +432,6 @@ def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(t
     forward, backward = result["rows"]
     assert forward["kernel"] == "_forward_kernel" and backward["in_registers"] is True
     for row in result["rows"]:
-        assert 0 < row["registers"] <= 255 and row["programs_per_sm"] >= 1
+        assert 0 < row["registers"] <= 255 and row["resident_per_sm"] >= 1
     assert backward["spill_store_bytes"] == backward["spill_load_bytes"] == 0
     assert json.loads(out.read_text())["rows"] == result["rows"]

@@ -116,6 +116,23 @@ def test_remembered_forward_tiles_follow_the_tile_settings(monkeypatch):
     assert fk._forward_plan(40, 50, 4) == (4, 8, 10, 7, 4)
 
 
+@pytest.mark.skipif(fk.triton is None, reason="the backward's programs are chosen only with triton")
+def test_backward_programs_follow_the_per_sm_setting_and_never_exceed_the_token_tiles(monkeypatch):
+    """Without ``token_programs`` the backward launches ``programs_per_sm`` programs per SM over its
+    polynomial column tiles (2 per SM over the feedback ones), at most one per token tile."""
+    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", None)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "programs_per_sm", 8)
+    # 2,048 token tiles, 10 column tiles, no feedback, 132 SMs: 8 x 132 / 10 -> 106 per column tile
+    assert fk._token_programs(2048, 10, 0, 132) == 106
+    monkeypatch.setitem(fk.BACKWARD_TILE, "programs_per_sm", 5)
+    assert fk._token_programs(2048, 10, 0, 132) == 66  # 660 programs: one wave of 5 resident per SM
+    assert fk._token_programs(2048, 10, 4, 132) == 66  # 2 x 132 / 4 = 66 for the feedback tiles too
+    assert fk._token_programs(2048, 1, 1, 132) == 660
+    assert fk._token_programs(40, 10, 0, 132) == 40  # no more programs than token tiles
+    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 3)
+    assert fk._token_programs(2048, 10, 0, 132) == 3 and fk._token_programs(2, 10, 0, 132) == 2
+
+
 # the backward's ways of running its loop: per-tile token sums, sums kept in registers across the tiles
 # (``in_registers``), and the same with the next tile's loads issued a step ahead (``prefetch``)
 BACKWARD_WAYS = {"per-tile-sums": dict(in_registers=False, prefetch=False),
