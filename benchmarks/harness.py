@@ -166,6 +166,8 @@ def configure_torch(S):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
     transformers.logging.set_verbosity_error()
+    if S.get("backward_tile"):  # a fresh (spawned) process starts from the default tile: the run's, as in its parent
+        ffn_kernels.BACKWARD_TILE.update(S["backward_tile"])
 
 
 # ============================================================================ environment

@@ -417,6 +417,9 @@ def test_backward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monk
     S = H.common_settings(p.parse_args(["--device", "cpu", "--backward-tile", "4x128x4rf"]), budget_s=1.0)
     assert fk.BACKWARD_TILE["tokens"] == 4 and fk.BACKWARD_TILE["prefetch"] is True
     assert S["backward_tile"] == fk.BACKWARD_TILE and S["backward_tile"]["warps"] == 4
+    monkeypatch.setattr(fk, "BACKWARD_TILE", dict(fk.BACKWARD_TILE, tokens=64, prefetch=False))  # a fresh process
+    H.configure_torch(S)  # ... which each isolated row calls first: the run's tile, not the default
+    assert fk.BACKWARD_TILE == S["backward_tile"]
     with pytest.raises(SystemExit, match="--backward-tile: one tile"):
         H.common_settings(p.parse_args(["--device", "cpu", "--backward-tile", "4x128x4,8x128x8"]), budget_s=1.0)
 
