@@ -75,13 +75,14 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
 # warps, its programs per column tile (None: `programs_per_sm` per SM over the polynomial column tiles, 2 per
-# SM over the feedback ones) and how its loop runs. Backward 4x128, 4 warps, sums in registers, loads prefetched: the
-# fastest polynomial backward kernel of `kernel_microbench --sweep` on the H200 (d = 768, 8,192 tokens, bf16;
-# GPU time 0.062 ms at 106 programs, against 0.161 ms for the former 64x128 / 8 warps per-tile sums, which
-# use all 255 registers and spill; `python -m benchmarks.kernel_registers`: 96 registers, no spill).
+# SM over the feedback ones) and how its loop runs. Backward 2x64, one warp, sums in registers, loads
+# prefetched, 20 programs per SM: the fastest polynomial backward kernel of `kernel_microbench --sweep` on the
+# H200 (d = 768, 8,192 tokens, bf16; sixth sitting, docs/benchmarks.md §3.14). `kernel_registers`: 100
+# registers, no spill, 20 such programs resident per SM, so 20 per SM is one wave (the former 4x128x4 tile
+# at 8 per SM, 96 registers and 5 resident, ran 1.6 waves).
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 4, "columns": 128, "warps": 4, "feedback_columns": 16, "token_programs": None,
-                 "programs_per_sm": 8, "in_registers": True, "prefetch": True}
+BACKWARD_TILE = {"tokens": 2, "columns": 64, "warps": 1, "feedback_columns": 16, "token_programs": None,
+                 "programs_per_sm": 20, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
