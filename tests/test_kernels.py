@@ -133,6 +133,36 @@ def test_backward_programs_follow_the_per_sm_setting_and_never_exceed_the_token_
     assert fk._token_programs(2048, 10, 0, 132) == 3 and fk._token_programs(2, 10, 0, 132) == 2
 
 
+@pytest.mark.skipif(fk.triton is None, reason="the partial sums exist only with triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_coefficient_gradients_take_one_reduction_and_at_most_one_cast(dtype):
+    """Each eager backward of every block reduces the partial sums: with shared coefficients and no
+    feedback that is one sum over programs and slots and one cast (fp32 partials, bf16 parameters),
+    and the values are those of the two-step sum."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    degree, n_seg, n_tiles_c = 8, 1, 10
+    part = torch.randn(106, n_tiles_c * (degree + 1 + n_seg))
+    coeffs, gates = torch.zeros(1, degree + 1, dtype=dtype), torch.ones(n_seg, dtype=dtype)
+    with Ops() as ops:
+        grad_coeffs, grad_gates, grad_kernel = fk._param_grads(part, coeffs, gates, None, 1216, 0, degree)
+    computed = [n for n in ops.names if not any(w in n for w in ("view", "slice", "alias"))]
+    assert computed == ["sum.dim_IntList"] + (["_to_copy.default"] if dtype != torch.float32 else [])
+    slots = part.sum(0).view(n_tiles_c, -1).sum(0)
+    torch.testing.assert_close(grad_coeffs, slots[: degree + 1].view(1, -1).to(dtype))
+    torch.testing.assert_close(grad_gates, slots[degree + 1 :].to(dtype))
+    assert grad_kernel is None and grad_coeffs.dtype == grad_gates.dtype == dtype
+
+
 # the backward's ways of running its loop: per-tile token sums, sums kept in registers across the tiles
 # (``in_registers``), and the same with the next tile's loads issued a step ahead (``prefetch``)
 BACKWARD_WAYS = {"per-tile-sums": dict(in_registers=False, prefetch=False),
