@@ -100,8 +100,7 @@ def parse_tiles(spec: str, flag: str = "--sweep") -> list[dict]:
         if not c:
             continue
         found = re.fullmatch(r"(\d+)x(\d+)x(\d+)(r?)(f?)(?:p(\d+))?(?:s(\d+))?", c)
-        if (not found or 0 in (int(found[1]), int(found[2]), int(found[3]))
-                or (found[6] or found[7]) and 0 in (int(found[6] or 1), int(found[7] or 1))):
+        if not found or 0 in [int(n) for n in found.groups() if n and n.isdigit()]:
             raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS][sPER_SM], such as "
                              "64x128x8 or 4x128x4rfs5")
         tile = dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3]),

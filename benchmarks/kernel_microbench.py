@@ -279,7 +279,8 @@ def kernel_ms(fn, calls=10) -> dict:
 # The backward tiles --sweep times by default: the default tile (2x64, one warp, 20 per SM), the former ones
 # (4x128, 4 warps, 8 per SM; 64x128, 8 warps, per-tile sums), then tiles of one to eight elements per thread with
 # the coefficient sums in registers and prefetched loads, at programs per SM around what an SM holds at once
-# (`kernel_registers`' resident/SM on sm_90: 5 for 4x128x4rf, 10 for 2x128x2rf and 4x64x2rf, 20 for 2x64x1rf, 32 for 1x64x1rf and 2x32x1rf).
+# (`kernel_registers`' resident/SM on sm_90: 5 for 4x128x4rf, 10 for 2x128x2rf and 4x64x2rf, 20 for 2x64x1rf,
+# 32 for 1x64x1rf and 2x32x1rf).
 SWEEP = ("2x64x1rf,4x128x4rfs8,64x128x8s8,4x128x4rfs5,4x128x4rfs10,2x128x2rfs10,2x128x2rfs20,4x64x2rfs10,"
          "2x64x1rfs10,2x64x1rfs30,1x64x1rfs32,2x32x1rfs32")
 

@@ -779,7 +779,8 @@ if triton is not None:
         slot_width = n_seg + (0 if per_neuron else degree + 1)
         if not per_neuron and fb_kernel is None:  # the row is slots only: one sum over programs and slots, one cast
             slots = part.view(-1, slot_width).sum(0)
-            slots = slots.to(coeffs.dtype) if coeffs.dtype == gates.dtype else slots
+            if coeffs.dtype == gates.dtype:  # cast once; the slices' casts below are then no-ops
+                slots = slots.to(coeffs.dtype)
             return slots[: degree + 1].view(coeffs.shape).to(coeffs.dtype), slots[degree + 1 :].to(gates.dtype), None
         total = part.sum(0)
         kern_off = total.shape[0] - r * window
