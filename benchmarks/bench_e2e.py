@@ -32,8 +32,9 @@ SECTION = "e2e"
 STAGES = ("train", "prefill")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The flags of this benchmark (``profile_step`` adds its own to them)."""
+    p = argparse.ArgumentParser(description=description)
     H.add_common_args(p, output=f"{H.RESULTS_DIR}/e2e.json")
     p.add_argument("--ratios", default=None, help="FFN FLOPs targets of the sparse model (default 0.4)")
     p.add_argument("--stages", default=None, help=f"comma list of {','.join(STAGES)} (default both)")
@@ -42,7 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--train-tokens", default=None, help="batch x seq of a training step (default 16x1024)")
     p.add_argument("--prefill-tokens", default=None, help="batch x seq of a prefill (default 8x1024)")
     H.add_isolation_arg(p, "time")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def tokens_arg(text: str, flag: str) -> tuple:
@@ -95,20 +100,40 @@ def compiled(model, S, enabled: bool):
             block._compiled_call_impl = None
 
 
-def measure_train(model, S, compile_: bool) -> dict:
+def train_step(model, fwd, S):
+    """``(step, optimizer)``: one training step of ``model`` (its forward: ``fwd``) on ``S["train_tokens"]``
+    random tokens: forward under autocast, loss, backward, AdamW step."""
     batch, seq = S["train_tokens"]
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=S["device"])
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=S["gpu"] or None)
+
+    def step():
+        with autocast(S):
+            loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, opt
+
+
+def prefill_call(model, fwd, S):
+    """A no-grad prefill of ``S["prefill_tokens"]`` random tokens (no KV cache, the last position's logits)."""
+    batch, seq = S["prefill_tokens"]
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=S["device"])
+
+    @torch.no_grad()
+    def prefill():
+        return fwd(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+
+    return prefill
+
+
+def measure_train(model, S, compile_: bool) -> dict:
+    batch, seq = S["train_tokens"]
     with compiled(model, S, compile_) as fwd:
-
-        def step():
-            with autocast(S):
-                loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step, opt = train_step(model, fwd, S)
         out = dict(first_call_s=H.first_call_s(step, S))
         if S["gpu"]:
             torch.cuda.reset_peak_memory_stats()
@@ -124,13 +149,8 @@ def measure_train(model, S, compile_: bool) -> dict:
 
 def measure_prefill(model, S, compile_: bool) -> dict:
     batch, seq = S["prefill_tokens"]
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=S["device"])
     with compiled(model, S, compile_) as fwd:
-
-        @torch.no_grad()
-        def prefill():
-            return fwd(input_ids=ids, use_cache=False, logits_to_keep=1).logits
-
+        prefill = prefill_call(model, fwd, S)
         out = dict(first_call_s=H.first_call_s(prefill, S))
         out.update(H.time_fn(prefill, S, min_sample_ms=0.0))
         out["gpu_kernel_ms"] = H.gpu_kernel_ms(prefill, S)

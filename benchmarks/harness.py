@@ -506,6 +506,20 @@ def kernel_ms_of_events(events) -> float:
     return sum(e.device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
 
 
+def kernel_breakdown(events, calls: int) -> list[dict]:
+    """The device-side events of ``prof.events()`` grouped by kernel name, slowest first: ``name``,
+    ``ms`` (total per call) and ``launches`` per call; their ``ms`` add up to ``kernel_ms_of_events``."""
+    from torch.autograd import DeviceType
+
+    by_name: dict = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            ms, n = by_name.get(e.name, (0.0, 0))
+            by_name[e.name] = (ms + e.device_time_total / 1e3, n + 1)
+    rows = [dict(name=name, ms=ms / calls, launches=n / calls) for name, (ms, n) in by_name.items()]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
 def gpu_kernel_ms(fn, S, calls: int = 3):
     """Mean GPU kernel ms per ``fn()`` call under ``torch.profiler`` (None on the CPU).
 

@@ -12,7 +12,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from benchmarks import bench_all, bench_decode, bench_e2e, bench_ffn, bench_healing, make_report, profile_ffn
+from benchmarks import bench_all, bench_decode, bench_e2e, bench_ffn, bench_healing, make_report, profile_ffn, profile_step
 from benchmarks import harness as H
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,6 +208,55 @@ def test_profile_ffn_builds_each_component_set_within_the_budget():
     for name, comps in profile_ffn.COMPONENT_SETS.items():
         ffn, info = built[name]
         assert list(ffn.components) == comps and 0.45 < info["ffn_flops_ratio"] <= 0.5
+
+
+def test_kernel_breakdown_groups_device_events_by_name_per_call():
+    gemm = [FunctionEvent(id=i, name="gemm", thread=0, start_us=10 * i, end_us=10 * i + 4, use_device="cuda",
+                          device_type=DeviceType.CUDA) for i in range(4)]
+    act = FunctionEvent(id=9, name="act", thread=0, start_us=90, end_us=91, use_device="cuda", device_type=DeviceType.CUDA)
+    op = FunctionEvent(id=10, name="aten::mm", thread=0, start_us=0, end_us=100, use_device="cuda")
+    rows = H.kernel_breakdown(gemm + [act, op], calls=2)
+    assert rows == [dict(name="gemm", ms=0.008, launches=2.0), dict(name="act", ms=0.0005, launches=0.5)]
+
+
+def test_profile_ffn_refuses_unknown_variants_naming_the_flag():
+    with pytest.raises(SystemExit, match="--profile: unknown bogus"):
+        profile_ffn.main(["--device", "cpu", "--variants", "none", "--profile", "ideal,bogus"])
+
+
+def _trace_event(cat, name, ts, dur, tid=1, correlation=None):
+    return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, tid=tid, args={} if correlation is None else {"correlation": correlation})
+
+
+def test_step_gaps_split_host_late_from_device_gaps_and_name_the_launching_op():
+    """Kernel a runs 0-10; b, launched at 2 (queued early), starts at 30: a 20 us device gap; c, launched
+    at 78 from aten::mm inside the block's range, starts at 80 after the GPU idled 42 us: host-late,
+    charged to the innermost op (aten::mm, not the enclosing range); d overlaps c (busy counted once)."""
+    events = [
+        _trace_event("user_annotation", "block", 70, 20),
+        _trace_event("cpu_op", "aten::mm", 75, 5),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 1, 1, correlation=1),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 2, 1, correlation=2),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 78, 1, correlation=3),
+        _trace_event("cuda_runtime", "cudaLaunchKernel", 79, 1, correlation=4),
+        _trace_event("kernel", "a", 0, 10, tid=7, correlation=1),
+        _trace_event("kernel", "b", 30, 8, tid=7, correlation=2),
+        _trace_event("kernel", "c", 80, 10, tid=7, correlation=3),
+        _trace_event("kernel", "d", 85, 10, tid=8, correlation=4),
+    ]
+    out = profile_step.analyse(events, calls=1)
+    assert out["kernels_per_call"] == 4 and out["span_us"] == 95 and out["busy_us"] == 33
+    assert out["idle_us"] == 62 and out["device_gap_us"] == 20 and out["host_late_us"] == 42
+    assert out["host_late_by_op"] == [dict(op="aten::mm", us=42.0, gaps=1.0)]
+    assert out["largest_gaps"][0] == dict(gap_us=42, host_late=True, kernel="c", launched_by="aten::mm")
+    assert profile_step.analyse([], calls=1)["kernels_per_call"] == 0
+
+
+def test_profile_step_smoke_profiles_each_stage_mode_and_kind(tmp_path):
+    out = tmp_path / "gaps.json"
+    rows = profile_step.main([*TINY, "--stages", "train,prefill", "--modes", "eager", "--steps", "1", "--output", str(out)])
+    assert [(r["stage"], r["kind"]) for r in rows] == [("train", "ideal"), ("train", "sparse"), ("prefill", "ideal"), ("prefill", "sparse")]
+    assert json.loads(out.read_text())["rows"][1]["kind"] == "sparse"
 
 
 def test_profile_host_replays_true_decode_steps_on_the_sparse_models_cuda_path():
