@@ -501,21 +501,24 @@ def kernel_ms_of_events(events) -> float:
     A CPU operator's ``device_time_total`` holds the time of the kernels it launched, which are
     also events of their own: summing every row (as ``key_averages()`` does) counts them twice.
     """
+    return sum(e.device_time_total for e in _device_events(events)) / 1e3
+
+
+def _device_events(events):
+    """Kernels, memcpy and memset of ``prof.events()``: device-side, and not a range annotation (a compiled
+    graph's ``## Call CompiledFxGraph ... ##`` spans its kernels on the device timeline too)."""
     from torch.autograd import DeviceType
 
-    return sum(e.device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
+    return [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
 
 
 def kernel_breakdown(events, calls: int) -> list[dict]:
     """The device-side events of ``prof.events()`` grouped by kernel name, slowest first: ``name``,
     ``ms`` (total per call) and ``launches`` per call; their ``ms`` add up to ``kernel_ms_of_events``."""
-    from torch.autograd import DeviceType
-
     by_name: dict = {}
-    for e in events:
-        if e.device_type != DeviceType.CPU:
-            ms, n = by_name.get(e.name, (0.0, 0))
-            by_name[e.name] = (ms + e.device_time_total / 1e3, n + 1)
+    for e in _device_events(events):
+        ms, n = by_name.get(e.name, (0.0, 0))
+        by_name[e.name] = (ms + e.device_time_total / 1e3, n + 1)
     rows = [dict(name=name, ms=ms / calls, launches=n / calls) for name, (ms, n) in by_name.items()]
     return sorted(rows, key=lambda row: -row["ms"])
 

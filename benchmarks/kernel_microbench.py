@@ -50,8 +50,12 @@ from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
 
 
-def widths(d: int, ratio: float):
+def widths(d: int, ratio: float, polynomial_only: bool = False):
+    """(m, k, r): the activation width n = ratio * 4d (a multiple of 64), all polynomial, or less the
+    spectral k = d // 16 and feedback r = d // 48 columns."""
     n = max(64, 64 * round(ratio * 4 * d / 64))
+    if polynomial_only:
+        return n, 0, 0
     k, r = max(1, d // 16), max(1, d // 48)
     return n - k - r, k, r
 
@@ -220,19 +224,19 @@ def check_fullgraph(device, d, tokens):
     return {"ok": True, "act": max_err(got, eager), "grads": [max_err(a, b) for a, b in zip(got_g, eager_g)]}
 
 
-def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=()):
+def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polynomial_only=False):
     """The op's backward by itself at width d: ms per call of ``_backward`` (both kernels, the
     partial buffers, the token-gate row sums) and of the ``_param_grads`` reductions, against
     ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
     ``_backward`` under each backward tile of ``sweep`` (``BACKWARD_TILE`` updates, ``harness.parse_tiles``),
     its wall time and its kernels' GPU times."""
-    m, k, r = widths(d, ratio)
+    m, k, r = widths(d, ratio, polynomial_only)
     mod = SparseMLP(d, m, k, r, token_gates).to(device)
     meta = mod.meta
     batch = max(1, tokens // 1024)
     h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
     grad = torch.randn(batch, tokens // batch, m + k + r, device=device, dtype=dtype)
-    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach())
+    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach() if r else None)  # as the op passes them
     tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
 
     def bwd():
@@ -281,8 +285,8 @@ def kernel_ms(fn, calls=10) -> dict:
 # the coefficient sums in registers and prefetched loads, at programs per SM around what an SM holds at once
 # (`kernel_registers`' resident/SM on sm_90: 5 for 4x128x4rf, 10 for 2x128x2rf and 4x64x2rf, 20 for 2x64x1rf,
 # 32 for 1x64x1rf and 2x32x1rf).
-SWEEP = ("2x64x1rf,4x128x4rfs8,64x128x8s8,4x128x4rfs5,4x128x4rfs10,2x128x2rfs10,2x128x2rfs20,4x64x2rfs10,"
-         "2x64x1rfs10,2x64x1rfs30,1x64x1rfs32,2x32x1rfs32")
+SWEEP = ("2x64x1rf,2x64x1rfs16,2x64x1rfs32,1x128x1rfs16,1x256x1rfs12,2x128x1rfs12,4x64x1rfs12,2x32x1rfs28,"
+         "1x64x1rfs29,4x32x1rfs17,2x64x2rfs14,4x128x4rfs4,64x128x8s8")
 
 
 def fastest_tile(result: dict) -> str:
@@ -376,6 +380,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--ratio", type=float, default=0.4)
     p.add_argument("--token-gates", action="store_true", help="sparse FFN with token gates (n_seg extra c_fc rows)")
+    p.add_argument("--polynomial-only", action="store_true",
+                   help="the sparse FFN without spectral and feedback columns (the conversion's default)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--sweep", default=SWEEP,
                    help="backward tiles timed at the first width, TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS][sPER_SM] "
@@ -412,7 +418,7 @@ def main(argv=None):
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                   triton=getattr(fk.triton, "__version__", None), kernels=fk.use_kernel(torch.zeros(1, device=device)),
                   tokens=args.tokens, ratio=args.ratio, dtype=str(dtype).split(".")[-1], degree=DEGREE, window=WINDOW,
-                  token_gates=args.token_gates, forward_tile=dict(fk.FORWARD_TILE),
+                  token_gates=args.token_gates, polynomial_only=args.polynomial_only, forward_tile=dict(fk.FORWARD_TILE),
                   backward_tile=dict(fk.BACKWARD_TILE), rows=[], backward=[], skipped=[])
     small = dict(d=64, m=40, k=4, r=4) if args.smoke else {}
     result["correctness"] = check_correctness(device, 16 if args.smoke else 2048, **small)
@@ -434,7 +440,7 @@ def main(argv=None):
     print(" ".join(f"{h:>9}" for h in heads))
     built = {}
     for d in dims:
-        m, k, r = widths(d, args.ratio)
+        m, k, r = widths(d, args.ratio, args.polynomial_only)
         batch = max(1, args.tokens // 1024)  # sequences of 1,024 tokens (the feedback window runs along them)
         x = torch.randn(batch, args.tokens // batch, d, device=device, dtype=dtype, requires_grad=True)
         models = {"dense": DenseMLP(d, 4 * d), "ideal": DenseMLP(d, m + k + r),
@@ -465,7 +471,8 @@ def main(argv=None):
             for i, d in enumerate(dims):
                 if not result["kernels"] or over_budget(f"backward alone d={d}"):
                     continue
-                row = backward_alone(device, dtype, d, args.tokens, args.ratio, args.token_gates, sweep if i == 0 else ())
+                row = backward_alone(device, dtype, d, args.tokens, args.ratio, args.token_gates, sweep if i == 0 else (),
+                                     args.polynomial_only)
                 result["backward"].append(row)
                 print(f"backward alone d={d}: {row['backward_ms']:.3f} ms (gelu_backward {row['gelu_backward_ms']:.3f} ms,"
                       f" {row['backward_vs_gelu']:.1f}x; param-grad sums {row['param_grads_ms']:.3f} ms)", flush=True)

@@ -78,6 +78,8 @@ def main(argv=None):
     p.add_argument("--degree", type=int, default=8)
     p.add_argument("--per-neuron", action="store_true", help="per-neuron Chebyshev coefficients")
     p.add_argument("--token-gates", action="store_true")
+    p.add_argument("--spectral", action="store_true",
+                   help="spectral columns beside the polynomial ones (default: the conversion's polynomial-only FFN)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
     tiles = parse_tiles(args.tiles, flag="--tiles")
@@ -97,18 +99,20 @@ def main(argv=None):
                                                               BS=1), 4)))
     for tile in tiles:
         constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
+                         SPECTRAL=args.spectral, FLAT=True,  # as _backward launches it
                          PREFETCH=tile["prefetch"])
         stats = compile_stats(fk._backward_kernel, constants, tile["warps"])
         rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
-    print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}")
+    print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}, "
+          f"spectral {args.spectral}")
     print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}")
     for r in rows:
         tile = tile_name(r)
         print(f"{r['kernel']:18s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
               f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,
-                  per_neuron=args.per_neuron, token_gates=args.token_gates, forward_tile=fwd,
+                  per_neuron=args.per_neuron, token_gates=args.token_gates, spectral=args.spectral, forward_tile=fwd,
                   backward_tile=dict(fk.BACKWARD_TILE), rows=rows)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,7 @@ def profile_calls(fn, S, calls: int) -> dict:
 
 def main(argv=None):
     p = bench_e2e.parser(__doc__.split("\n\n")[0])
+    p.set_defaults(output=None)  # bench_e2e's default file is its own results
     p.add_argument("--kinds", default="ideal,sparse", help="models to profile, comma list of dense,ideal,sparse")
     p.add_argument("--steps", type=int, default=3, help="profiled calls per row")
     args = p.parse_args(argv)

@@ -386,13 +386,38 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _tile_rows(tile, n_tiles, n_tiles_t, T, BT: tl.constexpr):
+    def _tile_rows(tile, n_tiles, n_tiles_t, T, BT: tl.constexpr, FLAT: tl.constexpr = False):
         """(sequence, token indices, rows in range) of token tile ``tile``; a tile past the last one
-        (a program's masked last step) has no rows in range and the addresses of tile 0."""
+        (a program's masked last step) has no rows in range and the addresses of tile 0. ``FLAT``: the
+        tokens of every sequence as one (sequence 0 of ``T`` = all rows; no integer division per tile)."""
         live = tile < n_tiles
         tile = tl.where(live, tile, 0)
+        if FLAT:
+            t = tile * BT + tl.arange(0, BT)
+            return tl.zeros((), dtype=tl.int64), t, (t < T) & live
         t = (tile % n_tiles_t) * BT + tl.arange(0, BT)
         return (tile // n_tiles_t).to(tl.int64), t, (t < T) & live
+
+    @triton.jit
+    def _derivative_coefficients(coef, inv_domain, DEGREE: tl.constexpr):
+        """``d`` with p'(h) = sum_{j < DEGREE} d_j T_j(t) for p = sum_i c_i T_i(t), t = h / s (the 1 / s of
+        dt/dh folded in): d_{j-1} = d_{j+1} + 2 j c_j from j = DEGREE down to 1, d_0 halved (the Chebyshev
+        derivative recurrence). Computed once per program, from the coefficients' values or rows."""
+        d = ()
+        d_next = coef[0] * 0.0  # d_{j+1}
+        d_cur = coef[0] * 0.0  # d_j
+        for s in tl.static_range(DEGREE):
+            d_prev = d_next + (2.0 * (DEGREE - s)) * coef[DEGREE - s]
+            d = (d_prev,) + d
+            d_next = d_cur
+            d_cur = d_prev
+        out = ()
+        for j in tl.static_range(DEGREE):
+            if j == 0:
+                out = out + (d[0] * (0.5 * inv_domain),)
+            else:
+                out = out + (d[j] * inv_domain,)
+        return out
 
     @triton.jit
     def _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok):
@@ -408,18 +433,27 @@ if triton is not None:
         m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
         DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
         BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr, PREFETCH: tl.constexpr,
+        SPECTRAL: tl.constexpr = True, FLAT: tl.constexpr = False,
     ):
         """Polynomial and spectral columns [0, m + k): grad_h, and the partial sums of the
         coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``).
+
+        Per element, one pass over T_0..T_deg(t) by the forward recurrence T_{i+1} = 2t T_i - T_{i-1}
+        gives the three sums it needs: the value p = sum c_i T_i (for the gate gradient), the
+        derivative p' = sum d_j T_j (``_derivative_coefficients``) and the coefficient gradients'
+        terms dL/da * g * tau * T_i: four multiply-adds per degree. ``SPECTRAL`` (k > 0): some
+        columns are the spectral identity; ``FLAT``: the rows are one sequence (``_tile_rows``).
 
         Two ways to sum the coefficient and gate gradients over a program's tokens: per tile (one
         ``tl.sum`` over the tile's tokens per coefficient, added into a ``[coefficient, column]``
         tile), or ``IN_REGISTERS``: one ``[BT, BC]`` tile per coefficient (a tuple), added to
         elementwise on every token tile and summed over its tokens once, after the program's last
-        tile (no cross-warp reduction or layout change inside the loop, for small tiles)."""
+        tile (no cross-warp reduction or layout change inside the loop, for small tiles). Rows and
+        columns out of range load as zeros, so dL/dact is zero there and adds nothing to either sum."""
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
+        inv_domain = 1.0 / domain
         n_act = m + k + r
         fb0 = m + k
         col0 = pid_c * BC
@@ -428,9 +462,11 @@ if triton is not None:
         is_poly = cols < m
         di = tl.arange(0, DP)
         gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
+        gate_poly = tl.where(is_poly, gate, 0.0)[None, :]  # the coefficient sums take the polynomial columns only
         # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
         # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
         coef = _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE, PER_NEURON)
+        dcoef = _derivative_coefficients(coef, inv_domain, DEGREE)
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
         # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
@@ -444,16 +480,16 @@ if triton is not None:
         # where it runs past n_tiles. PREFETCH: the next tile's h and dL/dact are loaded before this
         # tile's arithmetic and carried into the next step, so their memory latency hides under it.
         if PREFETCH:
-            b, t, row_ok = _tile_rows(pid_t, n_tiles, n_tiles_t, T, BT)
+            b, t, row_ok = _tile_rows(pid_t, n_tiles, n_tiles_t, T, BT, FLAT)
             ok = row_ok[:, None] & col_ok[None, :]
             x_next, go_next = _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok)
         for it in range(0, n_iter):
-            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT)
+            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT, FLAT)
             ok = row_ok[:, None] & col_ok[None, :]
             h_rows = h_ptr + b * stride_hb + t * stride_ht
             if PREFETCH:
                 x_raw, go_raw = x_next, go_next
-                b_n, t_n, row_ok_n = _tile_rows(pid_t + (it + 1) * n_prog_t, n_tiles, n_tiles_t, T, BT)
+                b_n, t_n, row_ok_n = _tile_rows(pid_t + (it + 1) * n_prog_t, n_tiles, n_tiles_t, T, BT, FLAT)
                 x_next, go_next = _load_pair(h_ptr, gout_ptr, b_n, t_n, stride_hb, stride_ht, stride_gb, stride_gt,
                                              cols, row_ok_n[:, None] & col_ok[None, :])
             else:
@@ -463,29 +499,18 @@ if triton is not None:
             tau, dtau = _token_gates(h_rows, row_ok, cols, m, k, r, n_act, SPEC_IDX, FB_IDX, TOKEN_GATES, BT, BC)
             a = x  # spectral: identity, derivative 1
             da = tl.full((BT, BC), 1.0, tl.float32)
-            if col0 < m:  # poly: value and derivative by the differentiated Clenshaw recurrence
-                xs = x / domain
+            if col0 < m:  # poly: T_i(t) once, for p, p' and the coefficient gradients' terms
+                xs = x * inv_domain
                 tc = tl.minimum(tl.maximum(xs, -1.0), 1.0)
-                b1 = tl.zeros((BT, BC), dtype=tl.float32)
-                b2 = tl.zeros((BT, BC), dtype=tl.float32)
-                d1 = tl.zeros((BT, BC), dtype=tl.float32)
-                d2 = tl.zeros((BT, BC), dtype=tl.float32)
-                for step in tl.static_range(DEGREE):
-                    d0 = 2.0 * b1 + 2.0 * tc * d1 - d2
-                    b0 = coef[DEGREE - step] + 2.0 * tc * b1 - b2
-                    b2 = b1
-                    b1 = b0
-                    d2 = d1
-                    d1 = d0
-                poly = coef[0] + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
-                inside = (xs >= -1.0) & (xs <= 1.0)
-                dpoly = tl.where(inside, (b1 + tc * d1 - d2) / domain, 0.0) + tl.where(x > domain, 1.0, 0.0)
-                a = tl.where(is_poly[None, :], poly, a)
-                da = tl.where(is_poly[None, :], dpoly, da)
-                # coefficient gradients: T_i(t) by the forward recurrence, one token sum per i
-                gp = tl.where(ok & is_poly[None, :], go * gate[None, :] * tau, 0.0)
-                t_prev = tl.full((BT, BC), 1.0, tl.float32)
-                t_cur = tc
+                tc2 = tc + tc
+                gp = go * gate_poly * tau
+                poly = coef[0] + tc * 0.0
+                dpoly = tc * 0.0
+                if DEGREE >= 1:
+                    poly += coef[1] * tc
+                    dpoly += dcoef[0]
+                if DEGREE >= 2:
+                    dpoly += dcoef[1] * tc
                 if IN_REGISTERS:
                     terms = _add_at(terms, 0, gp)
                     if DEGREE >= 1:
@@ -494,19 +519,33 @@ if triton is not None:
                     acc_coeff += tl.where(di[:, None] == 0, tl.sum(gp, axis=0)[None, :], 0.0)
                     if DEGREE >= 1:
                         acc_coeff += tl.where(di[:, None] == 1, tl.sum(gp * tc, axis=0)[None, :], 0.0)
+                t_prev = tl.full((BT, BC), 1.0, tl.float32)
+                t_cur = tc
                 for i in tl.static_range(2, DEGREE + 1):
-                    t_next = 2.0 * tc * t_cur - t_prev
+                    t_next = tc2 * t_cur - t_prev
                     t_prev = t_cur
                     t_cur = t_next
+                    poly += coef[i] * t_cur
+                    if i < DEGREE:
+                        dpoly += dcoef[i] * t_cur
                     if IN_REGISTERS:
                         terms = _add_at(terms, i, gp * t_cur)
                     else:
                         acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
+                # the clamp's derivative is 0 outside [-1, 1] (t == h / s inside), the linear tail's 1 above s
+                poly += tl.maximum(x - domain, 0.0)
+                dpoly = tl.where(x > domain, 1.0, tl.where(tc == xs, dpoly, 0.0))
+                if SPECTRAL:
+                    a = tl.where(is_poly[None, :], poly, a)
+                    da = tl.where(is_poly[None, :], dpoly, da)
+                else:
+                    a = poly
+                    da = dpoly
             gh = go * gate[None, :] * tau * da
             if IN_REGISTERS:
-                gate_terms += tl.where(ok, go * tau * a, 0.0)
+                gate_terms += go * tau * a
             else:
-                acc_gate += tl.sum(tl.where(ok, go * tau * a, 0.0), axis=0)
+                acc_gate += tl.sum(go * tau * a, axis=0)
             gh_rows = gh_ptr + b * stride_hb + t * stride_ht
             tl.store(gh_rows[:, None] + cols[None, :], gh.to(gh_ptr.dtype.element_ty), mask=ok)
             if TOKEN_GATES:
@@ -708,7 +747,7 @@ if triton is not None:
                   direct=False):
         """``(grad_h, part)``: part holds each token program's partial sums (``_part_layout``),
         which ``_param_grads`` reduces."""
-        h = h if h.stride(-1) == 1 else h.contiguous()
+        h = h.contiguous()  # grad_h (empty_like) then has h's strides, and the rows are one flat run
         grad = grad.contiguous()
         batch, tokens, n_down = h.shape
         n_act, n_seg = m + k + r, (m > 0) + (k > 0) + (r > 0)
@@ -730,12 +769,15 @@ if triton is not None:
         common = (tokens, n_tiles_t, n_tiles, programs, _cdiv(n_tiles, programs))  # ..., steps per program
         strides = (h.stride(0), h.stride(1), grad.stride(0), grad.stride(1))
         flags = dict(DEGREE=degree, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0, DP=_pow2(degree + 1))
-        if n_tiles > 0 and n_tiles_c > 0:
+        if n_tiles > 0 and n_tiles_c > 0:  # its tiles run over the rows of every sequence as one (FLAT)
+            rows = batch * tokens
+            flat_tiles = _cdiv(rows, bt)
             _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
-                h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, *common, *strides,
-                m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part, slot0, slot_width, batch * tokens,
-                BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"], IN_REGISTERS=BACKWARD_TILE["in_registers"],
-                PREFETCH=BACKWARD_TILE["prefetch"], **flags,
+                h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, rows, flat_tiles, flat_tiles, programs,
+                _cdiv(flat_tiles, programs), *strides, m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part,
+                slot0, slot_width, rows, BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"],
+                IN_REGISTERS=BACKWARD_TILE["in_registers"], PREFETCH=BACKWARD_TILE["prefetch"], SPECTRAL=k > 0,
+                FLAT=True, **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
             _launcher(_feedback_backward_kernel, (programs, n_tiles_f), direct)(

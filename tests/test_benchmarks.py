@@ -215,8 +215,11 @@ def test_kernel_breakdown_groups_device_events_by_name_per_call():
                           device_type=DeviceType.CUDA) for i in range(4)]
     act = FunctionEvent(id=9, name="act", thread=0, start_us=90, end_us=91, use_device="cuda", device_type=DeviceType.CUDA)
     op = FunctionEvent(id=10, name="aten::mm", thread=0, start_us=0, end_us=100, use_device="cuda")
-    rows = H.kernel_breakdown(gemm + [act, op], calls=2)
+    graph = FunctionEvent(id=11, name="## Call CompiledFxGraph f1 ##", thread=0, start_us=0, end_us=95, use_device="cuda",
+                          device_type=DeviceType.CUDA, is_user_annotation=True)  # spans the kernels: not one itself
+    rows = H.kernel_breakdown(gemm + [act, op, graph], calls=2)
     assert rows == [dict(name="gemm", ms=0.008, launches=2.0), dict(name="act", ms=0.0005, launches=0.5)]
+    assert H.kernel_ms_of_events(gemm + [act, op, graph]) == pytest.approx(0.017)
 
 
 def test_profile_ffn_refuses_unknown_variants_naming_the_flag():
