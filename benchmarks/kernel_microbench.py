@@ -83,7 +83,7 @@ class SparseMLP(nn.Module):
         coeffs = gelu_chebyshev(DEGREE, DOMAIN)
         self.coeffs = nn.Parameter(coeffs.repeat(m, 1) if per_neuron else coeffs[None])
         self.gates = nn.Parameter(torch.ones(n_seg))
-        self.fb_kernel = nn.Parameter(torch.randn(r, WINDOW) * 0.3)
+        self.fb_kernel = nn.Parameter(torch.randn(r, WINDOW) * 0.3) if r else None  # no feedback: no taps
 
     def to_dtype(self, dtype):
         self.c_fc.to(dtype)
@@ -236,7 +236,7 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polyn
     batch = max(1, tokens // 1024)
     h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
     grad = torch.randn(batch, tokens // batch, m + k + r, device=device, dtype=dtype)
-    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach() if r else None)  # as the op passes them
+    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach() if r else None)
     tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
 
     def bwd():
