@@ -75,14 +75,13 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
 # warps, its programs per column tile (None: `programs_per_sm` per SM over the polynomial column tiles, 2 per
-# SM over the feedback ones) and how its loop runs. Backward 2x64, one warp, sums in registers, loads
-# prefetched, 20 programs per SM: the fastest polynomial backward kernel of `kernel_microbench --sweep` on the
-# H200 (d = 768, 8,192 tokens, bf16; sixth sitting, docs/benchmarks.md §3.14). `kernel_registers`: 100
-# registers, no spill, 20 such programs resident per SM, so 20 per SM is one wave (the former 4x128x4 tile
-# at 8 per SM, 96 registers and 5 resident, ran 1.6 waves).
+# SM over the feedback ones) and how its loop runs. Backward 1 token x 256 columns, one warp (8 columns per
+# thread), sums in registers, loads prefetched, 12 programs per SM: the fastest polynomial backward kernel of
+# `kernel_microbench --polynomial-only --sweep` on the H200 (d = 768, 8,192 tokens, bf16; docs/benchmarks.md
+# §3.15). `kernel_registers`: 168 registers, no spill, 12 such programs resident per SM, so one wave.
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 2, "columns": 64, "warps": 1, "feedback_columns": 16, "token_programs": None,
-                 "programs_per_sm": 20, "in_registers": True, "prefetch": True}
+BACKWARD_TILE = {"tokens": 1, "columns": 256, "warps": 1, "feedback_columns": 16, "token_programs": None,
+                 "programs_per_sm": 12, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -462,7 +461,9 @@ if triton is not None:
         is_poly = cols < m
         di = tl.arange(0, DP)
         gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
-        gate_poly = tl.where(is_poly, gate, 0.0)[None, :]  # the coefficient sums take the polynomial columns only
+        # the coefficient terms' weight per column (zero off the polynomial columns): with token gates
+        # g * tau * dL/da; without, dL/da alone, g applied once per program after the loop
+        poly_weight = tl.where(is_poly, gate if TOKEN_GATES else 1.0, 0.0)[None, :]
         # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
         # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
         coef = _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE, PER_NEURON)
@@ -503,11 +504,17 @@ if triton is not None:
                 xs = x * inv_domain
                 tc = tl.minimum(tl.maximum(xs, -1.0), 1.0)
                 tc2 = tc + tc
-                gp = go * gate_poly * tau
+                if TOKEN_GATES:
+                    gp = go * poly_weight * tau
+                elif SPECTRAL:
+                    gp = go * poly_weight
+                else:
+                    gp = go  # zero past the columns (masked loads)
                 poly = coef[0] + tc * 0.0
                 dpoly = tc * 0.0
                 if DEGREE >= 1:
-                    poly += coef[1] * tc
+                    if TOKEN_GATES:
+                        poly += coef[1] * tc
                     dpoly += dcoef[0]
                 if DEGREE >= 2:
                     dpoly += dcoef[1] * tc
@@ -525,15 +532,19 @@ if triton is not None:
                     t_next = tc2 * t_cur - t_prev
                     t_prev = t_cur
                     t_cur = t_next
-                    poly += coef[i] * t_cur
+                    if TOKEN_GATES:  # the value: per element only where the row gate gradients need it
+                        poly += coef[i] * t_cur
                     if i < DEGREE:
                         dpoly += dcoef[i] * t_cur
                     if IN_REGISTERS:
                         terms = _add_at(terms, i, gp * t_cur)
                     else:
                         acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
-                # the clamp's derivative is 0 outside [-1, 1] (t == h / s inside), the linear tail's 1 above s
-                poly += tl.maximum(x - domain, 0.0)
+                # the clamp's derivative is 0 outside [-1, 1] (t == h / s inside), the linear tail's 1 above s.
+                # Without token gates the gate gradient's sum_t dL/dact * p(t) is sum_i c_i * (the
+                # coefficient terms' sum), added after the loop: here only the linear tail's share.
+                tail = tl.maximum(x - domain, 0.0)
+                poly = poly + tail if TOKEN_GATES else tail
                 dpoly = tl.where(x > domain, 1.0, tl.where(tc == xs, dpoly, 0.0))
                 if SPECTRAL:
                     a = tl.where(is_poly[None, :], poly, a)
@@ -556,21 +567,32 @@ if triton is not None:
         row = part_ptr + pid_t * n_part
         slot = row + slot0 + pid_c * slot_width
         if IN_REGISTERS:  # the token sums, once
+            if not TOKEN_GATES:  # the polynomial's share of the gate sums, then g on the coefficient terms
+                for i in tl.static_range(DEGREE + 1):
+                    gate_terms += coef[i] * terms[i]
             acc_gate = tl.sum(gate_terms, axis=0)
             for i in tl.static_range(DEGREE + 1):
                 coeff_sum = tl.sum(terms[i], axis=0)  # zeros on a tile without polynomial columns
+                if not TOKEN_GATES:
+                    coeff_sum = coeff_sum * gate
                 if PER_NEURON:
                     tl.store(row + cols * (DEGREE + 1) + i, coeff_sum, mask=is_poly)
                 else:
                     tl.store(slot + i, tl.sum(coeff_sum, axis=0))
             _gate_slots(slot + (0 if PER_NEURON else DEGREE + 1), acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
-        elif PER_NEURON:
-            tl.store(row + cols[None, :] * (DEGREE + 1) + di[:, None], acc_coeff,
-                     mask=is_poly[None, :] & (di < DEGREE + 1)[:, None])
-            _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
-        else:  # the column reduction, once
-            tl.store(slot + di, tl.sum(acc_coeff, axis=1), mask=di < DEGREE + 1)
-            _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+        else:
+            if not TOKEN_GATES:  # as above, on the [coefficient, column] tile
+                for i in tl.static_range(DEGREE + 1):
+                    q_i = tl.sum(tl.where(di[:, None] == i, acc_coeff, 0.0), axis=0)
+                    acc_gate += tl.sum(coef[i] * q_i[None, :], axis=0)
+                acc_coeff = acc_coeff * gate[None, :]
+            if PER_NEURON:
+                tl.store(row + cols[None, :] * (DEGREE + 1) + di[:, None], acc_coeff,
+                         mask=is_poly[None, :] & (di < DEGREE + 1)[:, None])
+                _gate_slots(slot, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+            else:  # the column reduction, once
+                tl.store(slot + di, tl.sum(acc_coeff, axis=1), mask=di < DEGREE + 1)
+                _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
 
     @triton.jit
     def _feedback_backward_kernel(
@@ -755,7 +777,7 @@ if triton is not None:
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         window = lay["window"]
         bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
-        bc = min(BACKWARD_TILE["columns"], _pow2(max(m + k, 1)))
+        bc = min(_backward_columns(bt), _pow2(max(m + k, 1)))
         bcf = min(BACKWARD_TILE["feedback_columns"], _pow2(max(r, 1)))
         n_tiles_t = _cdiv(tokens, bt)
         n_tiles = batch * n_tiles_t
@@ -790,6 +812,13 @@ if triton is not None:
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
         return grad_h, part
+
+    def _backward_columns(bt: int) -> int:
+        """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed
+        where a feedback window raised the tokens above the tile's (``_token_block``), so a tile keeps its
+        elements (and registers) per thread: 1 x 256 becomes 4 x 64 with a window of 4 (16 at the least)."""
+        tile = BACKWARD_TILE["tokens"] * BACKWARD_TILE["columns"]
+        return min(BACKWARD_TILE["columns"], max(16, _pow2(tile // bt) if tile >= bt else 16))
 
     def _token_programs(n_tiles: int, n_tiles_c: int, n_tiles_f: int, sms: int) -> int:
         """Programs along the backward's token tiles (each column tile has as many): ``token_programs``,

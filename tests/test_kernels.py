@@ -133,6 +133,20 @@ def test_backward_programs_follow_the_per_sm_setting_and_never_exceed_the_token_
     assert fk._token_programs(2048, 10, 0, 132) == 3 and fk._token_programs(2, 10, 0, 132) == 2
 
 
+@pytest.mark.skipif(fk.triton is None, reason="the backward's tiles are chosen only with triton")
+def test_a_feedback_window_narrows_the_backward_tile_to_its_elements_per_thread(monkeypatch):
+    """A window of w tokens raises the backward tile's tokens to w's power of two (the first tile holds the
+    state); its columns narrow by as much, so a 1 x 256 one-warp tile (8 elements a thread) does not become
+    4 x 256 (32 a thread, ~4x the registers: spills) under feedback."""
+    monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 1)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 256)
+    shapes = {w: (fk._token_block(8192, 1, w), fk._backward_columns(fk._token_block(8192, 1, w))) for w in (1, 2, 4, 8)}
+    assert shapes == {1: (1, 256), 2: (1, 256), 4: (4, 64), 8: (8, 32)}
+    monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 128)
+    assert fk._backward_columns(fk._token_block(8192, 4, 4)) == 128  # a tile already as tall keeps its columns
+
+
 @pytest.mark.skipif(fk.triton is None, reason="the partial sums exist only with triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_shared_coefficient_gradients_take_one_reduction_and_at_most_one_cast(dtype):
