@@ -98,6 +98,13 @@ def main(argv=None):
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), 4)))
     for tile in tiles:
+        saved = dict(fk.BACKWARD_TILE)
+        try:  # the columns _backward launches this tile with (per-neuron coefficients halve them)
+            fk.BACKWARD_TILE.update(tile)
+            tile = dict(tile, columns=fk._backward_columns(tile["tokens"], args.per_neuron))
+        finally:
+            fk.BACKWARD_TILE.clear()
+            fk.BACKWARD_TILE.update(saved)
         constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
                          SPECTRAL=args.spectral, FLAT=True,  # as _backward launches it
                          PREFETCH=tile["prefetch"])

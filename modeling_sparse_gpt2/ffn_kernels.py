@@ -777,7 +777,7 @@ if triton is not None:
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         window = lay["window"]
         bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
-        bc = min(_backward_columns(bt), _pow2(max(m + k, 1)))
+        bc = min(_backward_columns(bt, per_neuron), _pow2(max(m + k, 1)))
         bcf = min(BACKWARD_TILE["feedback_columns"], _pow2(max(r, 1)))
         n_tiles_t = _cdiv(tokens, bt)
         n_tiles = batch * n_tiles_t
@@ -813,11 +813,13 @@ if triton is not None:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
         return grad_h, part
 
-    def _backward_columns(bt: int) -> int:
+    def _backward_columns(bt: int, per_neuron: bool = False) -> int:
         """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed
         where a feedback window raised the tokens above the tile's (``_token_block``), so a tile keeps its
-        elements (and registers) per thread: 1 x 256 becomes 4 x 64 with a window of 4 (16 at the least)."""
-        tile = BACKWARD_TILE["tokens"] * BACKWARD_TILE["columns"]
+        elements (and registers) per thread: 1 x 256 becomes 4 x 64 with a window of 4 (16 at the least).
+        Per-neuron coefficients halve it (each thread holds 2 * degree + 1 coefficient values per column:
+        at 1 x 256 with token gates they spill on sm_90, at 1 x 128 they do not; ``kernel_registers``)."""
+        tile = BACKWARD_TILE["tokens"] * BACKWARD_TILE["columns"] // (2 if per_neuron else 1)
         return min(BACKWARD_TILE["columns"], max(16, _pow2(tile // bt) if tile >= bt else 16))
 
     def _token_programs(n_tiles: int, n_tiles_c: int, n_tiles_f: int, sms: int) -> int:

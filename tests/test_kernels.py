@@ -145,6 +145,7 @@ def test_a_feedback_window_narrows_the_backward_tile_to_its_elements_per_thread(
     monkeypatch.setitem(fk.BACKWARD_TILE, "tokens", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 128)
     assert fk._backward_columns(fk._token_block(8192, 4, 4)) == 128  # a tile already as tall keeps its columns
+    assert fk._backward_columns(4, per_neuron=True) == 64  # per-neuron coefficient rows: half the elements
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the partial sums exist only with triton")
