@@ -15,8 +15,8 @@ With ``fb_state`` the last ``w - 1`` rows of ``full`` are written back into it (
 
 FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) (Clenshaw, clamp,
 linear tail), feedback r·(2·w + 12) (window, gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly
-m·(12·deg + 15) (value and derivative by the differentiated Clenshaw recurrence, then T_i again for
-the coefficient gradients), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
+m·(6·deg + 12) (one pass over T_i(t) for the derivative and the coefficient gradients' terms, three
+multiply-adds per degree; with token gates the value too, 8·deg + 12), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
 pre-activations are recomputed from h), gates 4·(m + k + r). The kernels read h once and write
 their output once (the backward also reads dL/dact; the feedback columns re-read w rows of h per
 tap from cache); everything else is in registers.
