@@ -285,8 +285,8 @@ def kernel_ms(fn, calls=10) -> dict:
 # the coefficient sums in registers and prefetched loads, at programs per SM around what an SM holds at once
 # (`kernel_registers`' resident/SM on sm_90: 5 for 4x128x4rf, 10 for 2x128x2rf and 4x64x2rf, 20 for 2x64x1rf,
 # 32 for 1x64x1rf and 2x32x1rf).
-SWEEP = ("1x256x1rf,1x256x1rfs6,2x128x1rfs12,4x64x1rfs12,2x64x1rfs21,2x64x1rfs42,1x128x1rfs21,2x32x1rfs28,"
-         "1x512x2rfs6,2x256x2rfs6,4x128x4rfs4,64x128x8s8")
+SWEEP = ("1x512x2rf,1x256x1rfs12,1x256x1rfs6,2x128x1rfs12,4x64x1rfs12,2x64x1rfs21,2x64x1rfs42,1x128x1rfs21,2x32x1rfs28,"
+         "2x256x2rfs6,4x128x4rfs4,64x128x8s8")
 
 
 def fastest_tile(result: dict) -> str:

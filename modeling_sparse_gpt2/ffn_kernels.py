@@ -75,13 +75,13 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 
 # Tile sizes (tokens, columns; the backward's feedback kernel has its own column width), the backward's
 # warps, its programs per column tile (None: `programs_per_sm` per SM over the polynomial column tiles, 2 per
-# SM over the feedback ones) and how its loop runs. Backward 1 token x 256 columns, one warp (8 columns per
-# thread), sums in registers, loads prefetched, 12 programs per SM: the fastest polynomial backward kernel of
+# SM over the feedback ones) and how its loop runs. Backward 1 token x 512 columns, two warps (8 columns per
+# thread), sums in registers, loads prefetched, 6 programs per SM: the fastest polynomial backward kernel of
 # `kernel_microbench --polynomial-only --sweep` on the H200 (d = 768, 8,192 tokens, bf16; docs/benchmarks.md
-# §3.15). `kernel_registers`: 168 registers, no spill, 12 such programs resident per SM, so one wave.
+# §3.15). `kernel_registers`: 168 registers, no spill, 6 such programs resident per SM, so one wave.
 FORWARD_TILE = {"tokens": 32, "columns": 64}
-BACKWARD_TILE = {"tokens": 1, "columns": 256, "warps": 1, "feedback_columns": 16, "token_programs": None,
-                 "programs_per_sm": 12, "in_registers": True, "prefetch": True}
+BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
+                 "programs_per_sm": 6, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -816,9 +816,9 @@ if triton is not None:
     def _backward_columns(bt: int, per_neuron: bool = False) -> int:
         """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed
         where a feedback window raised the tokens above the tile's (``_token_block``), so a tile keeps its
-        elements (and registers) per thread: 1 x 256 becomes 4 x 64 with a window of 4 (16 at the least).
+        elements (and registers) per thread: 1 x 512 becomes 4 x 128 with a window of 4 (16 at the least).
         Per-neuron coefficients halve it (each thread holds 2 * degree + 1 coefficient values per column:
-        at 1 x 256 with token gates they spill on sm_90, at 1 x 128 they do not; ``kernel_registers``)."""
+        at 1 x 256 on one warp with token gates they spill on sm_90, at 1 x 128 they do not; ``kernel_registers``)."""
         tile = BACKWARD_TILE["tokens"] * BACKWARD_TILE["columns"] // (2 if per_neuron else 1)
         return min(BACKWARD_TILE["columns"], max(16, _pow2(tile // bt) if tile >= bt else 16))
 
