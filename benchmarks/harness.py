@@ -120,6 +120,18 @@ def tile_name(tile: dict) -> str:
             + (f"s{tile['programs_per_sm']}" if tile.get("programs_per_sm") else ""))
 
 
+@contextlib.contextmanager
+def backward_tile(tile: dict):
+    """``ffn_kernels.BACKWARD_TILE`` updated by ``tile`` inside the block, as it was after it."""
+    saved = dict(ffn_kernels.BACKWARD_TILE)
+    ffn_kernels.BACKWARD_TILE.update(tile)
+    try:
+        yield ffn_kernels.BACKWARD_TILE
+    finally:
+        ffn_kernels.BACKWARD_TILE.clear()
+        ffn_kernels.BACKWARD_TILE.update(saved)
+
+
 def csv(value, cast=str):
     return [cast(v) for v in value.split(",") if v.strip()] if value else None
 

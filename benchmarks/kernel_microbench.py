@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import parse_tiles, tile_name  # noqa: E402
+from benchmarks.harness import backward_tile, parse_tiles, tile_name  # noqa: E402
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
@@ -250,19 +250,13 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polyn
     row["backward_vs_gelu"] = row["backward_ms"] / row["gelu_backward_ms"]
     if torch.cuda.is_available():
         row["kernel_ms"] = kernel_ms(bwd)
-    saved = dict(fk.BACKWARD_TILE)
     row["sweep"] = []
-    try:
-        for tile in sweep:
-            fk.BACKWARD_TILE.update(saved)
-            fk.BACKWARD_TILE.update(tile)
+    for tile in sweep:
+        with backward_tile(tile):
             entry = dict(tile, backward_ms=cuda_time(bwd))
             if torch.cuda.is_available():
                 entry["kernel_ms"] = kernel_ms(bwd)
-            row["sweep"].append(entry)
-    finally:
-        fk.BACKWARD_TILE.clear()
-        fk.BACKWARD_TILE.update(saved)
+        row["sweep"].append(entry)
     return row
 
 

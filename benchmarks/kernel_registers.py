@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .harness import parse_tiles, tile_name
+from .harness import backward_tile, parse_tiles, tile_name
 from .kernel_microbench import SWEEP
 
 TARGET_ARCH = 90
@@ -98,16 +98,10 @@ def main(argv=None):
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), 4)))
     for tile in tiles:
-        saved = dict(fk.BACKWARD_TILE)
-        try:  # the columns _backward launches this tile with (per-neuron coefficients halve them)
-            fk.BACKWARD_TILE.update(tile)
+        with backward_tile(tile):  # the columns _backward launches this tile with (per-neuron coefficients halve them)
             tile = dict(tile, columns=fk._backward_columns(tile["tokens"], args.per_neuron))
-        finally:
-            fk.BACKWARD_TILE.clear()
-            fk.BACKWARD_TILE.update(saved)
         constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
-                         SPECTRAL=args.spectral, FLAT=True,  # as _backward launches it
-                         PREFETCH=tile["prefetch"])
+                         SPECTRAL=args.spectral, PREFETCH=tile["prefetch"])
         stats = compile_stats(fk._backward_kernel, constants, tile["warps"])
         rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))

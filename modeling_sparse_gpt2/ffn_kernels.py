@@ -432,16 +432,19 @@ if triton is not None:
         m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
         DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
         BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr, PREFETCH: tl.constexpr,
-        SPECTRAL: tl.constexpr = True, FLAT: tl.constexpr = False,
+        SPECTRAL: tl.constexpr = True,
     ):
         """Polynomial and spectral columns [0, m + k): grad_h, and the partial sums of the
         coefficient and gate gradients (no feedback code: ``_feedback_backward_kernel``).
 
         Per element, one pass over T_0..T_deg(t) by the forward recurrence T_{i+1} = 2t T_i - T_{i-1}
-        gives the three sums it needs: the value p = sum c_i T_i (for the gate gradient), the
-        derivative p' = sum d_j T_j (``_derivative_coefficients``) and the coefficient gradients'
-        terms dL/da * g * tau * T_i: four multiply-adds per degree. ``SPECTRAL`` (k > 0): some
-        columns are the spectral identity; ``FLAT``: the rows are one sequence (``_tile_rows``).
+        gives the sums it needs: the derivative p' = sum d_j T_j (``_derivative_coefficients``) and
+        the coefficient gradients' terms dL/da * T_i, three multiply-adds per degree; the gate g is
+        applied to those once per program, and the gate gradient's polynomial share is sum_i c_i times
+        their sums. With token gates (tau per token) the terms carry g * tau and the value
+        p = sum c_i T_i is summed per element too (the row gate gradients need it). ``SPECTRAL``
+        (k > 0): some columns are the spectral identity. The tiles run over the rows of every
+        sequence as one (``_tile_rows``' ``FLAT``: this kernel has no causal window).
 
         Two ways to sum the coefficient and gate gradients over a program's tokens: per tile (one
         ``tl.sum`` over the tile's tokens per coefficient, added into a ``[coefficient, column]``
@@ -469,7 +472,7 @@ if triton is not None:
         coef = _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE, PER_NEURON)
         dcoef = _derivative_coefficients(coef, inv_domain, DEGREE)
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
-        # per-tile token sums add in without a layout change): dL/da * g * tau * T_i(t)
+        # per-tile token sums add in without a layout change): dL/da * T_i(t), times g * tau with token gates
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
         if IN_REGISTERS:  # per element: dL/da * g * tau * T_i(t), one tile per i; dL/dact * tau * a
@@ -481,16 +484,16 @@ if triton is not None:
         # where it runs past n_tiles. PREFETCH: the next tile's h and dL/dact are loaded before this
         # tile's arithmetic and carried into the next step, so their memory latency hides under it.
         if PREFETCH:
-            b, t, row_ok = _tile_rows(pid_t, n_tiles, n_tiles_t, T, BT, FLAT)
+            b, t, row_ok = _tile_rows(pid_t, n_tiles, n_tiles_t, T, BT, True)
             ok = row_ok[:, None] & col_ok[None, :]
             x_next, go_next = _load_pair(h_ptr, gout_ptr, b, t, stride_hb, stride_ht, stride_gb, stride_gt, cols, ok)
         for it in range(0, n_iter):
-            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT, FLAT)
+            b, t, row_ok = _tile_rows(pid_t + it * n_prog_t, n_tiles, n_tiles_t, T, BT, True)
             ok = row_ok[:, None] & col_ok[None, :]
             h_rows = h_ptr + b * stride_hb + t * stride_ht
             if PREFETCH:
                 x_raw, go_raw = x_next, go_next
-                b_n, t_n, row_ok_n = _tile_rows(pid_t + (it + 1) * n_prog_t, n_tiles, n_tiles_t, T, BT, FLAT)
+                b_n, t_n, row_ok_n = _tile_rows(pid_t + (it + 1) * n_prog_t, n_tiles, n_tiles_t, T, BT, True)
                 x_next, go_next = _load_pair(h_ptr, gout_ptr, b_n, t_n, stride_hb, stride_ht, stride_gb, stride_gt,
                                              cols, row_ok_n[:, None] & col_ok[None, :])
             else:
@@ -791,15 +794,14 @@ if triton is not None:
         common = (tokens, n_tiles_t, n_tiles, programs, _cdiv(n_tiles, programs))  # ..., steps per program
         strides = (h.stride(0), h.stride(1), grad.stride(0), grad.stride(1))
         flags = dict(DEGREE=degree, PER_NEURON=per_neuron, TOKEN_GATES=n_gates > 0, DP=_pow2(degree + 1))
-        if n_tiles > 0 and n_tiles_c > 0:  # its tiles run over the rows of every sequence as one (FLAT)
+        if n_tiles > 0 and n_tiles_c > 0:  # its tiles run over the rows of every sequence as one
             rows = batch * tokens
             flat_tiles = _cdiv(rows, bt)
             _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
                 h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, rows, flat_tiles, flat_tiles, programs,
                 _cdiv(flat_tiles, programs), *strides, m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part,
                 slot0, slot_width, rows, BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"],
-                IN_REGISTERS=BACKWARD_TILE["in_registers"], PREFETCH=BACKWARD_TILE["prefetch"], SPECTRAL=k > 0,
-                FLAT=True, **flags,
+                IN_REGISTERS=BACKWARD_TILE["in_registers"], PREFETCH=BACKWARD_TILE["prefetch"], SPECTRAL=k > 0, **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
             _launcher(_feedback_backward_kernel, (programs, n_tiles_f), direct)(
@@ -820,7 +822,7 @@ if triton is not None:
         Per-neuron coefficients halve it (each thread holds 2 * degree + 1 coefficient values per column:
         at 1 x 256 on one warp with token gates they spill on sm_90, at 1 x 128 they do not; ``kernel_registers``)."""
         tile = BACKWARD_TILE["tokens"] * BACKWARD_TILE["columns"] // (2 if per_neuron else 1)
-        return min(BACKWARD_TILE["columns"], max(16, _pow2(tile // bt) if tile >= bt else 16))
+        return min(BACKWARD_TILE["columns"], max(16, _pow2(max(tile // bt, 1))))
 
     def _token_programs(n_tiles: int, n_tiles_c: int, n_tiles_f: int, sms: int) -> int:
         """Programs along the backward's token tiles (each column tile has as many): ``token_programs``,
