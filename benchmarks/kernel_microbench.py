@@ -15,7 +15,7 @@ the timings settle), eager for every width first, then under ``torch.compile``, 
 * sparse: c_fc = Linear(d, n + n_gates) -> ``sparse_ffn_activation`` -> c_proj = Linear(n, d).
 
 After the eager rows it times the op's backward by itself at each width (``_backward``: both
-kernels and the partial buffers; ``_param_grads``, the reductions of the partial sums), against
+kernels, the partial sums and their reduction into the parameters' gradients), against
 ``gelu_backward`` of the ideal's width, with each kernel's GPU time from ``torch.profiler``, and
 at the first width under each backward tile of ``--sweep`` (wall time of ``_backward`` and each
 kernel's GPU time; ``r``: the coefficient gradients summed in registers, ``BACKWARD_TILE["in_registers"]``;
@@ -73,7 +73,8 @@ class DenseMLP(nn.Module):
 
 
 class SparseMLP(nn.Module):
-    """c_fc -> sparse_ffn_activation -> c_proj, the op's small parameters in fp32."""
+    """c_fc -> sparse_ffn_activation -> c_proj, the op's small parameters in fp32; the coefficient mask
+    is the conversion's (T_0, T_1 and the even terms: the kernels' half-degree path)."""
 
     def __init__(self, d, m, k, r, token_gates=False, per_neuron=False):
         super().__init__()
@@ -81,7 +82,8 @@ class SparseMLP(nn.Module):
         self.meta = dict(m=m, k=k, r=r, n_gates=n_seg if token_gates else 0, domain=DOMAIN, degree=DEGREE)
         self.c_fc, self.c_proj = nn.Linear(d, m + k + r + self.meta["n_gates"]), nn.Linear(m + k + r, d)
         coeffs = gelu_chebyshev(DEGREE, DOMAIN)
-        self.coeffs = nn.Parameter(coeffs.repeat(m, 1) if per_neuron else coeffs[None])
+        self.coeffs = nn.Parameter(coeffs.repeat(m, 1) if per_neuron else coeffs)
+        self.register_buffer("coeff_mask", torch.tensor([float(i < 2 or i % 2 == 0) for i in range(DEGREE + 1)]))
         self.gates = nn.Parameter(torch.ones(n_seg))
         self.fb_kernel = nn.Parameter(torch.randn(r, WINDOW) * 0.3) if r else None  # no feedback: no taps
 
@@ -92,7 +94,8 @@ class SparseMLP(nn.Module):
 
     def forward(self, x, token_mask=None):
         h = self.c_fc(x)
-        a = fk.sparse_ffn_activation(h, self.coeffs, self.gates, self.fb_kernel, None, token_mask, **self.meta)
+        a = fk.sparse_ffn_activation(h, self.coeffs, self.coeff_mask, self.gates, self.fb_kernel, None, token_mask,
+                                     **self.meta)
         return self.c_proj(a)
 
 
@@ -177,7 +180,7 @@ def check_correctness(device, tokens, d=768, m=300, k=48, r=16):
                 mask = torch.ones(batch, seq, dtype=torch.long, device=device)
                 mask[-1, : seq // 3] = 0
             leaves = [h.requires_grad_(), mod.coeffs, mod.gates, mod.fb_kernel]
-            args = (mod.coeffs, mod.gates, mod.fb_kernel, None, mask)
+            args = (mod.coeffs, mod.coeff_mask, mod.gates, mod.fb_kernel, None, mask)
             want = fk.sparse_ffn_activation_reference(h, *args, **meta)
             gy = torch.randn_like(want)
             want_g = torch.autograd.grad(want, leaves, gy)
@@ -199,9 +202,11 @@ def check_opcheck(device):
     mask = torch.ones(2, 9, dtype=torch.long, device=device)
     tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
     res = {"functional": torch.library.opcheck(
-        torch.ops.sparse_gpt2.ffn_activation, (h, mod.coeffs, mod.gates, mod.fb_kernel, None, mask, *tail))}
+        torch.ops.sparse_gpt2.ffn_activation, (h, mod.coeffs, mod.coeff_mask, mod.gates, mod.fb_kernel, None, mask,
+                                               *tail))}
     state = torch.randn(2, WINDOW - 1, 3, device=device)
-    args = (h.detach()[:, :1], mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach(), state, mask, *tail)
+    args = (h.detach()[:, :1], mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach(), state,
+            mask, *tail)
     res["stateful"] = torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
     return res
 
@@ -225,8 +230,8 @@ def check_fullgraph(device, d, tokens):
 
 
 def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polynomial_only=False):
-    """The op's backward by itself at width d: ms per call of ``_backward`` (both kernels, the
-    partial buffers, the token-gate row sums) and of the ``_param_grads`` reductions, against
+    """The op's backward by itself at width d: ms per call of ``_backward`` (its kernels, the partial
+    sums' reduction into the parameters' gradients, the token-gate row sums), against
     ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
     ``_backward`` under each backward tile of ``sweep`` (``BACKWARD_TILE`` updates, ``harness.parse_tiles``),
     its wall time and its kernels' GPU times."""
@@ -236,15 +241,13 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polyn
     batch = max(1, tokens // 1024)
     h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
     grad = torch.randn(batch, tokens // batch, m + k + r, device=device, dtype=dtype)
-    par = (mod.coeffs.detach(), mod.gates.detach(), mod.fb_kernel.detach() if r else None)
+    par = (mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach() if r else None)
     tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
 
     def bwd():
         return fk._backward(grad, h, *par, None, None, *tail)
 
-    part = bwd()[1]
-    row = dict(d=d, m=m, k=k, r=r, backward_ms=cuda_time(bwd),
-               param_grads_ms=cuda_time(lambda: fk._param_grads(part, *par, m, r, meta["degree"])))
+    row = dict(d=d, m=m, k=k, r=r, backward_ms=cuda_time(bwd))
     gelu_h, gelu_g = h[..., : m + k + r].contiguous(), grad.contiguous()
     row["gelu_backward_ms"] = cuda_time(lambda: torch.ops.aten.gelu_backward(gelu_g, gelu_h, approximate="tanh"))
     row["backward_vs_gelu"] = row["backward_ms"] / row["gelu_backward_ms"]
@@ -328,7 +331,7 @@ def host_cost(n=1000):
     with one_thread(), LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
         try:
             mod = SparseMLP(64, 40, 4, 4, token_gates=True)
-            meta, par = mod.meta, (mod.coeffs, mod.gates, mod.fb_kernel)
+            meta, par = mod.meta, (mod.coeffs, mod.coeff_mask, mod.gates, mod.fb_kernel)
             h1, state, mask = torch.randn(1, 1, 51), torch.zeros(1, WINDOW - 1, 4), torch.ones(1, 5, dtype=torch.long)
             h16 = torch.randn(1, 16, 51, requires_grad=True)
             cfg = SparseGPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97, n_positions=64,
@@ -469,7 +472,7 @@ def main(argv=None):
                                      args.polynomial_only)
                 result["backward"].append(row)
                 print(f"backward alone d={d}: {row['backward_ms']:.3f} ms (gelu_backward {row['gelu_backward_ms']:.3f} ms,"
-                      f" {row['backward_vs_gelu']:.1f}x; param-grad sums {row['param_grads_ms']:.3f} ms)", flush=True)
+                      f" {row['backward_vs_gelu']:.1f}x)", flush=True)
                 for name, ms in sorted(row.get("kernel_ms", {}).items(), key=lambda kv: -kv[1])[:6]:
                     print(f"    {ms:8.3f} ms  {name[:90]}")
                 for c in row["sweep"]:

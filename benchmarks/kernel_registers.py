@@ -45,14 +45,16 @@ def signature(kernel) -> dict:
     return sig
 
 
-def compile_stats(kernel, constants: dict, num_warps: int) -> dict:
-    """Compile ``kernel`` for sm_90 with ``constants`` and return ptxas's registers and spills."""
+def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None = None) -> dict:
+    """Compile ``kernel`` for sm_90 with ``constants`` (and the register cap its launch passes) and
+    return ptxas's registers and spills."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     compiled = triton.compile(ASTSource(kernel, signature(kernel), constants),
-                              target=GPUTarget("cuda", TARGET_ARCH, 32), options=dict(num_warps=num_warps))
+                              target=GPUTarget("cuda", TARGET_ARCH, 32),
+                              options=dict(num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -96,13 +98,17 @@ def main(argv=None):
     rows.append(dict(kernel="_forward_kernel", tokens=fwd["tokens"], columns=fwd["columns"], in_registers=None,
                      **compile_stats(fk._forward_kernel, dict(flags, WINDOW=1, HAS_MASK=False, HAS_STATE=False,
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
-                                                              BS=1), 4)))
+                                                              BS=1), fwd["warps"],
+                                     fk._register_cap(fwd["warps"], fwd["programs_per_sm"]))))
     for tile in tiles:
-        with backward_tile(tile):  # the columns _backward launches this tile with (per-neuron coefficients halve them)
-            tile = dict(tile, columns=fk._backward_columns(tile["tokens"], args.per_neuron))
+        with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve
+            # them), and the programs per SM its register cap follows (the default's where the tile names none)
+            tile = dict(tile, columns=fk._backward_columns(tile["tokens"], args.per_neuron),
+                        programs_per_sm=launched["programs_per_sm"])
         constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
                          SPECTRAL=args.spectral, PREFETCH=tile["prefetch"])
-        stats = compile_stats(fk._backward_kernel, constants, tile["warps"])
+        stats = compile_stats(fk._backward_kernel, constants, tile["warps"],
+                              fk._register_cap(tile["warps"], tile["programs_per_sm"]))
         rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
     print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}, "

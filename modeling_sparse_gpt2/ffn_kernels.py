@@ -13,11 +13,18 @@ segment order poly, spectral, feedback, ``tau_c = 2 sigmoid(h_gate_c)`` when ``n
 
 With ``fb_state`` the last ``w - 1`` rows of ``full`` are written back into it (decode).
 
+The series is ``c * mask`` (the parameters and the mask as they are: the kernels read them in fp32
+and write the gradients back in the parameters' dtypes). When the mask switches off every odd term
+above T_1, as the conversion's GELU fit does, both kernels evaluate it as c_1 t + q(u), u = T_2(t) =
+2t^2 - 1, with q = sum_j c_2j T_j(u) of half the degree (T_2j(t) = T_j(T_2(t))): a branch on the mask,
+one per program.
+
 FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) (Clenshaw, clamp,
-linear tail), feedback r·(2·w + 12) (window, gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly
-m·(6·deg + 12) (one pass over T_i(t) for the derivative and the coefficient gradients' terms, three
-multiply-adds per degree; with token gates the value too, 8·deg + 12), feedback r·w·(2·w + 20) (u_t reaches the w outputs t..t+w-1, whose
-pre-activations are recomputed from h), gates 4·(m + k + r). The kernels read h once and write
+linear tail; about half the degree's share for the even series), feedback r·(2·w + 12) (window,
+gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly m·(6·deg + 12) (one pass over T_i(t) for the
+derivative and the coefficient gradients' terms, three multiply-adds per degree, about half for the
+even series; with token gates the value too, 8·deg + 12), feedback r·w·(2·w + 20) (u_t reaches the w
+outputs t..t+w-1, whose pre-activations are recomputed from h), gates 4·(m + k + r). The kernels read h once and write
 their output once (the backward also reads dL/dact; the feedback columns re-read w rows of h per
 tap from cache); everything else is in registers.
 
@@ -38,8 +45,8 @@ dL/dact before this tile's arithmetic; otherwise, as the feedback kernel does, i
 (``tl.sum`` over axis 0) per coefficient and tile into a ``[coefficient, column]`` tile. At the end a
 program writes its partial sums once (no atomics) into its row
 of one buffer ``part`` (``_part_layout``; for shared coefficients the column reduction is done here,
-once); ``_param_grads`` reduces ``part`` with one sum over the programs and one over the column
-tiles' slots. The token-gate gradient of a row is a sum over columns, which the column tiles split,
+once); ``_reduce_kernel`` sums ``part`` over the programs and the column tiles' slots into the
+parameters' gradients (times the mask for the coefficients), in a fixed order. The token-gate gradient of a row is a sum over columns, which the column tiles split,
 so each column tile writes its per-row partial and one ``sum`` over the column tiles adds them.
 
 Dispatch (``use_kernel``): the Triton ops run on CUDA when triton is installed, and on CPU tensors
@@ -79,7 +86,11 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 # thread), sums in registers, loads prefetched, 6 programs per SM: the fastest polynomial backward kernel of
 # `kernel_microbench --polynomial-only --sweep` on the H200 (d = 768, 8,192 tokens, bf16; docs/benchmarks.md
 # §3.15). `kernel_registers`: 168 registers, no spill, 6 such programs resident per SM, so one wave.
-FORWARD_TILE = {"tokens": 32, "columns": 64}
+# ``programs_per_sm`` also caps each kernel's registers per thread at what that many programs leave
+# (``_register_cap``: 168 for the backward's 6 x 2 warps, 128 for the forward's 4 x 4): ptxas otherwise
+# takes registers it can have (a kernel with both of the backward's loops compiled to 244 where either
+# loop alone needs 168), and fewer programs fit an SM.
+FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4, "programs_per_sm": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
@@ -88,8 +99,7 @@ EAGER_DIRECT = True
 
 def plain_eager(t: Tensor) -> bool:
     """A plain tensor outside any compiler, tracing or dispatch mode: where Python may take shortcuts
-    that traced code must not see (calling the kernels directly; the FFN keeping tensors derived from
-    its weights between no-grad calls)."""
+    that traced code must not see (calling the kernels directly)."""
     return type(t) is Tensor and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
 
 
@@ -104,6 +114,7 @@ def use_kernel(h: Tensor) -> bool:
 def sparse_ffn_activation_reference(
     h: Tensor,
     coeffs: Tensor,
+    coeff_mask: Tensor,
     gates: Tensor,
     fb_kernel: Tensor | None,
     fb_state: Tensor | None,
@@ -120,8 +131,8 @@ def sparse_ffn_activation_reference(
     x = h.to(torch.promote_types(h.dtype, torch.float32))
     n_act = m + k + r
     segments = []
-    if m:  # (P, degree+1): P == 1 broadcasts over the neurons
-        segments.append(chebyshev_activation(x[..., :m], coeffs.to(x.dtype), 1.0, domain, degree))
+    if m:  # (degree+1,) or (P, degree+1): one series, or one per neuron (P == 1 broadcasts)
+        segments.append(chebyshev_activation(x[..., :m], coeffs.to(x.dtype), coeff_mask.to(x.dtype), domain, degree))
     if k:
         segments.append(x[..., m : m + k])
     if r:
@@ -141,15 +152,17 @@ def sparse_ffn_activation_reference(
     return (torch.cat(scaled, dim=-1) if len(scaled) > 1 else scaled[0]).to(h.dtype)  # one segment: no copy
 
 
-def _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):
+def _check(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):
     """One-line errors for inputs that do not fit the segment widths (the token mask's length is
     checked on every call, also with ``checked=False``)."""
     n_seg = (m > 0) + (k > 0) + (r > 0)
     fail = "sparse_ffn_activation: "
     if h.dim() not in (2, 3) or h.shape[-1] != m + k + r + n_gates:
         raise ValueError(f"{fail}h {tuple(h.shape)} must end in m+k+r+n_gates = {m + k + r + n_gates} columns")
-    if coeffs.dim() != 2 or coeffs.shape[1] != degree + 1 or coeffs.shape[0] not in (1, m):
-        raise ValueError(f"{fail}coeffs {tuple(coeffs.shape)} must be (1 or m={m}, degree+1={degree + 1})")
+    if coeffs.shape[-1] != degree + 1 or coeffs.dim() > 2 or (coeffs.dim() == 2 and coeffs.shape[0] not in (1, m)):
+        raise ValueError(f"{fail}coeffs {tuple(coeffs.shape)} must be (degree+1={degree + 1},) or (1 or m={m}, degree+1)")
+    if coeff_mask.shape != (degree + 1,):
+        raise ValueError(f"{fail}coeff_mask {tuple(coeff_mask.shape)} must be (degree+1={degree + 1},)")
     if gates.shape != (n_seg,) or n_gates not in (0, n_seg):
         raise ValueError(f"{fail}gates {tuple(gates.shape)}, n_gates={n_gates} must match the {n_seg} segments")
     if r and (fb_kernel is None or fb_kernel.dim() != 2 or fb_kernel.shape[0] != r):
@@ -164,6 +177,7 @@ def _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree):
 def sparse_ffn_activation(
     h: Tensor,
     coeffs: Tensor,
+    coeff_mask: Tensor,
     gates: Tensor,
     fb_kernel: Tensor | None,
     fb_state: Tensor | None,
@@ -179,8 +193,11 @@ def sparse_ffn_activation(
 ) -> Tensor:
     """``act`` (..., m + k + r) from ``h`` (..., m + k + r + n_gates): one kernel where ``use_kernel(h)``.
 
-    ``coeffs`` (P, degree+1) are the masked Chebyshev coefficients (P = 1 shared, P = m per neuron);
-    ``gates`` (n_seg,) the scalar gates; ``fb_kernel`` (r, w) the causal taps; ``fb_state``
+    ``coeffs`` are the Chebyshev coefficients, (degree+1,) or (1, degree+1) shared, (m, degree+1) per
+    neuron, and ``coeff_mask`` (degree+1,) which of them are on: the series is ``coeffs * coeff_mask``;
+    ``gates`` (n_seg,) the scalar gates; ``fb_kernel`` (r, w) the causal taps (all as the parameters
+    are, in their own dtypes: the kernels read them in fp32 and write their gradients back in those
+    dtypes, so a call makes no tensors from them); ``fb_state``
     (batch, w-1, r) the decode state, updated in place (None: zeros, no update); ``token_mask``
     (batch, T') the 0/1 mask of real tokens, whose last T columns belong to this call.
     ``checked=False`` skips ``_check``'s shape checks, for callers whose arguments follow from a layout
@@ -188,13 +205,13 @@ def sparse_ffn_activation(
     checked always (the kernels would read before its start).
     """
     if checked:
-        _check(h, coeffs, gates, fb_kernel, fb_state, m, k, r, n_gates, degree)
+        _check(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, m, k, r, n_gates, degree)
     if token_mask is not None and token_mask.shape[-1] < h.shape[-2]:
         raise ValueError(f"sparse_ffn_activation: token_mask {tuple(token_mask.shape)} is shorter than the "
                          f"{h.shape[-2]} tokens")
     if not use_kernel(h):
-        return sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, fb_state, token_mask, m=m, k=k, r=r,
-                                               n_gates=n_gates, domain=domain, degree=degree)
+        return sparse_ffn_activation_reference(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m=m, k=k,
+                                               r=r, n_gates=n_gates, domain=domain, degree=degree)
     h3 = h if h.dim() == 3 else h[None]
     if token_mask is not None and token_mask.dim() == 1:
         token_mask = token_mask[None]
@@ -202,7 +219,7 @@ def sparse_ffn_activation(
         fb_kernel = fb_state = None
     elif fb_state is not None and fb_kernel.shape[1] == 1:
         fb_state = None  # a window of one token keeps no state
-    args = (h3, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
+    args = (h3, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, float(domain), degree)
     needs_grad = torch.is_grad_enabled() and (
         h.requires_grad or coeffs.requires_grad or gates.requires_grad or (fb_kernel is not None and fb_kernel.requires_grad)
     )
@@ -213,7 +230,7 @@ def sparse_ffn_activation(
         act = _forward(*args, False, direct=True)
     else:
         if fb_state is not None:  # with autograd the op reads a copy of the state (saved for backward)
-            args = args[:4] + (fb_state.clone(),) + args[5:]
+            args = args[:5] + (fb_state.clone(),) + args[6:]
         act = _EagerActivation.apply(*args) if direct else torch.ops.sparse_gpt2.ffn_activation(*args)
         if fb_state is not None:  # ... and the state is advanced here
             with torch.no_grad():
@@ -276,21 +293,51 @@ if triton is not None:
             return tl.full((BT, BC), 1.0, tl.float32), tl.zeros((BT, BC), dtype=tl.float32)
 
     @triton.jit
-    def _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr):
-        """The DEGREE + 1 Chebyshev coefficients as a tuple of fp32 values: scalars (shared), or [1, BC]
-        rows of the tile's columns (per neuron)."""
+    def _chebyshev_coefficients(coeff_ptr, mask_ptr, cols, is_poly, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr):
+        """The DEGREE + 1 masked Chebyshev coefficients c_i * mask_i as a tuple of fp32 values: scalars
+        (shared), or [1, BC] rows of the tile's columns (per neuron)."""
         coef = ()
         for i in tl.static_range(DEGREE + 1):
             if PER_NEURON:
                 ci = tl.load(coeff_ptr + cols * (DEGREE + 1) + i, mask=is_poly, other=0.0)[None, :]
             else:
                 ci = tl.load(coeff_ptr + i)
-            coef = coef + (ci.to(tl.float32),)
+            coef = coef + (ci.to(tl.float32) * tl.load(mask_ptr + i).to(tl.float32),)
         return coef
 
     @triton.jit
+    def _odd_terms_masked(mask_ptr, DEGREE: tl.constexpr):
+        """Whether the mask switches off every odd term above T_1 (the conversion's GELU series: T_1 plus
+        even terms): then p(t) = c_1 t + q(T_2(t)) with q = sum_j c_2j T_j, since T_2j(t) = T_j(T_2(t)),
+        a series of half the degree in u = T_2(t) = 2 t^2 - 1 (``_even_*``). A scalar, one per program."""
+        off = tl.load(mask_ptr + 3) == 0
+        for i in tl.static_range(5, DEGREE + 1, 2):
+            off = off & (tl.load(mask_ptr + i) == 0)
+        return off
+
+    @triton.jit
+    def _even_series(coef, DEGREE: tl.constexpr):
+        """(c_0, c_2, ..., c_2H), H = DEGREE // 2: the series q in u = T_2(t)."""
+        sub = ()
+        for j in tl.static_range(DEGREE // 2 + 1):
+            sub = sub + (coef[2 * j],)
+        return sub
+
+    @triton.jit
+    def _clenshaw(tc, coef, DEGREE: tl.constexpr):
+        """sum_{i <= DEGREE} c_i T_i(t) by Clenshaw: b_i = c_i + 2 t b_{i+1} - b_{i+2}, sum = c_0 + t b_1 - b_2."""
+        b1 = tl.zeros_like(tc)
+        b2 = tl.zeros_like(tc)
+        tc2 = tc + tc
+        for step in tl.static_range(DEGREE):
+            b0 = coef[DEGREE - step] + tc2 * b1 - b2
+            b2 = b1
+            b1 = b0
+        return coef[0] + tc * b1 - b2
+
+    @triton.jit
     def _forward_kernel(
-        h_ptr, out_ptr, coeff_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
+        h_ptr, out_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, kern_ptr, state_ptr, mask_ptr,
         T, n_tiles_t, stride_hb, stride_ht, stride_ob, stride_ot, stride_sb, stride_st, stride_mb, stride_mt, mask_off,
         m, k, r, SPEC_IDX, FB_IDX, domain,
         DEGREE: tl.constexpr, WINDOW: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
@@ -314,16 +361,17 @@ if triton is not None:
         h_rows = h_seq + t * stride_ht
         x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         a = x  # spectral: identity
-        if col0 < m:  # poly: Clenshaw, b_i = c_i + 2 t b_{i+1} - b_{i+2}, sum = c_0 + t b_1 - b_2
+        if col0 < m:  # poly: Clenshaw's recurrence, in u = T_2(t) at half the degree when the odd terms are off
             tc = tl.minimum(tl.maximum(x / domain, -1.0), 1.0)
-            coef = _chebyshev_coefficients(coeff_ptr, cols, cols < m, DEGREE, PER_NEURON)
-            b1 = tl.zeros((BT, BC), dtype=tl.float32)
-            b2 = tl.zeros((BT, BC), dtype=tl.float32)
-            for step in tl.static_range(DEGREE):
-                b0 = coef[DEGREE - step] + 2.0 * tc * b1 - b2
-                b2 = b1
-                b1 = b0
-            poly = coef[0] + tc * b1 - b2 + tl.maximum(x - domain, 0.0)
+            coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, cols, cols < m, DEGREE, PER_NEURON)
+            if DEGREE >= 4:
+                if _odd_terms_masked(coeff_mask_ptr, DEGREE):
+                    poly = coef[1] * tc + _clenshaw((tc + tc) * tc - 1.0, _even_series(coef, DEGREE), DEGREE // 2)
+                else:
+                    poly = _clenshaw(tc, coef, DEGREE)
+            else:
+                poly = _clenshaw(tc, coef, DEGREE)
+            poly = poly + tl.maximum(x - domain, 0.0)
             a = tl.where(cols[None, :] < m, poly, a)
         state_seq = state_ptr + b * stride_sb
         mask_seq = mask_ptr + b * stride_mb
@@ -426,8 +474,18 @@ if triton is not None:
         return x, go
 
     @triton.jit
+    def _accumulate(terms, acc_coeff, di, i: tl.constexpr, v, IN_REGISTERS: tl.constexpr):
+        """Coefficient i's sum plus the tile ``v``: elementwise into its register tile (``IN_REGISTERS``),
+        or v's token sum into row i of the ``[coefficient, column]`` tile."""
+        if IN_REGISTERS:
+            terms = _add_at(terms, i, v)
+        else:
+            acc_coeff += tl.where(di[:, None] == i, tl.sum(v, axis=0)[None, :], 0.0)
+        return terms, acc_coeff
+
+    @triton.jit
     def _backward_kernel(
-        h_ptr, gout_ptr, gh_ptr, coeff_ptr, gate_ptr, part_ptr, row_part_ptr,
+        h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, row_part_ptr,
         T, n_tiles_t, n_tiles, n_prog_t, n_iter, stride_hb, stride_ht, stride_gb, stride_gt,
         m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part, slot0, slot_width, n_rows,
         DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
@@ -441,7 +499,9 @@ if triton is not None:
         gives the sums it needs: the derivative p' = sum d_j T_j (``_derivative_coefficients``) and
         the coefficient gradients' terms dL/da * T_i, three multiply-adds per degree; the gate g is
         applied to those once per program, and the gate gradient's polynomial share is sum_i c_i times
-        their sums. With token gates (tau per token) the terms carry g * tau and the value
+        their sums. When the mask switches the odd terms above T_1 off (``_odd_terms_masked``, the
+        conversion's series) the pass runs over T_j(u), u = T_2(t), to half the degree (``EVEN``).
+        With token gates (tau per token) the terms carry g * tau and the value
         p = sum c_i T_i is summed per element too (the row gate gradients need it). ``SPECTRAL``
         (k > 0): some columns are the spectral identity. The tiles run over the rows of every
         sequence as one (``_tile_rows``' ``FLAT``: this kernel has no causal window).
@@ -452,6 +512,27 @@ if triton is not None:
         elementwise on every token tile and summed over its tokens once, after the program's last
         tile (no cross-warp reduction or layout change inside the loop, for small tiles). Rows and
         columns out of range load as zeros, so dL/dact is zero there and adds nothing to either sum."""
+        args = (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, row_part_ptr, T, n_tiles_t,
+                n_tiles, n_prog_t, n_iter, stride_hb, stride_ht, stride_gb, stride_gt, m, k, r, SPEC_IDX, FB_IDX, N_SEG,
+                domain, n_part, slot0, slot_width, n_rows)
+        if DEGREE >= 4:  # one of two loops for the whole program, by a scalar of the mask
+            if _odd_terms_masked(coeff_mask_ptr, DEGREE):
+                _backward_program(args, DEGREE, PER_NEURON, TOKEN_GATES, BT, BC, DP, IN_REGISTERS, PREFETCH, SPECTRAL,
+                                  True)
+            else:
+                _backward_program(args, DEGREE, PER_NEURON, TOKEN_GATES, BT, BC, DP, IN_REGISTERS, PREFETCH, SPECTRAL,
+                                  False)
+        else:
+            _backward_program(args, DEGREE, PER_NEURON, TOKEN_GATES, BT, BC, DP, IN_REGISTERS, PREFETCH, SPECTRAL, False)
+
+    @triton.jit
+    def _backward_program(args, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr, TOKEN_GATES: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, DP: tl.constexpr, IN_REGISTERS: tl.constexpr,
+                          PREFETCH: tl.constexpr, SPECTRAL: tl.constexpr, EVEN: tl.constexpr):
+        """``_backward_kernel``'s loop over a program's token tiles and its partial sums' stores."""
+        (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, row_part_ptr, T, n_tiles_t, n_tiles,
+         n_prog_t, n_iter, stride_hb, stride_ht, stride_gb, stride_gt, m, k, r, SPEC_IDX, FB_IDX, N_SEG, domain, n_part,
+         slot0, slot_width, n_rows) = args
         pid_t = tl.program_id(0)
         pid_c = tl.program_id(1)
         domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float), a Python float in analysis
@@ -462,21 +543,26 @@ if triton is not None:
         cols = col0 + tl.arange(0, BC)
         col_ok = cols < fb0
         is_poly = cols < m
+        # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
+        # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
+        coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, cols, is_poly, DEGREE, PER_NEURON)
         di = tl.arange(0, DP)
         gate = tl.load(gate_ptr + tl.where(is_poly, 0, SPEC_IDX), mask=col_ok, other=0.0).to(tl.float32)
         # the coefficient terms' weight per column (zero off the polynomial columns): with token gates
         # g * tau * dL/da; without, dL/da alone, g applied once per program after the loop
         poly_weight = tl.where(is_poly, gate if TOKEN_GATES else 1.0, 0.0)[None, :]
-        # the Chebyshev coefficients, read once before the loop (its stores to grad_h could alias them,
-        # so the compiler would otherwise read them again on every tile): scalars, or [1, BC] per neuron
-        coef = _chebyshev_coefficients(coeff_ptr, cols, is_poly, DEGREE, PER_NEURON)
-        dcoef = _derivative_coefficients(coef, inv_domain, DEGREE)
+        if EVEN:  # dp/dh = c_1 / s + t * sum_j e_j T_j(u), e: q's derivative coefficients times 4 / s (du/dt = 4t)
+            dcoef = _derivative_coefficients(_even_series(coef, DEGREE), 4.0 * inv_domain, DEGREE // 2)
+            slope1 = coef[1] * inv_domain
+        else:
+            dcoef = _derivative_coefficients(coef, inv_domain, DEGREE)
+            slope1 = 0.0
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
         # per-tile token sums add in without a layout change): dL/da * T_i(t), times g * tau with token gates
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
         acc_gate = tl.zeros((BC,), dtype=tl.float32)  # sum over tokens of dL/dact * tau * a
+        terms = ()
         if IN_REGISTERS:  # per element: dL/da * g * tau * T_i(t), one tile per i; dL/dact * tau * a
-            terms = ()
             for i in tl.static_range(DEGREE + 1):
                 terms = terms + (tl.zeros((BT, BC), dtype=tl.float32),)
             gate_terms = tl.zeros((BT, BC), dtype=tl.float32)
@@ -513,36 +599,48 @@ if triton is not None:
                     gp = go * poly_weight
                 else:
                     gp = go  # zero past the columns (masked loads)
-                poly = coef[0] + tc * 0.0
-                dpoly = tc * 0.0
+                poly = coef[0] + tl.zeros_like(tc)
+                dpoly = tl.zeros_like(tc)
+                terms, acc_coeff = _accumulate(terms, acc_coeff, di, 0, gp, IN_REGISTERS)
                 if DEGREE >= 1:
                     if TOKEN_GATES:
                         poly += coef[1] * tc
-                    dpoly += dcoef[0]
-                if DEGREE >= 2:
-                    dpoly += dcoef[1] * tc
-                if IN_REGISTERS:
-                    terms = _add_at(terms, 0, gp)
-                    if DEGREE >= 1:
-                        terms = _add_at(terms, 1, gp * tc)
+                    terms, acc_coeff = _accumulate(terms, acc_coeff, di, 1, gp * tc, IN_REGISTERS)
+                if EVEN:  # T_2j(t) = T_j(u), u = T_2(t): the pass runs over j to DEGREE // 2
+                    u = tc2 * tc - 1.0
+                    u2 = u + u
+                    dpoly += dcoef[0] + dcoef[1] * u
+                    if TOKEN_GATES:
+                        poly += coef[2] * u
+                    terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2, gp * u, IN_REGISTERS)
+                    t_prev = tl.full((BT, BC), 1.0, tl.float32)
+                    t_cur = u
+                    for j in tl.static_range(2, DEGREE // 2 + 1):
+                        t_next = u2 * t_cur - t_prev
+                        t_prev = t_cur
+                        t_cur = t_next
+                        if TOKEN_GATES:
+                            poly += coef[2 * j] * t_cur
+                        if j < DEGREE // 2:
+                            dpoly += dcoef[j] * t_cur
+                        terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2 * j, gp * t_cur, IN_REGISTERS)
+                    dpoly = slope1 + tc * dpoly
                 else:
-                    acc_coeff += tl.where(di[:, None] == 0, tl.sum(gp, axis=0)[None, :], 0.0)
                     if DEGREE >= 1:
-                        acc_coeff += tl.where(di[:, None] == 1, tl.sum(gp * tc, axis=0)[None, :], 0.0)
-                t_prev = tl.full((BT, BC), 1.0, tl.float32)
-                t_cur = tc
-                for i in tl.static_range(2, DEGREE + 1):
-                    t_next = tc2 * t_cur - t_prev
-                    t_prev = t_cur
-                    t_cur = t_next
-                    if TOKEN_GATES:  # the value: per element only where the row gate gradients need it
-                        poly += coef[i] * t_cur
-                    if i < DEGREE:
-                        dpoly += dcoef[i] * t_cur
-                    if IN_REGISTERS:
-                        terms = _add_at(terms, i, gp * t_cur)
-                    else:
-                        acc_coeff += tl.where(di[:, None] == i, tl.sum(gp * t_cur, axis=0)[None, :], 0.0)
+                        dpoly += dcoef[0]
+                    if DEGREE >= 2:
+                        dpoly += dcoef[1] * tc
+                    t_prev = tl.full((BT, BC), 1.0, tl.float32)
+                    t_cur = tc
+                    for i in tl.static_range(2, DEGREE + 1):
+                        t_next = tc2 * t_cur - t_prev
+                        t_prev = t_cur
+                        t_cur = t_next
+                        if TOKEN_GATES:  # the value: per element only where the row gate gradients need it
+                            poly += coef[i] * t_cur
+                        if i < DEGREE:
+                            dpoly += dcoef[i] * t_cur
+                        terms, acc_coeff = _accumulate(terms, acc_coeff, di, i, gp * t_cur, IN_REGISTERS)
                 # the clamp's derivative is 0 outside [-1, 1] (t == h / s inside), the linear tail's 1 above s.
                 # Without token gates the gate gradient's sum_t dL/dact * p(t) is sum_i c_i * (the
                 # coefficient terms' sum), added after the loop: here only the linear tail's share.
@@ -572,7 +670,8 @@ if triton is not None:
         if IN_REGISTERS:  # the token sums, once
             if not TOKEN_GATES:  # the polynomial's share of the gate sums, then g on the coefficient terms
                 for i in tl.static_range(DEGREE + 1):
-                    gate_terms += coef[i] * terms[i]
+                    if not (EVEN and i % 2 == 1 and i > 1):  # (terms the pass skipped are zero)
+                        gate_terms += coef[i] * terms[i]
             acc_gate = tl.sum(gate_terms, axis=0)
             for i in tl.static_range(DEGREE + 1):
                 coeff_sum = tl.sum(terms[i], axis=0)  # zeros on a tile without polynomial columns
@@ -596,6 +695,38 @@ if triton is not None:
             else:  # the column reduction, once
                 tl.store(slot + di, tl.sum(acc_coeff, axis=1), mask=di < DEGREE + 1)
                 _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+
+    @triton.jit
+    def _reduce_kernel(part_ptr, coeff_mask_ptr, gc_ptr, gg_ptr, gk_ptr, n_prog, n_part, n_slots, slot0, slot_width,
+                       kern_off, n_coef, n_seg, n_taps, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr,
+                       BLOCK: tl.constexpr, BQ: tl.constexpr):
+        """The parameters' gradients from the backward programs' partial sums (``_part_layout``), in the
+        parameters' dtypes. Output o of [coefficients n_coef | gates n_seg | taps n_taps] sums its entry
+        over the programs' rows, and a slot entry (a shared coefficient, a gate) over the column tiles'
+        slots too; a coefficient's gradient is times its mask (the series is c * mask). Each program sums
+        BLOCK outputs over BQ (row, slot) pairs at a time, in a fixed order (deterministic)."""
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        is_coef = o < n_coef
+        is_gate = (o >= n_coef) & (o < n_coef + n_seg)
+        is_tap = (o >= n_coef + n_seg) & (o < n_coef + n_seg + n_taps)
+        gate_col = slot0 + (0 if PER_NEURON else DEGREE + 1) + (o - n_coef)
+        if PER_NEURON:
+            base = tl.where(is_coef, o, tl.where(is_gate, gate_col, kern_off + (o - n_coef - n_seg)))
+            slotted = is_gate
+        else:
+            base = tl.where(is_coef, slot0 + o, tl.where(is_gate, gate_col, kern_off + (o - n_coef - n_seg)))
+            slotted = is_coef | is_gate
+        per_row = tl.where(slotted, n_slots, 1)  # entries of an output in one program's row
+        n_q = tl.where(is_coef | is_gate | is_tap, n_prog * per_row, 0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for q0 in range(0, n_prog * n_slots, BQ):
+            q = q0 + tl.arange(0, BQ)[:, None]
+            addr = base[None, :] + (q // per_row[None, :]) * n_part + (q % per_row[None, :]) * slot_width
+            acc += tl.sum(tl.load(part_ptr + addr, mask=q < n_q[None, :], other=0.0), axis=0)
+        keep = tl.load(coeff_mask_ptr + o % (DEGREE + 1), mask=is_coef, other=0.0).to(tl.float32)
+        tl.store(gc_ptr + o, (acc * keep).to(gc_ptr.dtype.element_ty), mask=is_coef)
+        tl.store(gg_ptr + (o - n_coef), acc.to(gg_ptr.dtype.element_ty), mask=is_gate)
+        tl.store(gk_ptr + (o - n_coef - n_seg), acc.to(gk_ptr.dtype.element_ty), mask=is_tap)
 
     @triton.jit
     def _feedback_backward_kernel(
@@ -691,19 +822,41 @@ if triton is not None:
             _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count
         return _SM_COUNTS[device]
 
-    def _launcher(kernel, grid, direct: bool):
-        """The launch of ``kernel`` over ``grid``, to call with its arguments: the kernel itself for a
-        direct eager call (``wrap_triton`` outside an op's backend would route it through the slow HOP
-        dispatch), else through ``wrap_triton`` (which tracing sees); under the interpreter the
-        fake-tensor pass only allocates. (Returned rather than called with the arguments: the
-        forward's ~35 arguments are then packed once per call, not twice.)"""
+    def _register_cap(warps: int, programs_per_sm: int) -> int:
+        """Registers per thread that leave room for ``programs_per_sm`` programs of ``warps`` warps on an
+        SM (65,536 registers; ptxas allocates in steps of 8; at most 255)."""
+        return min(255, 65536 // (programs_per_sm * warps * 32) // 8 * 8)
+
+    _CAPPED: dict = {}  # (kernel, warps, registers) -> a one-config triton.autotune of the kernel
+
+    def _capped(kernel, warps: int, maxnreg: int):
+        """``kernel`` with its warps and register cap as a triton.Config: where Inductor launches a user
+        kernel it reads launch options from the kernel's configs only (a ``maxnreg`` keyword would be dropped)."""
+        key = (kernel, warps, maxnreg)
+        if key not in _CAPPED:
+            _CAPPED[key] = triton.autotune([triton.Config({}, num_warps=warps, maxnreg=maxnreg)], key=[])(kernel)
+        return _CAPPED[key]
+
+    def _launcher(kernel, grid, direct: bool, warps: int = 4, maxnreg: int | None = None):
+        """The launch of ``kernel`` over ``grid`` with ``warps`` warps (and at most ``maxnreg`` registers
+        per thread), to call with its arguments: the kernel itself for a direct eager call (``wrap_triton``
+        outside an op's backend would route it through the slow HOP dispatch), else through
+        ``wrap_triton`` (which tracing sees); under the interpreter the fake-tensor pass only
+        allocates (and the interpreter ignores the launch options). (Returned rather than called with
+        the arguments: the forward's ~35 arguments are then packed once per call, not twice.)"""
         if direct:
-            return kernel[grid]
+            options = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
+            launch = kernel[grid]
+            return lambda *args, **meta: launch(*args, **meta, **options)
 
         def launch(*args, **meta):
-            if INTERPRET and any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
-                return
-            wrap_triton(kernel)[grid](*args, **meta)
+            if INTERPRET:
+                if any(torch._subclasses.fake_tensor.is_fake(a) for a in args if isinstance(a, Tensor)):
+                    return
+                return kernel[grid](*args, **meta)
+            if maxnreg is None:
+                return wrap_triton(kernel)[grid](*args, **meta, num_warps=warps)
+            return wrap_triton(_capped(kernel, warps, maxnreg))[grid](*args, **meta)
 
         return launch
 
@@ -748,8 +901,8 @@ if triton is not None:
                 _FORWARD_PLANS[key] = plan
         return plan
 
-    def _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, write_state,
-                 direct=False):
+    def _forward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree,
+                 write_state, direct=False):
         h = h if h.stride(-1) == 1 else h.contiguous()
         batch, tokens, _ = h.shape
         n_act = m + k + r
@@ -758,25 +911,31 @@ if triton is not None:
             return out
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt, bc, n_tiles_t, n_tiles_c, bs = _forward_plan(tokens, n_act, lay["window"])
-        _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct)(
-            h, out, coeffs.contiguous(), gates, lay["kern"], lay["state"], lay["mask"],
+        warps = FORWARD_TILE["warps"]
+        _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct, warps,
+                  _register_cap(warps, FORWARD_TILE["programs_per_sm"]))(
+            h, out, coeffs.contiguous(), coeff_mask, gates, lay["kern"], lay["state"], lay["mask"],
             tokens, n_tiles_t, h.stride(0), h.stride(1), out.stride(0), out.stride(1), *lay["state_strides"],
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
-            DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.shape[0] > 1, TOKEN_GATES=n_gates > 0,
+            DEGREE=degree, WINDOW=lay["window"], PER_NEURON=coeffs.numel() > degree + 1, TOKEN_GATES=n_gates > 0,
             HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], WRITE_STATE=write_state and lay["has_state"],
             BT=bt, BC=bc, BS=bs,
         )
         return out
 
-    def _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree,
+    def _backward(grad, h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree,
                   direct=False):
-        """``(grad_h, part)``: part holds each token program's partial sums (``_part_layout``),
-        which ``_param_grads`` reduces."""
+        """``(grad_h, grad_coeffs, grad_gates, grad_kernel)``, the gradients in the dtypes of h and of the
+        parameters (``grad_kernel`` empty without feedback): the backward kernels write dL/dh and each
+        program's partial sums (``_part_layout``), which ``_reduce_kernel`` sums into the parameters'
+        gradients, so the backward dispatches no torch op but allocations (and, with token gates,
+        the row gate gradients' sum over the column tiles)."""
         h = h.contiguous()  # grad_h (empty_like) then has h's strides, and the rows are one flat run
         grad = grad.contiguous()
+        coeffs = coeffs.contiguous()
         batch, tokens, n_down = h.shape
         n_act, n_seg = m + k + r, (m > 0) + (k > 0) + (r > 0)
-        per_neuron = coeffs.shape[0] > 1
+        per_neuron = coeffs.numel() > degree + 1
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         window = lay["window"]
         bt = _token_block(tokens, BACKWARD_TILE["tokens"], window)
@@ -797,10 +956,12 @@ if triton is not None:
         if n_tiles > 0 and n_tiles_c > 0:  # its tiles run over the rows of every sequence as one
             rows = batch * tokens
             flat_tiles = _cdiv(rows, bt)
-            _launcher(_backward_kernel, (programs, n_tiles_c), direct)(
-                h, grad, grad_h, coeffs.contiguous(), gates, part, row_part, rows, flat_tiles, flat_tiles, programs,
+            warps = BACKWARD_TILE["warps"]
+            _launcher(_backward_kernel, (programs, n_tiles_c), direct, warps,
+                      _register_cap(warps, BACKWARD_TILE["programs_per_sm"]))(
+                h, grad, grad_h, coeffs, coeff_mask, gates, part, row_part, rows, flat_tiles, flat_tiles, programs,
                 _cdiv(flat_tiles, programs), *strides, m, k, r, lay["spec_idx"], lay["fb_idx"], n_seg, domain, n_part,
-                slot0, slot_width, rows, BT=bt, BC=bc, num_warps=BACKWARD_TILE["warps"],
+                slot0, slot_width, rows, BT=bt, BC=bc,
                 IN_REGISTERS=BACKWARD_TILE["in_registers"], PREFETCH=BACKWARD_TILE["prefetch"], SPECTRAL=k > 0, **flags,
             )
         if n_tiles > 0 and n_tiles_f > 0:
@@ -811,9 +972,18 @@ if triton is not None:
                 WINDOW=window, HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], BT=bt, BC=bcf, WP=_pow2(window),
                 **flags,
             )
+        grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
+        grad_kernel = torch.empty_like(fb_kernel) if fb_kernel is not None else None
+        n_coef, n_taps = coeffs.numel(), n_part - kern_off
+        block = min(128, _pow2(n_coef + n_seg + n_taps))
+        _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct)(
+            part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
+            part.shape[0], n_part, n_tiles_c + n_tiles_f, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
+            DEGREE=degree, PER_NEURON=per_neuron, BLOCK=block, BQ=32,
+        )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
-        return grad_h, part
+        return grad_h, grad_coeffs, grad_gates, grad_gates.new_empty(0) if grad_kernel is None else grad_kernel
 
     def _backward_columns(bt: int, per_neuron: bool = False) -> int:
         """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed
@@ -844,28 +1014,6 @@ if triton is not None:
         kern_off = slot0 + n_tiles_c * slot_width
         return slot0, slot_width, kern_off, kern_off + r * window
 
-    def _param_grads(part, coeffs, gates, fb_kernel, m, r, degree):
-        """Gradients of coeffs, gates and fb_kernel from the partial sums: one sum over the token
-        programs, one over the column tiles' slots (outside the op, so compiled graphs fuse them); with
-        shared coefficients and no feedback, one sum over both and one cast (fewer eager launches)."""
-        per_neuron, n_seg = coeffs.shape[0] > 1, gates.shape[0]
-        window = fb_kernel.shape[1] if fb_kernel is not None else 1
-        slot0 = m * (degree + 1) if per_neuron else 0
-        slot_width = n_seg + (0 if per_neuron else degree + 1)
-        if not per_neuron and fb_kernel is None:  # the row is slots only: one sum over programs and slots, one cast
-            slots = part.view(-1, slot_width).sum(0)
-            if coeffs.dtype == gates.dtype:  # cast once; the slices' casts below are then no-ops
-                slots = slots.to(coeffs.dtype)
-            return slots[: degree + 1].view(coeffs.shape).to(coeffs.dtype), slots[degree + 1 :].to(gates.dtype), None
-        total = part.sum(0)
-        kern_off = total.shape[0] - r * window
-        slots = total[slot0:kern_off].view(-1, slot_width).sum(0)
-        grad_coeffs = (total[:slot0] if per_neuron else slots[: degree + 1]).view(coeffs.shape).to(coeffs.dtype)
-        grad_gates = slots[slot_width - n_seg :].to(gates.dtype)
-        grad_kernel = total[kern_off:].view(fb_kernel.shape).to(fb_kernel.dtype) if fb_kernel is not None else None
-        return grad_coeffs, grad_gates, grad_kernel
-
-
     def _plain_eager(h: Tensor) -> bool:
         """Plain tensors outside any compiler or tracing mode: the wrapper calls ``_forward`` /
         ``_backward`` itself instead of the registered ops, whose Python dispatch layers (autograd,
@@ -877,22 +1025,21 @@ if triton is not None:
         """``ffn_activation`` with its registered autograd, without the dispatcher (plain eager)."""
 
         @staticmethod
-        def forward(ctx, h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta):
-            ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
+        def forward(ctx, h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, *meta):
+            ctx.save_for_backward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask)
             ctx.meta = meta
-            return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta, False, direct=True)
+            return _forward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, *meta, False, direct=True)
 
         @staticmethod
         def backward(ctx, grad):
-            grads = _backward(grad, *ctx.saved_tensors, *ctx.meta, direct=True)
-            return _input_grads(grads, ctx.saved_tensors, ctx.meta)
+            return _input_grads(_backward(grad, *ctx.saved_tensors, *ctx.meta, direct=True), ctx.saved_tensors)
 
-    def _input_grads(outputs, saved, meta):
-        """The backward op's ``(grad_h, part)`` as gradients of the op's 12 inputs."""
-        grad_h, part = outputs
-        h, coeffs, gates, fb_kernel, fb_state, token_mask = saved
-        m, k, r, n_gates, domain, degree = meta
-        return (grad_h, *_param_grads(part, coeffs, gates, fb_kernel, m, r, degree)) + (None,) * 8
+    def _input_grads(outputs, saved):
+        """The backward op's ``(grad_h, grad_coeffs, grad_gates, grad_kernel)`` as gradients of the op's
+        13 inputs (the mask, the state, the token mask and the sizes have none)."""
+        grad_h, grad_coeffs, grad_gates, grad_kernel = outputs
+        fb_kernel = saved[4]
+        return (grad_h, grad_coeffs, None, grad_gates, None if fb_kernel is None else grad_kernel) + (None,) * 8
 
 
 def _define_ops():
@@ -904,35 +1051,38 @@ def _define_ops():
 
     @triton_op("sparse_gpt2::ffn_activation", mutates_args=())
     def ffn_activation(
-        h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor | None, fb_state: Tensor | None,
-        token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
+        h: Tensor, coeffs: Tensor, coeff_mask: Tensor, gates: Tensor, fb_kernel: Tensor | None,
+        fb_state: Tensor | None, token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float,
+        degree: int,
     ) -> Tensor:
-        return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, False)
+        return _forward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain,
+                        degree, False)
 
     @triton_op("sparse_gpt2::ffn_activation_stateful", mutates_args={"fb_state"})
     def ffn_activation_stateful(
-        h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor, fb_state: Tensor,
+        h: Tensor, coeffs: Tensor, coeff_mask: Tensor, gates: Tensor, fb_kernel: Tensor, fb_state: Tensor,
         token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
     ) -> Tensor:
-        return _forward(h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree, True)
+        return _forward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain,
+                        degree, True)
 
     @triton_op("sparse_gpt2::ffn_activation_backward", mutates_args=())
     def ffn_activation_backward(
-        grad: Tensor, h: Tensor, coeffs: Tensor, gates: Tensor, fb_kernel: Tensor | None, fb_state: Tensor | None,
-        token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float, degree: int,
-    ) -> tuple[Tensor, Tensor]:
-        return _backward(grad, h, coeffs, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates, domain, degree)
+        grad: Tensor, h: Tensor, coeffs: Tensor, coeff_mask: Tensor, gates: Tensor, fb_kernel: Tensor | None,
+        fb_state: Tensor | None, token_mask: Tensor | None, m: int, k: int, r: int, n_gates: int, domain: float,
+        degree: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _backward(grad, h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, m, k, r, n_gates,
+                         domain, degree)
 
     def setup_context(ctx, inputs, output):
-        h, coeffs, gates, fb_kernel, fb_state, token_mask, *meta = inputs
-        ctx.save_for_backward(h, coeffs, gates, fb_kernel, fb_state, token_mask)
+        h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask, *meta = inputs
+        ctx.save_for_backward(h, coeffs, coeff_mask, gates, fb_kernel, fb_state, token_mask)
         ctx.meta = meta
 
     def backward(ctx, grad):
-        h, coeffs, gates, fb_kernel, fb_state, token_mask = ctx.saved_tensors
-        outputs = torch.ops.sparse_gpt2.ffn_activation_backward(grad, h, coeffs, gates, fb_kernel, fb_state,
-                                                                token_mask, *ctx.meta)
-        return _input_grads(outputs, ctx.saved_tensors, ctx.meta)
+        outputs = torch.ops.sparse_gpt2.ffn_activation_backward(grad, *ctx.saved_tensors, *ctx.meta)
+        return _input_grads(outputs, ctx.saved_tensors)
 
     ffn_activation.register_autograd(backward, setup_context=setup_context)
     if INTERPRET:  # the emulated kernel cannot be traced: AOT keeps the ops opaque, like custom_op

@@ -30,7 +30,7 @@ from torch import nn
 from .component_base import FFNContext, GemmComponent
 from .configuration_sparse_gpt2 import FUSED_COMPONENTS
 from .feedback import FeedbackComponent, state_buffer
-from .ffn_kernels import plain_eager, sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
+from .ffn_kernels import sparse_ffn_activation  # in this form, so save_pretrained copies ffn_kernels.py too
 from .gates import ResidualGates
 from .micro import MicroComponent
 from .polynomial import PolynomialComponent
@@ -88,7 +88,6 @@ class UltraEfficientSparseFFN(nn.Module):
                                                 for n in ("polynomial", "feedback"))
         self.context: FFNContext | None = None  # set by SparseGPT2Block for the duration of a call
         self.no_context = FFNContext(layer_idx=layer_idx)  # without a block's context (never mutated)
-        self._op_cache = None  # (versions of the weights, the op's parameters) for no-grad eager calls
 
     # ------------------------------------------------------------------ the components' slices
     def w_in(self, name: str) -> torch.Tensor:
@@ -139,9 +138,18 @@ class UltraEfficientSparseFFN(nn.Module):
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def _middle_op(self, h: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
+        """The op on the parameters as they are (no cast, no ``coeffs * coeff_mask``: the kernels apply the
+        mask and read fp32), so a call makes no tensors from the weights and autograd has no nodes for them."""
         m, k, r = self.segment_widths
-        inner = torch.promote_types(h.dtype, torch.float32)  # the op works in fp32 (fp64 for fp64 models)
-        coeffs, gates, fb_kernel, domain, degree = self._op_parameters(inner, reuse=not torch.is_grad_enabled() and plain_eager(h))
+        gates, poly, feedback = self._op_owners
+        if poly is not None:
+            coeffs, mask, domain, degree = poly.coeffs, poly.coeff_mask, poly.domain, poly.degree
+        else:  # no polynomial segment: a series of one zero term, never read
+            coeffs = mask = torch.zeros(1, dtype=h.dtype, device=h.device)
+            domain, degree = 1.0, 0
+        g = gates.weight
+        if g.shape[0] != len(self.segments):  # tensor / micro gates follow the op's
+            g = g[: len(self.segments)]
         state = None
         if self.state_rows and ctx.cache is not None:
             batch = h.shape[0] if h.dim() == 3 else 1
@@ -149,38 +157,9 @@ class UltraEfficientSparseFFN(nn.Module):
         if self.op_rows < h.shape[-1]:  # token gates of tensor / micro follow: the op takes its own
             h = h[..., : self.op_rows].contiguous()
         return sparse_ffn_activation(
-            h, coeffs, gates, fb_kernel, state, ctx.token_mask,
+            h, coeffs, mask, g, feedback.kernel if feedback is not None else None, state, ctx.token_mask,
             m=m, k=k, r=r, n_gates=self.n_gates, domain=domain, degree=degree, checked=False,
         )  # fmt: skip
-
-    def _op_parameters(self, dtype: torch.dtype, reuse: bool) -> tuple:
-        """``(coeffs, gates, fb_kernel, domain, degree)`` as the op takes them: ``coeffs * coeff_mask``
-        as (1 or m, degree+1) (zeros (1, 1) without the polynomial), the segments' scalar gates and the
-        feedback taps (or None), all in ``dtype``. With ``reuse`` (no autograd, eager, plain
-        tensors) the tensors are made once per version of the weights they come from, so an eager
-        decode step dispatches no op for them; otherwise on every call, as autograd and compilers
-        need."""
-        gates, poly, feedback = self._op_owners
-        coeffs, mask = (poly.coeffs, poly.coeff_mask) if poly is not None else (None, None)
-        domain, degree = (poly.domain, poly.degree) if poly is not None else (1.0, 0)
-        sources = (gates.weight, coeffs, mask, feedback.kernel if feedback is not None else None)
-        if not reuse:
-            return (*self._op_tensors(dtype, degree, *sources), domain, degree)
-        key = (dtype, [(t.data_ptr(), t._version) for t in sources if t is not None])
-        if self._op_cache is None or self._op_cache[0] != key:
-            self._op_cache = (key, self._op_tensors(dtype, degree, *sources))
-        return (*self._op_cache[1], domain, degree)
-
-    def _op_tensors(self, dtype, degree, gates, coeffs, mask, fb_kernel) -> tuple:
-        """``_op_parameters``' tensors, made from the weights (a no-op cast would still cost a dispatch)."""
-        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
-        n_seg = len(self.segments)
-        gates = cast(gates if gates.shape[0] == n_seg else gates[:n_seg])  # tensor / micro gates follow
-        if coeffs is None:
-            coeffs = torch.zeros(1, 1, dtype=dtype, device=gates.device)
-        else:
-            coeffs = (coeffs * mask).to(dtype).view(-1, degree + 1)
-        return coeffs, gates, None if fb_kernel is None else cast(fb_kernel)
 
     def fused_forward(self, x: torch.Tensor, ctx: FFNContext) -> torch.Tensor:
         h = self.c_fc(x)

@@ -44,16 +44,22 @@ def kernel_case(test):
     return needs_kernels(pytest.mark.usefixtures("small_tiles")(test))
 
 
+# which Chebyshev terms the mask keeps: the conversion's GELU series (T_0, T_1 and the even terms: the
+# kernels' half-degree path in u = T_2(t)), every term, and a pattern with an odd term on (the general path)
+SERIES = {"even": lambda i: i < 2 or i % 2 == 0, "all": lambda i: True, "odd-on": lambda i: i != 2}
+
+
 def make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, window=3, degree=4, padded=False,
-                dtype=torch.float32, scale=3.0, seed=0):
-    """(h, coeffs, gates, fb_kernel, token_mask, meta) on DEVICE; h has a batch dim unless batch is None."""
+                dtype=torch.float32, scale=3.0, seed=0, series="even"):
+    """(h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta) on DEVICE; h has a batch dim unless
+    batch is None. The coefficients are non-zero where the mask is off too (the op must apply it)."""
     g = torch.Generator().manual_seed(seed)
     n_seg = (m > 0) + (k > 0) + (r > 0)
     n_gates = n_seg if token_gates else 0
     shape = (tokens, m + k + r + n_gates) if batch is None else (batch, tokens, m + k + r + n_gates)
     h = torch.randn(shape, generator=g) * scale
-    coeffs = torch.randn(m if per_neuron else 1, degree + 1, generator=g)
-    coeffs[:, 3] = 0  # masked coefficients arrive as zeros
+    coeffs = torch.randn((m, degree + 1) if per_neuron else (degree + 1,), generator=g)
+    coeff_mask = torch.tensor([float(SERIES[series](i)) for i in range(degree + 1)])
     gates = torch.rand(n_seg, generator=g) + 0.5
     fb_kernel = torch.randn(r, window, generator=g) * 0.5 if r else None
     token_mask = None
@@ -62,7 +68,7 @@ def make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, window=3, degre
         token_mask[-1, :3] = 0  # left padding of the last sequence, before and inside this call
     to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     meta = dict(m=m, k=k, r=r, n_gates=n_gates, domain=2.0, degree=degree)
-    return to(h).to(dtype), to(coeffs), to(gates), to(fb_kernel), to(token_mask), meta
+    return to(h).to(dtype), to(coeffs), to(coeff_mask), to(gates), to(fb_kernel), to(token_mask), meta
 
 
 def assert_close(got, want, dtype, what):
@@ -73,19 +79,21 @@ def assert_close(got, want, dtype, what):
     assert err <= bound, f"{what}: max |kernel - reference| = {err:.3g} > {bound:.3g}"
 
 
-def check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=torch.float32):
+def check_against_reference(h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta, dtype=torch.float32):
     named = dict(h=h, coeffs=coeffs if meta["m"] else None, gates=gates, fb_kernel=fb_kernel)  # no poly: no coeffs
     named = {name: t.requires_grad_() for name, t in named.items() if t is not None}
     leaves = list(named.values())
-    want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    args = (coeffs, coeff_mask, gates, fb_kernel, None, token_mask)
+    want = fk.sparse_ffn_activation_reference(h, *args, **meta)
     assert torch.isfinite(want).all(), "test inputs overflow the reference"
     weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1)).to(want.device)
     want_grads = torch.autograd.grad((want.float() * weight).sum(), leaves)
-    got = fk.sparse_ffn_activation(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    got = fk.sparse_ffn_activation(h, *args, **meta)
     assert got.dtype == h.dtype and got.shape == want.shape
     got_grads = torch.autograd.grad((got.float() * weight).sum(), leaves)
     assert_close(got, want, dtype, "act")
     for name, a, b in zip(named, got_grads, want_grads):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"grad {name}: {a.dtype} {tuple(a.shape)}"
         assert_close(a, b, dtype, f"grad {name}")
 
 
@@ -148,12 +156,35 @@ def test_a_feedback_window_narrows_the_backward_tile_to_its_elements_per_thread(
     assert fk._backward_columns(4, per_neuron=True) == 64  # per-neuron coefficient rows: half the elements
 
 
-@pytest.mark.skipif(fk.triton is None, reason="the partial sums exist only with triton")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shared_coefficient_gradients_take_one_reduction_and_at_most_one_cast(dtype):
-    """Each eager backward of every block reduces the partial sums: with shared coefficients and no
-    feedback that is one sum over programs and slots and one cast (fp32 partials, bf16 parameters),
-    and the values are those of the two-step sum."""
+@pytest.mark.skipif(fk.triton is None, reason="the launches exist only with triton")
+def test_the_kernels_launch_with_registers_capped_so_their_programs_per_sm_fit(monkeypatch):
+    """The forward and the polynomial backward launch with at most 65,536 / (programs per SM x threads)
+    registers per thread (ptxas would otherwise take what it may: 244 for the backward, so 4 of its 6
+    programs per SM fit); the other kernels launch uncapped."""
+    assert fk._register_cap(2, 6) == 168 and fk._register_cap(4, 4) == 128 and fk._register_cap(1, 6) == 255
+    launches = {}
+
+    def record(kernel, grid, direct, warps=4, maxnreg=None):
+        launches[kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__] = (warps, maxnreg)
+        return lambda *args, **meta: None
+
+    monkeypatch.setattr(fk, "_launcher", record)
+    monkeypatch.setitem(fk.BACKWARD_TILE, "programs_per_sm", 3)
+    h, coeffs, coeff_mask, gates, fb_kernel, _, meta = make_inputs(2, 8, 12, 0, 3, False, False)
+    h = h.to(DEVICE)
+    fk._forward(h, coeffs, coeff_mask, gates, fb_kernel, None, None, *meta.values(), False, direct=True)
+    fk._backward(torch.ones_like(h[..., :15]), h, coeffs, coeff_mask, gates, fb_kernel, None, None, *meta.values())
+    warps = fk.BACKWARD_TILE["warps"]
+    assert launches == {"_forward_kernel": (4, 128), "_backward_kernel": (warps, fk._register_cap(warps, 3)),
+                        "_feedback_backward_kernel": (4, None), "_reduce_kernel": (4, None)}
+
+
+@pytest.mark.skipif(fk.triton is None, reason="the direct eager path exists only with triton")
+def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(monkeypatch):
+    """A training call of the op dispatches no torch op but allocations, forward and backward: the
+    mask, the fp32 reads and the parameters' gradients (partial sums reduced, cast back, times the mask)
+    are the kernels' work, so eager pays no launches for them and compiled graphs no small kernels.
+    The launches are stubbed (this counts torch's dispatches only)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -165,17 +196,19 @@ def test_shared_coefficient_gradients_take_one_reduction_and_at_most_one_cast(dt
             self.names.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    degree, n_seg, n_tiles_c = 8, 1, 10
-    part = torch.randn(106, n_tiles_c * (degree + 1 + n_seg))
-    coeffs, gates = torch.zeros(1, degree + 1, dtype=dtype), torch.ones(n_seg, dtype=dtype)
+    monkeypatch.setattr(fk, "_launcher", lambda *launch, **options: lambda *args, **meta: None)
+    monkeypatch.setattr(fk, "_plain_eager", lambda h: True)  # the direct path, as a plain eager call takes it
+    monkeypatch.setattr(fk, "use_kernel", lambda h: True)
+    h, coeffs, coeff_mask, gates, fb_kernel, _, meta = make_inputs(2, 8, 12, 0, 0, False, False)
+    leaves = [h.requires_grad_(), coeffs.to(torch.bfloat16).requires_grad_(), gates.requires_grad_()]
     with Ops() as ops:
-        grad_coeffs, grad_gates, grad_kernel = fk._param_grads(part, coeffs, gates, None, 1216, 0, degree)
-    computed = [n for n in ops.names if not any(w in n for w in ("view", "slice", "alias"))]
-    assert computed == ["sum.dim_IntList"] + (["_to_copy.default"] if dtype != torch.float32 else [])
-    slots = part.sum(0).view(n_tiles_c, -1).sum(0)
-    torch.testing.assert_close(grad_coeffs, slots[: degree + 1].view(1, -1).to(dtype))
-    torch.testing.assert_close(grad_gates, slots[degree + 1 :].to(dtype))
-    assert grad_kernel is None and grad_coeffs.dtype == grad_gates.dtype == dtype
+        act = fk.sparse_ffn_activation(leaves[0], leaves[1], coeff_mask, leaves[2], None, None, None, **meta)
+        grads = torch.autograd.grad(act, leaves, torch.ones_like(act))
+    allocations = ("empty", "empty_like", "new_empty", "ones_like", "zeros")  # (ones_like: the test's output gradient)
+    computed = [n for n in ops.names if not n.split(".")[0] in allocations and not any(
+        w in n for w in ("view", "alias", "detach"))]
+    assert computed == [], computed
+    assert [g.dtype for g in grads] == [leaf.dtype for leaf in leaves]
 
 
 # the backward's ways of running its loop: per-tile token sums, sums kept in registers across the tiles
@@ -197,6 +230,17 @@ def test_forward_backward_match_reference(case, way, monkeypatch):
 
 
 @kernel_case
+@pytest.mark.parametrize("series", ["all", "odd-on"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_a_series_with_odd_terms_takes_the_general_path_and_matches_reference(case, series):
+    """With an odd term above T_1 on, the kernels run the full-degree recurrence (the even series'
+    half-degree path would be wrong): the same check, at degree 6 (odd terms 3 and 5)."""
+    batch, tokens, m, k, r, token_gates, per_neuron, padded = case
+    check_against_reference(*make_inputs(batch, tokens, m, k, r, token_gates, per_neuron, degree=6, padded=padded,
+                                         series=series))
+
+
+@kernel_case
 def test_registered_ops_match_reference(monkeypatch):
     """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
     the same check through them."""
@@ -207,11 +251,12 @@ def test_registered_ops_match_reference(monkeypatch):
 @kernel_case
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_and_large_inputs_stay_finite(dtype):
-    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 5, 10, 3, 4, True, True, padded=True, dtype=dtype)
+    h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta = make_inputs(1, 5, 10, 3, 4, True, True, padded=True,
+                                                                            dtype=dtype)
     with torch.no_grad():  # beyond the polynomial's domain: the linear tail, up to |h| = 1e4
         h[0, 1:3] = torch.linspace(-1e4, 1e4, h.shape[-1], device=h.device).to(dtype)
         fb_kernel *= 0.3  # keeps the reference's feedback below fp16's 65504
-    check_against_reference(h, coeffs, gates, fb_kernel, token_mask, meta, dtype=dtype)
+    check_against_reference(h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta, dtype=dtype)
 
 
 @kernel_case
@@ -221,8 +266,10 @@ def test_decode_state_calls_equal_one_call(direct, monkeypatch):
     writes the state under no_grad); the state equals the reference's after each call. Directly
     (plain eager) and through the stateful op."""
     monkeypatch.setattr(fk, "EAGER_DIRECT", direct)
-    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(2, 6, 6, 2, 5, True, False, window=4, padded=True)
-    whole = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, None, token_mask, **meta)
+    h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta = make_inputs(2, 6, 6, 2, 5, True, False, window=4,
+                                                                            padded=True)
+    par = (coeffs, coeff_mask, gates, fb_kernel)
+    whole = fk.sparse_ffn_activation_reference(h, *par, None, token_mask, **meta)
     state = torch.zeros(2, 3, 5, device=h.device)
     state_ref = state.clone()
     parts, start = [], 0
@@ -230,8 +277,8 @@ def test_decode_state_calls_equal_one_call(direct, monkeypatch):
         for n in (2, 1, 3):
             mask = token_mask[:, : 2 + start + n]
             step = h[:, start : start + n]
-            parts.append(fk.sparse_ffn_activation(step, coeffs, gates, fb_kernel, state, mask, **meta))
-            fk.sparse_ffn_activation_reference(step, coeffs, gates, fb_kernel, state_ref, mask, **meta)
+            parts.append(fk.sparse_ffn_activation(step, *par, state, mask, **meta))
+            fk.sparse_ffn_activation_reference(step, *par, state_ref, mask, **meta)
             assert_close(state, state_ref, torch.float32, f"state after {start + n} tokens")
             start += n
     assert_close(torch.cat(parts, dim=1), whole, torch.float32, "act by steps")
@@ -240,12 +287,12 @@ def test_decode_state_calls_equal_one_call(direct, monkeypatch):
 @kernel_case
 def test_decode_state_with_autograd():
     """With gradients the op reads the state, the state still advances, and the gradients match."""
-    h, coeffs, gates, fb_kernel, _, meta = make_inputs(2, 2, 6, 0, 5, False, False, window=4)
+    h, coeffs, coeff_mask, gates, fb_kernel, _, meta = make_inputs(2, 2, 6, 0, 5, False, False, window=4)
     state = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(2)).to(h.device)
     state_ref = state.clone()
     leaves = [h.requires_grad_(), fb_kernel.requires_grad_()]
-    got = fk.sparse_ffn_activation(h, coeffs, gates, fb_kernel, state, None, **meta)
-    want = fk.sparse_ffn_activation_reference(h, coeffs, gates, fb_kernel, state_ref, None, **meta)
+    got = fk.sparse_ffn_activation(h, coeffs, coeff_mask, gates, fb_kernel, state, None, **meta)
+    want = fk.sparse_ffn_activation_reference(h, coeffs, coeff_mask, gates, fb_kernel, state_ref, None, **meta)
     assert_close(got, want, torch.float32, "act")
     assert_close(state, state_ref, torch.float32, "state")
     for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
@@ -257,12 +304,15 @@ def test_decode_state_with_autograd():
 def test_opcheck(way, monkeypatch):
     for key, value in way.items():
         monkeypatch.setitem(fk.BACKWARD_TILE, key, value)
-    h, coeffs, gates, fb_kernel, token_mask, meta = make_inputs(1, 2, 5, 2, 2, True, True, window=2, padded=True)
+    h, coeffs, coeff_mask, gates, fb_kernel, token_mask, meta = make_inputs(1, 2, 5, 2, 2, True, True, window=2,
+                                                                            padded=True)
     tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
-    grads = [coeffs.requires_grad_(), gates.requires_grad_(), fb_kernel.requires_grad_()]
-    torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation, (h.requires_grad_(), *grads, None, token_mask, *tail))
+    coeffs, gates, fb_kernel = coeffs.requires_grad_(), gates.requires_grad_(), fb_kernel.requires_grad_()
+    torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation,
+                          (h.requires_grad_(), coeffs, coeff_mask, gates, fb_kernel, None, token_mask, *tail))
     state = torch.randn(1, 1, 2, device=h.device)
-    args = (h.detach()[:, :1], coeffs.detach(), gates.detach(), fb_kernel.detach(), state, token_mask, *tail)
+    args = (h.detach()[:, :1], coeffs.detach(), coeff_mask, gates.detach(), fb_kernel.detach(), state, token_mask,
+            *tail)
     torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
 
 
@@ -354,7 +404,7 @@ from modeling_sparse_gpt2 import ffn_kernels as fk
 assert fk.triton is None and "triton" not in sys.modules
 assert not fk.use_kernel(torch.zeros(1)) and not hasattr(torch.ops.sparse_gpt2, "ffn_activation")
 h = torch.randn(2, 4, 8, requires_grad=True)
-args = (h, torch.randn(1, 3), torch.ones(3), torch.randn(2, 3), None, None)
+args = (h, torch.randn(3), torch.tensor([1.0, 1.0, 0.0]), torch.ones(3), torch.randn(2, 3), None, None)
 meta = dict(m=4, k=2, r=2, n_gates=0, domain=2.0, degree=2)
 act = fk.sparse_ffn_activation(*args, **meta)
 assert torch.equal(act, fk.sparse_ffn_activation_reference(*args, **meta))
