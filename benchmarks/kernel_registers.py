@@ -98,8 +98,7 @@ def main(argv=None):
     rows.append(dict(kernel="_forward_kernel", tokens=fwd["tokens"], columns=fwd["columns"], in_registers=None,
                      **compile_stats(fk._forward_kernel, dict(flags, WINDOW=1, HAS_MASK=False, HAS_STATE=False,
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
-                                                              BS=1), fwd["warps"],
-                                     fk._register_cap(fwd["warps"], fwd["programs_per_sm"]))))
+                                                              BS=1), fwd["warps"])))
     for tile in tiles:
         with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve
             # them), and the programs per SM its register cap follows (the default's where the tile names none)

@@ -15,12 +15,12 @@ With ``fb_state`` the last ``w - 1`` rows of ``full`` are written back into it (
 
 The series is ``c * mask`` (the parameters and the mask as they are: the kernels read them in fp32
 and write the gradients back in the parameters' dtypes). When the mask switches off every odd term
-above T_1, as the conversion's GELU fit does, both kernels evaluate it as c_1 t + q(u), u = T_2(t) =
-2t^2 - 1, with q = sum_j c_2j T_j(u) of half the degree (T_2j(t) = T_j(T_2(t))): a branch on the mask,
-one per program.
+above T_1, as the conversion's GELU fit does, the polynomial backward runs its pass over T_j(u), u =
+T_2(t) = 2t^2 - 1, to half the degree (T_2j(t) = T_j(T_2(t)); p = c_1 t + sum_j c_2j T_j(u)): a branch on
+the mask, one per program.
 
 FLOPs per token (elementwise, fp32 inside), approximately: poly m·(3·deg + 8) (Clenshaw, clamp,
-linear tail; about half the degree's share for the even series), feedback r·(2·w + 12) (window,
+linear tail), feedback r·(2·w + 12) (window,
 gelu), gates 2·(m + k + r) + 4·n_gates. Backward: poly m·(6·deg + 12) (one pass over T_i(t) for the
 derivative and the coefficient gradients' terms, three multiply-adds per degree, about half for the
 even series; with token gates the value too, 8·deg + 12), feedback r·w·(2·w + 20) (u_t reaches the w
@@ -86,11 +86,11 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 # thread), sums in registers, loads prefetched, 6 programs per SM: the fastest polynomial backward kernel of
 # `kernel_microbench --polynomial-only --sweep` on the H200 (d = 768, 8,192 tokens, bf16; docs/benchmarks.md
 # §3.15). `kernel_registers`: 168 registers, no spill, 6 such programs resident per SM, so one wave.
-# ``programs_per_sm`` also caps each kernel's registers per thread at what that many programs leave
-# (``_register_cap``: 168 for the backward's 6 x 2 warps, 128 for the forward's 4 x 4): ptxas otherwise
-# takes registers it can have (a kernel with both of the backward's loops compiled to 244 where either
-# loop alone needs 168), and fewer programs fit an SM.
-FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4, "programs_per_sm": 4}
+# ``programs_per_sm`` also caps the backward's registers per thread at what that many programs leave
+# (``_register_cap``: 168 for 6 x 2 warps): ptxas otherwise takes registers it can have (the kernel with
+# both of its loops, general and even series, compiled to 244 where either loop alone needs 168), and
+# fewer programs fit an SM.
+FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
@@ -361,17 +361,11 @@ if triton is not None:
         h_rows = h_seq + t * stride_ht
         x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         a = x  # spectral: identity
-        if col0 < m:  # poly: Clenshaw's recurrence, in u = T_2(t) at half the degree when the odd terms are off
+        if col0 < m:  # poly: Clenshaw's recurrence to the full degree (memory-bound here: the even series'
+            # half-degree path of the backward, with its branch, made this kernel slower on the H200, 16.6 -> 19.6 us)
             tc = tl.minimum(tl.maximum(x / domain, -1.0), 1.0)
             coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, cols, cols < m, DEGREE, PER_NEURON)
-            if DEGREE >= 4:
-                if _odd_terms_masked(coeff_mask_ptr, DEGREE):
-                    poly = coef[1] * tc + _clenshaw((tc + tc) * tc - 1.0, _even_series(coef, DEGREE), DEGREE // 2)
-                else:
-                    poly = _clenshaw(tc, coef, DEGREE)
-            else:
-                poly = _clenshaw(tc, coef, DEGREE)
-            poly = poly + tl.maximum(x - domain, 0.0)
+            poly = _clenshaw(tc, coef, DEGREE) + tl.maximum(x - domain, 0.0)
             a = tl.where(cols[None, :] < m, poly, a)
         state_seq = state_ptr + b * stride_sb
         mask_seq = mask_ptr + b * stride_mb
@@ -911,9 +905,7 @@ if triton is not None:
             return out
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt, bc, n_tiles_t, n_tiles_c, bs = _forward_plan(tokens, n_act, lay["window"])
-        warps = FORWARD_TILE["warps"]
-        _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct, warps,
-                  _register_cap(warps, FORWARD_TILE["programs_per_sm"]))(
+        _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct, FORWARD_TILE["warps"])(
             h, out, coeffs.contiguous(), coeff_mask, gates, lay["kern"], lay["state"], lay["mask"],
             tokens, n_tiles_t, h.stride(0), h.stride(1), out.stride(0), out.stride(1), *lay["state_strides"],
             *lay["mask_strides"], lay["mask_off"], m, k, r, lay["spec_idx"], lay["fb_idx"], domain,
@@ -975,11 +967,14 @@ if triton is not None:
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
         grad_kernel = torch.empty_like(fb_kernel) if fb_kernel is not None else None
         n_coef, n_taps = coeffs.numel(), n_part - kern_off
+        # a few wide steps per program (each program's loads in flight at once: one program looping over
+        # 792 rows 32 at a time took 11.7 us on the H200, latency-bound)
         block = min(128, _pow2(n_coef + n_seg + n_taps))
-        _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct)(
+        bq = min(_pow2(part.shape[0] * (n_tiles_c + n_tiles_f)), max(16, 8192 // block))
+        _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct, 8)(
             part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
             part.shape[0], n_part, n_tiles_c + n_tiles_f, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
-            DEGREE=degree, PER_NEURON=per_neuron, BLOCK=block, BQ=32,
+            DEGREE=degree, PER_NEURON=per_neuron, BLOCK=block, BQ=bq,
         )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
