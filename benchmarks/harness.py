@@ -87,6 +87,9 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
     p.add_argument("--backward-tile", default=None,
                    help="time with this backward kernel tile instead of ffn_kernels.BACKWARD_TILE, as "
                         "TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS] (parse_tiles), e.g. 4x128x4rf")
+    p.add_argument("--forward-tile", default=None,
+                   help="time with this forward kernel tile instead of ffn_kernels.FORWARD_TILE, as "
+                        "TOKENSxCOLUMNSxWARPS (parse_forward_tiles), e.g. 16x128x4")
     return p
 
 
@@ -132,6 +135,31 @@ def backward_tile(tile: dict):
         ffn_kernels.BACKWARD_TILE.update(saved)
 
 
+def parse_forward_tiles(spec: str, flag: str = "--forward-sweep") -> list[dict]:
+    """Forward kernel tiles, comma-separated, each ``TOKENSxCOLUMNSxWARPS``, as ``ffn_kernels.FORWARD_TILE`` updates."""
+    tiles = []
+    for c in (c.strip() for c in spec.split(",")):
+        if not c:
+            continue
+        found = re.fullmatch(r"(\d+)x(\d+)x(\d+)", c)
+        if not found or 0 in [int(n) for n in found.groups()]:
+            raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS, such as 32x64x4")
+        tiles.append(dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3])))
+    return tiles
+
+
+@contextlib.contextmanager
+def forward_tile(tile: dict):
+    """``ffn_kernels.FORWARD_TILE`` updated by ``tile`` inside the block, as it was after it."""
+    saved = dict(ffn_kernels.FORWARD_TILE)
+    ffn_kernels.FORWARD_TILE.update(tile)
+    try:
+        yield ffn_kernels.FORWARD_TILE
+    finally:
+        ffn_kernels.FORWARD_TILE.clear()
+        ffn_kernels.FORWARD_TILE.update(saved)
+
+
 def csv(value, cast=str):
     return [cast(v) for v in value.split(",") if v.strip()] if value else None
 
@@ -152,6 +180,11 @@ def common_settings(args, budget_s: float) -> dict:
         if len(tiles) != 1:
             raise SystemExit(f"--backward-tile: one tile, got {args.backward_tile!r}")
         ffn_kernels.BACKWARD_TILE.update(tiles[0])
+    if getattr(args, "forward_tile", None):
+        tiles = parse_forward_tiles(args.forward_tile, flag="--forward-tile")
+        if len(tiles) != 1:
+            raise SystemExit(f"--forward-tile: one tile, got {args.forward_tile!r}")
+        ffn_kernels.FORWARD_TILE.update(tiles[0])
     return dict(
         device=device, gpu=gpu, tiny=args.tiny,
         dtype=args.dtype or ("bf16" if gpu else "fp32"),
@@ -164,6 +197,7 @@ def common_settings(args, budget_s: float) -> dict:
         sparse_kwargs=knobs,
         sample_ms=10.0 if gpu else 0.0,
         backward_tile=dict(ffn_kernels.BACKWARD_TILE),
+        forward_tile=dict(ffn_kernels.FORWARD_TILE),
     )
 
 
@@ -179,6 +213,8 @@ def configure_torch(S):
     transformers.logging.set_verbosity_error()
     if S.get("backward_tile"):  # a fresh (spawned) process starts from the default tile: the run's, as in its parent
         ffn_kernels.BACKWARD_TILE.update(S["backward_tile"])
+    if S.get("forward_tile"):
+        ffn_kernels.FORWARD_TILE.update(S["forward_tile"])
 
 
 # ============================================================================ environment

@@ -20,7 +20,8 @@ kernels, the partial sums and their reduction into the parameters' gradients), a
 at the first width under each backward tile of ``--sweep`` (wall time of ``_backward`` and each
 kernel's GPU time; ``r``: the coefficient gradients summed in registers, ``BACKWARD_TILE["in_registers"]``;
 ``f``: the next tile's loads issued before this one's arithmetic; ``pN``: N token programs per
-column tile). ``--fastest-of FILE`` prints
+column tile). Before them, at the first width, the op's forward (``_forward``, one kernel) under each
+forward tile of ``--forward-sweep`` (TOKENSxCOLUMNSxWARPS), against the ideal's ``gelu``. ``--fastest-of FILE`` prints
 the tile whose polynomial backward kernel was fastest, for ``bench_* --backward-tile``. Rows past ``--budget-s`` seconds are
 skipped and listed (``skipped``). ``--host`` adds the op's host time per call on the CPU with
 Triton's launcher stubbed out (``host_cost``).
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import backward_tile, parse_tiles, tile_name  # noqa: E402
+from benchmarks.harness import backward_tile, forward_tile, parse_forward_tiles, parse_tiles, tile_name  # noqa: E402
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
@@ -263,6 +264,34 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polyn
     return row
 
 
+def forward_alone(device, dtype, d, tokens, ratio, token_gates, sweep, polynomial_only=False):
+    """The op's forward by itself at width d (``_forward``, one kernel) under each forward tile of
+    ``sweep`` (``FORWARD_TILE`` updates), its wall time and its kernel's GPU time, against the ideal's
+    ``gelu`` (tanh) of the same width."""
+    m, k, r = widths(d, ratio, polynomial_only)
+    mod = SparseMLP(d, m, k, r, token_gates).to(device)
+    meta = mod.meta
+    batch = max(1, tokens // 1024)
+    h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
+    par = (mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach() if r else None)
+    tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
+
+    def fwd():
+        return fk._forward(h, *par, None, None, *tail, False, direct=True)
+
+    gelu_h = h[..., : m + k + r].contiguous()
+    row = dict(d=d, m=m, k=k, r=r, gelu_ms=cuda_time(lambda: F.gelu(gelu_h, approximate="tanh")), sweep=[])
+    if torch.cuda.is_available():
+        row["gelu_kernel_ms"] = sum(kernel_ms(lambda: F.gelu(gelu_h, approximate="tanh")).values())
+    for tile in sweep:
+        with forward_tile(tile):
+            entry = dict(tile, forward_ms=cuda_time(fwd))
+            if torch.cuda.is_available():
+                entry["kernel_ms"] = kernel_ms(fwd)
+        row["sweep"].append(entry)
+    return row
+
+
 def kernel_ms(fn, calls=10) -> dict:
     """GPU time per call of each kernel ``fn`` launches (``torch.profiler``, mean of ``calls`` calls)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -284,6 +313,11 @@ def kernel_ms(fn, calls=10) -> dict:
 # 32 for 1x64x1rf and 2x32x1rf).
 SWEEP = ("1x512x2rf,1x256x1rfs12,1x256x1rfs6,2x128x1rfs12,4x64x1rfs12,2x64x1rfs21,2x64x1rfs42,1x128x1rfs21,2x32x1rfs28,"
          "2x256x2rfs6,4x128x4rfs4,64x128x8s8")
+
+
+# The forward tiles --forward-sweep times by default: the default (32 x 64, 4 warps: 16 elements a thread), and
+# tiles of 4 to 16 elements a thread, wider rows (longer contiguous loads) and more warps.
+FORWARD_SWEEP = "32x64x4,16x64x4,16x128x4,8x128x4,8x256x4,32x128x8,16x256x8,64x64x8,8x64x2,4x256x4"
 
 
 def fastest_tile(result: dict) -> str:
@@ -384,6 +418,8 @@ def main(argv=None):
                    help="backward tiles timed at the first width, TOKENSxCOLUMNSxWARPS[r][f][pPROGRAMS][sPER_SM] "
                         "('r': coefficient sums in registers, 'f': prefetched loads, p: token programs per "
                         "column tile, s: per SM); '' for none")
+    p.add_argument("--forward-sweep", default=FORWARD_SWEEP,
+                   help="forward tiles TOKENSxCOLUMNSxWARPS timed at the first width (empty: none)")
     p.add_argument("--fastest-of", default=None, metavar="FILE",
                    help="print the fastest tile of FILE's sweep (a results file of this script) and exit")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
@@ -400,12 +436,14 @@ def main(argv=None):
             sys.exit(f"kernel_microbench --fastest-of: cannot read {args.fastest_of}: {exc}")
         return
     sweep = parse_tiles(args.sweep)
+    forward_sweep = parse_forward_tiles(args.forward_sweep)
     t0 = time.perf_counter()
     if args.smoke:
         device, dtype = "cpu", torch.float32
         args.d, args.tokens = "64", 64
         TIMING.update(inner=1, reps=2, max_warmup=2)
         sweep = parse_tiles("8x16x4,4x16x4rfp3")
+        forward_sweep = parse_forward_tiles("4x16x4,8x8x2")
     else:
         if not torch.cuda.is_available() or fk.triton is None:
             sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")
@@ -416,7 +454,7 @@ def main(argv=None):
                   triton=getattr(fk.triton, "__version__", None), kernels=fk.use_kernel(torch.zeros(1, device=device)),
                   tokens=args.tokens, ratio=args.ratio, dtype=str(dtype).split(".")[-1], degree=DEGREE, window=WINDOW,
                   token_gates=args.token_gates, polynomial_only=args.polynomial_only, forward_tile=dict(fk.FORWARD_TILE),
-                  backward_tile=dict(fk.BACKWARD_TILE), rows=[], backward=[], skipped=[])
+                  backward_tile=dict(fk.BACKWARD_TILE), rows=[], forward=[], backward=[], skipped=[])
     small = dict(d=64, m=40, k=4, r=4) if args.smoke else {}
     result["correctness"] = check_correctness(device, 16 if args.smoke else 2048, **small)
     if result["kernels"]:
@@ -464,6 +502,16 @@ def main(argv=None):
                 cells += [f"{row[key]:>9.3f}" if row[key] is not None else f"{'-':>9}"
                           for key in ("fwd_ms", "fwd_bwd_ms", "fwd_vs_ideal", "fwd_bwd_vs_ideal", "fwd_bwd_vs_dense")]
                 print(" ".join(cells), flush=True)
+        if mode == "eager" and forward_sweep and result["kernels"] and not over_budget("forward sweep"):
+            row = forward_alone(device, dtype, dims[0], args.tokens, args.ratio, args.token_gates, forward_sweep,
+                                args.polynomial_only)
+            result["forward"].append(row)
+            print(f"forward alone d={dims[0]}: gelu {row['gelu_ms']:.4f} ms"
+                  + (f" (kernel {row['gelu_kernel_ms']:.4f} ms)" if "gelu_kernel_ms" in row else ""), flush=True)
+            for c in row["sweep"]:
+                main_ms = c.get("kernel_ms", {}).get("_forward_kernel")
+                print(f"    forward tile {c['tokens']}x{c['columns']}x{c['warps']}: {c['forward_ms']:.4f} ms"
+                      + (f", _forward_kernel {main_ms:.4f} ms" if main_ms is not None else ""), flush=True)
         if mode == "eager":  # the backward by itself, and the tile sweep at the first width
             for i, d in enumerate(dims):
                 if not result["kernels"] or over_budget(f"backward alone d={d}"):

@@ -93,6 +93,9 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
+# Partial sums per slot that ``_reduce_kernel`` loads per step (BLOCK outputs x REDUCE_STEP // BLOCK rows, at
+# least 16): one step holds every backward program's row at GPT-2's sizes (264 programs, 16 outputs).
+REDUCE_STEP = 4096
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
 
@@ -691,14 +694,15 @@ if triton is not None:
                 _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
 
     @triton.jit
-    def _reduce_kernel(part_ptr, coeff_mask_ptr, gc_ptr, gg_ptr, gk_ptr, n_prog, n_part, n_slots, slot0, slot_width,
+    def _reduce_kernel(part_ptr, coeff_mask_ptr, gc_ptr, gg_ptr, gk_ptr, n_prog, n_part, slot0, slot_width,
                        kern_off, n_coef, n_seg, n_taps, DEGREE: tl.constexpr, PER_NEURON: tl.constexpr,
-                       BLOCK: tl.constexpr, BQ: tl.constexpr):
+                       N_SLOTS: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr):
         """The parameters' gradients from the backward programs' partial sums (``_part_layout``), in the
         parameters' dtypes. Output o of [coefficients n_coef | gates n_seg | taps n_taps] sums its entry
-        over the programs' rows, and a slot entry (a shared coefficient, a gate) over the column tiles'
-        slots too; a coefficient's gradient is times its mask (the series is c * mask). Each program sums
-        BLOCK outputs over BQ (row, slot) pairs at a time, in a fixed order (deterministic)."""
+        over the programs' rows, and a slot entry (a shared coefficient, a gate) over the N_SLOTS column
+        tiles' slots too; a coefficient's gradient is times its mask (the series is c * mask). Each
+        program sums BLOCK outputs, BR rows of every slot at a time (all of a step's loads in flight at
+        once, no integer division), in a fixed order (deterministic)."""
         o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         is_coef = o < n_coef
         is_gate = (o >= n_coef) & (o < n_coef + n_seg)
@@ -710,13 +714,14 @@ if triton is not None:
         else:
             base = tl.where(is_coef, slot0 + o, tl.where(is_gate, gate_col, kern_off + (o - n_coef - n_seg)))
             slotted = is_coef | is_gate
-        per_row = tl.where(slotted, n_slots, 1)  # entries of an output in one program's row
-        n_q = tl.where(is_coef | is_gate | is_tap, n_prog * per_row, 0)
+        live = is_coef | is_gate | is_tap
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for q0 in range(0, n_prog * n_slots, BQ):
-            q = q0 + tl.arange(0, BQ)[:, None]
-            addr = base[None, :] + (q // per_row[None, :]) * n_part + (q % per_row[None, :]) * slot_width
-            acc += tl.sum(tl.load(part_ptr + addr, mask=q < n_q[None, :], other=0.0), axis=0)
+        for r0 in range(0, n_prog, BR):
+            rows = r0 + tl.arange(0, BR)
+            row_addr = rows[:, None] * n_part + base[None, :]
+            for s in tl.static_range(N_SLOTS):  # an output outside the slots is read once, from the first
+                use = (rows < n_prog)[:, None] & (live & (slotted | (s == 0)))[None, :]
+                acc += tl.sum(tl.load(part_ptr + row_addr + s * slot_width, mask=use, other=0.0), axis=0)
         keep = tl.load(coeff_mask_ptr + o % (DEGREE + 1), mask=is_coef, other=0.0).to(tl.float32)
         tl.store(gc_ptr + o, (acc * keep).to(gc_ptr.dtype.element_ty), mask=is_coef)
         tl.store(gg_ptr + (o - n_coef), acc.to(gg_ptr.dtype.element_ty), mask=is_gate)
@@ -967,14 +972,17 @@ if triton is not None:
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
         grad_kernel = torch.empty_like(fb_kernel) if fb_kernel is not None else None
         n_coef, n_taps = coeffs.numel(), n_part - kern_off
-        # a few wide steps per program (each program's loads in flight at once: one program looping over
-        # 792 rows 32 at a time took 11.7 us on the H200, latency-bound)
+        # wide steps with every slot's loads in flight at once (one program stepping 32 (row, slot) pairs at a
+        # time, each split by an integer division, took 11.7 us on the H200 for 264 rows x 3 slots)
+        n_slots = max(n_tiles_c + n_tiles_f, 1)  # taps are read from the first slot's pass
         block = min(128, _pow2(n_coef + n_seg + n_taps))
-        bq = min(_pow2(part.shape[0] * (n_tiles_c + n_tiles_f)), max(16, 8192 // block))
+        br = max(16, REDUCE_STEP // block)  # rows per step (x the slots: all loads in flight at once); fewer for
+        # fewer programs, not when traced (a next power of two of a symbolic size costs minutes of sympy)
+        br = min(br, _pow2(part.shape[0])) if type(part.shape[0]) is int else br
         _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct, 8)(
             part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
-            part.shape[0], n_part, n_tiles_c + n_tiles_f, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
-            DEGREE=degree, PER_NEURON=per_neuron, BLOCK=block, BQ=bq,
+            part.shape[0], n_part, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
+            DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=br,
         )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)

@@ -476,6 +476,24 @@ def test_backward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monk
         H.common_settings(p.parse_args(["--device", "cpu", "--backward-tile", "4x128x4,8x128x8"]), budget_s=1.0)
 
 
+def test_forward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monkeypatch):
+    import argparse
+
+    from benchmarks import harness as H
+    from modeling_sparse_gpt2 import ffn_kernels as fk
+
+    monkeypatch.setattr(fk, "FORWARD_TILE", dict(fk.FORWARD_TILE))
+    p = H.add_common_args(argparse.ArgumentParser(), output=None)
+    S = H.common_settings(p.parse_args(["--device", "cpu", "--forward-tile", "16x128x8"]), budget_s=1.0)
+    assert fk.FORWARD_TILE == S["forward_tile"] == dict(tokens=16, columns=128, warps=8)
+    monkeypatch.setattr(fk, "FORWARD_TILE", dict(tokens=32, columns=64, warps=4))  # a fresh process
+    H.configure_torch(S)
+    assert fk.FORWARD_TILE == S["forward_tile"]
+    for bad, says in (("16x128x8,8x64x4", "one tile"), ("16x128", "not TOKENSxCOLUMNSxWARPS")):
+        with pytest.raises(SystemExit, match=f"--forward-tile: .*{says}"):
+            H.common_settings(p.parse_args(["--device", "cpu", "--forward-tile", bad]), budget_s=1.0)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its ptxas)")
 def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(tmp_path):
     """The backward with its coefficient sums in registers exists to keep small tiles free of

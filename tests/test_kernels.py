@@ -179,6 +179,16 @@ def test_the_kernels_launch_with_registers_capped_so_their_programs_per_sm_fit(m
                         "_feedback_backward_kernel": (4, None), "_reduce_kernel": (8, None)}
 
 
+@kernel_case
+@pytest.mark.parametrize("per_neuron", [False, True], ids=["shared", "per-neuron"])
+def test_the_parameter_gradients_sum_every_backward_program_over_several_reduce_steps(per_neuron, monkeypatch):
+    """20 backward programs per column tile, 16 rows per reduce step (``REDUCE_STEP``): the coefficient,
+    gate and tap gradients add every program's row, the last step masked, over every column tile's slot."""
+    monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 20)
+    monkeypatch.setattr(fk, "REDUCE_STEP", 16)
+    check_against_reference(*make_inputs(1, 80, 13, 0, 5, True, per_neuron, padded=True))
+
+
 @pytest.mark.skipif(fk.triton is None, reason="the direct eager path exists only with triton")
 def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(monkeypatch):
     """A training call of the op dispatches no torch op but allocations, forward and backward: the
