@@ -93,8 +93,8 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
-# Partial sums per slot that ``_reduce_kernel`` loads per step (BLOCK outputs x REDUCE_STEP // BLOCK rows, at
-# least 16): one step holds every backward program's row at GPT-2's sizes (264 programs, 16 outputs).
+# Partial sums per slot that a ``_reduce_kernel`` program loads per step (BLOCK outputs x REDUCE_STEP // BLOCK
+# rows, 16 to 1,024 rows): one step holds every backward program's row at GPT-2's sizes (264 or 528 programs).
 REDUCE_STEP = 4096
 # Plain eager calls skip the torch.library dispatcher (``_plain_eager``); False: always the ops.
 EAGER_DIRECT = True
@@ -972,14 +972,15 @@ if triton is not None:
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
         grad_kernel = torch.empty_like(fb_kernel) if fb_kernel is not None else None
         n_coef, n_taps = coeffs.numel(), n_part - kern_off
-        # wide steps with every slot's loads in flight at once (one program stepping 32 (row, slot) pairs at a
-        # time, each split by an integer division, took 11.7 us on the H200 for 264 rows x 3 slots)
+        # one output per program, every row of every slot in one step where they fit (shared coefficients: on the
+        # H200, 264 rows x 3 slots took 2.2 us so, 7.8 us as 16 outputs of one program, 2.7 us as torch's sum);
+        # per-neuron coefficients: 128 neighbouring outputs (contiguous in a row) per program
         n_slots = max(n_tiles_c + n_tiles_f, 1)  # taps are read from the first slot's pass
-        block = min(128, _pow2(n_coef + n_seg + n_taps))
-        br = max(16, REDUCE_STEP // block)  # rows per step (x the slots: all loads in flight at once); fewer for
-        # fewer programs, not when traced (a next power of two of a symbolic size costs minutes of sympy)
-        br = min(br, _pow2(part.shape[0])) if type(part.shape[0]) is int else br
-        _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct, 8)(
+        block = 128 if per_neuron else 1
+        br = min(1024, max(16, REDUCE_STEP // block))  # rows per step; fewer for fewer programs, not when traced
+        br = min(br, _pow2(part.shape[0])) if type(part.shape[0]) is int else br  # (next_power_of_2 of a symbolic
+        # size costs minutes of sympy)
+        _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct)(
             part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
             part.shape[0], n_part, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
             DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=br,

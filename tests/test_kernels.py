@@ -176,7 +176,7 @@ def test_the_kernels_launch_with_registers_capped_so_their_programs_per_sm_fit(m
     fk._backward(torch.ones_like(h[..., :15]), h, coeffs, coeff_mask, gates, fb_kernel, None, None, *meta.values())
     warps = fk.BACKWARD_TILE["warps"]
     assert launches == {"_forward_kernel": (4, None), "_backward_kernel": (warps, fk._register_cap(warps, 3)),
-                        "_feedback_backward_kernel": (4, None), "_reduce_kernel": (8, None)}
+                        "_feedback_backward_kernel": (4, None), "_reduce_kernel": (4, None)}
 
 
 @kernel_case
@@ -187,6 +187,16 @@ def test_the_parameter_gradients_sum_every_backward_program_over_several_reduce_
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 20)
     monkeypatch.setattr(fk, "REDUCE_STEP", 16)
     check_against_reference(*make_inputs(1, 80, 13, 0, 5, True, per_neuron, padded=True))
+
+
+@needs_kernels
+def test_every_reduce_launch_shape_the_probe_times_sums_like_torch(capsys):
+    """``benchmarks.probe_reduce``'s configurations (one, two or 16 outputs per program; rows per step below
+    and above the programs) give torch's sum of the partial sums over programs and slots; it exits if not."""
+    from benchmarks import probe_reduce
+
+    probe_reduce.main(["--smoke", "--blocks", "1,2,16", "--rows-per-step", "16,64", "--warps", "4"])
+    assert capsys.readouterr().out.count("BLOCK=") == 12
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the direct eager path exists only with triton")
