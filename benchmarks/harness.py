@@ -124,15 +124,26 @@ def tile_name(tile: dict) -> str:
 
 
 @contextlib.contextmanager
+def _kernel_tile(name: str, tile: dict):
+    """``ffn_kernels.<name>`` updated by ``tile`` inside the block, as it was after it."""
+    table = getattr(ffn_kernels, name)
+    saved = dict(table)
+    table.update(tile)
+    try:
+        yield table
+    finally:
+        table.clear()
+        table.update(saved)
+
+
 def backward_tile(tile: dict):
     """``ffn_kernels.BACKWARD_TILE`` updated by ``tile`` inside the block, as it was after it."""
-    saved = dict(ffn_kernels.BACKWARD_TILE)
-    ffn_kernels.BACKWARD_TILE.update(tile)
-    try:
-        yield ffn_kernels.BACKWARD_TILE
-    finally:
-        ffn_kernels.BACKWARD_TILE.clear()
-        ffn_kernels.BACKWARD_TILE.update(saved)
+    return _kernel_tile("BACKWARD_TILE", tile)
+
+
+def forward_tile(tile: dict):
+    """``ffn_kernels.FORWARD_TILE`` updated by ``tile`` inside the block, as it was after it."""
+    return _kernel_tile("FORWARD_TILE", tile)
 
 
 def parse_forward_tiles(spec: str, flag: str = "--forward-sweep") -> list[dict]:
@@ -146,18 +157,6 @@ def parse_forward_tiles(spec: str, flag: str = "--forward-sweep") -> list[dict]:
             raise SystemExit(f"{flag}: {c!r} is not TOKENSxCOLUMNSxWARPS, such as 32x64x4")
         tiles.append(dict(tokens=int(found[1]), columns=int(found[2]), warps=int(found[3])))
     return tiles
-
-
-@contextlib.contextmanager
-def forward_tile(tile: dict):
-    """``ffn_kernels.FORWARD_TILE`` updated by ``tile`` inside the block, as it was after it."""
-    saved = dict(ffn_kernels.FORWARD_TILE)
-    ffn_kernels.FORWARD_TILE.update(tile)
-    try:
-        yield ffn_kernels.FORWARD_TILE
-    finally:
-        ffn_kernels.FORWARD_TILE.clear()
-        ffn_kernels.FORWARD_TILE.update(saved)
 
 
 def csv(value, cast=str):

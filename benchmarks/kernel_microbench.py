@@ -230,20 +230,26 @@ def check_fullgraph(device, d, tokens):
     return {"ok": True, "act": max_err(got, eager), "grads": [max_err(a, b) for a, b in zip(got_g, eager_g)]}
 
 
+def op_inputs(device, dtype, d, tokens, ratio, token_gates, polynomial_only=False):
+    """The op's inputs at width d: ((m, k, r), h (sequences of 1,024 tokens, |h| ~ 3), the parameters
+    (coeffs, coeff_mask, gates, taps or None), the op's trailing arguments (m, k, r, n_gates, domain, degree))."""
+    m, k, r = widths(d, ratio, polynomial_only)
+    mod = SparseMLP(d, m, k, r, token_gates).to(device)
+    meta = mod.meta
+    batch = max(1, tokens // 1024)
+    h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
+    par = (mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach() if r else None)
+    return (m, k, r), h, par, tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
+
+
 def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polynomial_only=False):
     """The op's backward by itself at width d: ms per call of ``_backward`` (its kernels, the partial
     sums' reduction into the parameters' gradients, the token-gate row sums), against
     ``gelu_backward`` of the ideal's width; each kernel's own GPU time from ``torch.profiler``; then
     ``_backward`` under each backward tile of ``sweep`` (``BACKWARD_TILE`` updates, ``harness.parse_tiles``),
     its wall time and its kernels' GPU times."""
-    m, k, r = widths(d, ratio, polynomial_only)
-    mod = SparseMLP(d, m, k, r, token_gates).to(device)
-    meta = mod.meta
-    batch = max(1, tokens // 1024)
-    h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
-    grad = torch.randn(batch, tokens // batch, m + k + r, device=device, dtype=dtype)
-    par = (mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach() if r else None)
-    tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
+    (m, k, r), h, par, tail = op_inputs(device, dtype, d, tokens, ratio, token_gates, polynomial_only)
+    grad = torch.randn(*h.shape[:2], m + k + r, device=device, dtype=dtype)
 
     def bwd():
         return fk._backward(grad, h, *par, None, None, *tail)
@@ -254,41 +260,37 @@ def backward_alone(device, dtype, d, tokens, ratio, token_gates, sweep=(), polyn
     row["backward_vs_gelu"] = row["backward_ms"] / row["gelu_backward_ms"]
     if torch.cuda.is_available():
         row["kernel_ms"] = kernel_ms(bwd)
-    row["sweep"] = []
-    for tile in sweep:
-        with backward_tile(tile):
-            entry = dict(tile, backward_ms=cuda_time(bwd))
-            if torch.cuda.is_available():
-                entry["kernel_ms"] = kernel_ms(bwd)
-        row["sweep"].append(entry)
+    row["sweep"] = timed_tiles(backward_tile, sweep, bwd, "backward_ms")
     return row
+
+
+def timed_tiles(tile_context, tiles, fn, key):
+    """Under each tile (``tile_context``: ``harness.backward_tile`` or ``forward_tile``), ``fn``'s time per
+    call as ``key`` and, on a GPU, each kernel's GPU time (``kernel_ms``)."""
+    entries = []
+    for tile in tiles:
+        with tile_context(tile):
+            entry = dict(tile, **{key: cuda_time(fn)})
+            if torch.cuda.is_available():
+                entry["kernel_ms"] = kernel_ms(fn)
+        entries.append(entry)
+    return entries
 
 
 def forward_alone(device, dtype, d, tokens, ratio, token_gates, sweep, polynomial_only=False):
     """The op's forward by itself at width d (``_forward``, one kernel) under each forward tile of
     ``sweep`` (``FORWARD_TILE`` updates), its wall time and its kernel's GPU time, against the ideal's
     ``gelu`` (tanh) of the same width."""
-    m, k, r = widths(d, ratio, polynomial_only)
-    mod = SparseMLP(d, m, k, r, token_gates).to(device)
-    meta = mod.meta
-    batch = max(1, tokens // 1024)
-    h = torch.randn(batch, tokens // batch, m + k + r + meta["n_gates"], device=device, dtype=dtype) * 3
-    par = (mod.coeffs.detach(), mod.coeff_mask, mod.gates.detach(), mod.fb_kernel.detach() if r else None)
-    tail = tuple(meta[n] for n in ("m", "k", "r", "n_gates", "domain", "degree"))
+    (m, k, r), h, par, tail = op_inputs(device, dtype, d, tokens, ratio, token_gates, polynomial_only)
 
     def fwd():
         return fk._forward(h, *par, None, None, *tail, False, direct=True)
 
     gelu_h = h[..., : m + k + r].contiguous()
-    row = dict(d=d, m=m, k=k, r=r, gelu_ms=cuda_time(lambda: F.gelu(gelu_h, approximate="tanh")), sweep=[])
+    row = dict(d=d, m=m, k=k, r=r, gelu_ms=cuda_time(lambda: F.gelu(gelu_h, approximate="tanh")))
     if torch.cuda.is_available():
         row["gelu_kernel_ms"] = sum(kernel_ms(lambda: F.gelu(gelu_h, approximate="tanh")).values())
-    for tile in sweep:
-        with forward_tile(tile):
-            entry = dict(tile, forward_ms=cuda_time(fwd))
-            if torch.cuda.is_available():
-                entry["kernel_ms"] = kernel_ms(fwd)
-        row["sweep"].append(entry)
+    row["sweep"] = timed_tiles(forward_tile, sweep, fwd, "forward_ms")
     return row
 
 
