@@ -159,6 +159,10 @@ def parse_forward_tiles(spec: str, flag: str = "--forward-sweep") -> list[dict]:
     return tiles
 
 
+# the kernel tiles a run may set: (flag and settings key, ffn_kernels table, parser of the flag)
+KERNEL_TILES = (("backward_tile", "BACKWARD_TILE", parse_tiles), ("forward_tile", "FORWARD_TILE", parse_forward_tiles))
+
+
 def csv(value, cast=str):
     return [cast(v) for v in value.split(",") if v.strip()] if value else None
 
@@ -174,16 +178,14 @@ def common_settings(args, budget_s: float) -> dict:
         raise SystemExit(f"--sparse-kwargs: not a JSON dict: {err}") from None
     if args.reps is not None and args.reps < 1:
         raise SystemExit(f"--reps must be >= 1, got {args.reps}")
-    if args.backward_tile:
-        tiles = parse_tiles(args.backward_tile, flag="--backward-tile")
-        if len(tiles) != 1:
-            raise SystemExit(f"--backward-tile: one tile, got {args.backward_tile!r}")
-        ffn_kernels.BACKWARD_TILE.update(tiles[0])
-    if getattr(args, "forward_tile", None):
-        tiles = parse_forward_tiles(args.forward_tile, flag="--forward-tile")
-        if len(tiles) != 1:
-            raise SystemExit(f"--forward-tile: one tile, got {args.forward_tile!r}")
-        ffn_kernels.FORWARD_TILE.update(tiles[0])
+    for key, table, parse in KERNEL_TILES:
+        spec = getattr(args, key, None)
+        if spec:
+            flag = "--" + key.replace("_", "-")
+            tiles = parse(spec, flag=flag)
+            if len(tiles) != 1:
+                raise SystemExit(f"{flag}: one tile, got {spec!r}")
+            getattr(ffn_kernels, table).update(tiles[0])
     return dict(
         device=device, gpu=gpu, tiny=args.tiny,
         dtype=args.dtype or ("bf16" if gpu else "fp32"),
@@ -195,8 +197,7 @@ def common_settings(args, budget_s: float) -> dict:
         align=1 if args.tiny else max(1, args.align),
         sparse_kwargs=knobs,
         sample_ms=10.0 if gpu else 0.0,
-        backward_tile=dict(ffn_kernels.BACKWARD_TILE),
-        forward_tile=dict(ffn_kernels.FORWARD_TILE),
+        **{key: dict(getattr(ffn_kernels, table)) for key, table, _ in KERNEL_TILES},
     )
 
 
@@ -210,10 +211,9 @@ def configure_torch(S):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
     transformers.logging.set_verbosity_error()
-    if S.get("backward_tile"):  # a fresh (spawned) process starts from the default tile: the run's, as in its parent
-        ffn_kernels.BACKWARD_TILE.update(S["backward_tile"])
-    if S.get("forward_tile"):
-        ffn_kernels.FORWARD_TILE.update(S["forward_tile"])
+    for key, table, _ in KERNEL_TILES:  # a fresh (spawned) process starts from the default tiles: the run's, as in its parent
+        if S.get(key):
+            getattr(ffn_kernels, table).update(S[key])
 
 
 # ============================================================================ environment

@@ -364,8 +364,8 @@ if triton is not None:
         h_rows = h_seq + t * stride_ht
         x = tl.load(h_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         a = x  # spectral: identity
-        if col0 < m:  # poly: Clenshaw's recurrence to the full degree (memory-bound here: the even series'
-            # half-degree path of the backward, with its branch, made this kernel slower on the H200, 16.6 -> 19.6 us)
+        if col0 < m:  # poly: Clenshaw's recurrence to the full degree. This kernel is memory-bound: the backward's
+            # half-degree path for the even series, tried here with its branch, made it slower (H200: 16.6 -> 19.6 us)
             tc = tl.minimum(tl.maximum(x / domain, -1.0), 1.0)
             coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, cols, cols < m, DEGREE, PER_NEURON)
             poly = _clenshaw(tc, coef, DEGREE) + tl.maximum(x - domain, 0.0)
