@@ -68,7 +68,7 @@ import torch
 from torch import Tensor
 
 from .feedback import causal_feedback
-from .polynomial import chebyshev_activation
+from .polynomial import POWER_BASIS_MAX_DEGREE, chebyshev_activation
 
 try:
     import triton
@@ -93,6 +93,13 @@ except ImportError:  # CPU-only users: the reference path below needs no triton
 FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
+# The polynomial-only FFN with one shared series (the conversion's default; ``_flat``) runs flat kernels over h's
+# elements: BLOCK elements a step, ITERS consecutive steps a program (fewer where there are fewer blocks than
+# ITERS per SM, as at decode), ``warps`` warps; the forward in powers of t by Horner's rule (``horner``, up to
+# polynomial.POWER_BASIS_MAX_DEGREE), the backward with the next block's loads prefetched. ``enabled``: False
+# runs that FFN on the tiled kernels above instead.
+FLAT_TILE = {"enabled": True, "forward_block": 1024, "forward_warps": 4, "forward_iters": 4, "horner": True,
+             "backward_block": 1024, "backward_warps": 4, "backward_iters": 8, "prefetch": True}
 # Partial sums per slot that a ``_reduce_kernel`` program loads per step (BLOCK outputs x REDUCE_STEP // BLOCK
 # rows, 16 to 1,024 rows): one step holds every backward program's row at GPT-2's sizes (264 or 528 programs).
 REDUCE_STEP = 4096
@@ -481,6 +488,66 @@ if triton is not None:
         return terms, acc_coeff
 
     @triton.jit
+    def _series_backward(x, gp, coef, dcoef, slope1, inv_domain, domain, dtail, terms, acc_coeff, di,
+                         DEGREE: tl.constexpr, EVEN: tl.constexpr, VALUE: tl.constexpr, IN_REGISTERS: tl.constexpr):
+        """The polynomial's backward per element: one pass over T_i(t), t = clamp(x / s, -1, 1), adds the
+        coefficient gradients' terms gp * T_i(t) to ``terms`` / ``acc_coeff`` (``_accumulate``) and gives
+        ``(a, da)``: a = p(t) + relu(x - s) with ``VALUE``, else the linear tail relu(x - s) alone; da = p'(x)
+        = sum_j dcoef_j T_j(t) (+ slope1, times t, for the even series) inside [-s, s], ``dtail`` above s
+        (the tail's slope times whatever the caller folded into dcoef), 0 below -s (the clamp). ``EVEN``:
+        the pass runs over T_j(u), u = T_2(t), to half the degree (``_odd_terms_masked``)."""
+        xs = x * inv_domain
+        tc = tl.minimum(tl.maximum(xs, -1.0), 1.0)
+        tc2 = tc + tc
+        poly = coef[0] + tl.zeros_like(tc)
+        dpoly = tl.zeros_like(tc)
+        terms, acc_coeff = _accumulate(terms, acc_coeff, di, 0, gp, IN_REGISTERS)
+        if DEGREE >= 1:
+            if VALUE:
+                poly += coef[1] * tc
+            terms, acc_coeff = _accumulate(terms, acc_coeff, di, 1, gp * tc, IN_REGISTERS)
+        if EVEN:  # T_2j(t) = T_j(u), u = T_2(t): the pass runs over j to DEGREE // 2
+            u = tc2 * tc - 1.0
+            u2 = u + u
+            dpoly += dcoef[0] + dcoef[1] * u
+            if VALUE:
+                poly += coef[2] * u
+            terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2, gp * u, IN_REGISTERS)
+            t_prev = tl.zeros_like(tc) + 1.0
+            t_cur = u
+            for j in tl.static_range(2, DEGREE // 2 + 1):
+                t_next = u2 * t_cur - t_prev
+                t_prev = t_cur
+                t_cur = t_next
+                if VALUE:
+                    poly += coef[2 * j] * t_cur
+                if j < DEGREE // 2:
+                    dpoly += dcoef[j] * t_cur
+                terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2 * j, gp * t_cur, IN_REGISTERS)
+            dpoly = slope1 + tc * dpoly
+        else:
+            if DEGREE >= 1:
+                dpoly += dcoef[0]
+            if DEGREE >= 2:
+                dpoly += dcoef[1] * tc
+            t_prev = tl.zeros_like(tc) + 1.0
+            t_cur = tc
+            for i in tl.static_range(2, DEGREE + 1):
+                t_next = tc2 * t_cur - t_prev
+                t_prev = t_cur
+                t_cur = t_next
+                if VALUE:  # the value: per element only where the caller needs it
+                    poly += coef[i] * t_cur
+                if i < DEGREE:
+                    dpoly += dcoef[i] * t_cur
+                terms, acc_coeff = _accumulate(terms, acc_coeff, di, i, gp * t_cur, IN_REGISTERS)
+        # the clamp's derivative is 0 outside [-1, 1] (t == x / s inside), the linear tail's dtail above s
+        tail = tl.maximum(x - domain, 0.0)
+        poly = poly + tail if VALUE else tail
+        dpoly = tl.where(x > domain, dtail, tl.where(tc == xs, dpoly, 0.0))
+        return poly, dpoly, terms, acc_coeff
+
+    @triton.jit
     def _backward_kernel(
         h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, row_part_ptr,
         T, n_tiles_t, n_tiles, n_prog_t, n_iter, stride_hb, stride_ht, stride_gb, stride_gt,
@@ -587,63 +654,17 @@ if triton is not None:
             a = x  # spectral: identity, derivative 1
             da = tl.full((BT, BC), 1.0, tl.float32)
             if col0 < m:  # poly: T_i(t) once, for p, p' and the coefficient gradients' terms
-                xs = x * inv_domain
-                tc = tl.minimum(tl.maximum(xs, -1.0), 1.0)
-                tc2 = tc + tc
                 if TOKEN_GATES:
                     gp = go * poly_weight * tau
                 elif SPECTRAL:
                     gp = go * poly_weight
                 else:
                     gp = go  # zero past the columns (masked loads)
-                poly = coef[0] + tl.zeros_like(tc)
-                dpoly = tl.zeros_like(tc)
-                terms, acc_coeff = _accumulate(terms, acc_coeff, di, 0, gp, IN_REGISTERS)
-                if DEGREE >= 1:
-                    if TOKEN_GATES:
-                        poly += coef[1] * tc
-                    terms, acc_coeff = _accumulate(terms, acc_coeff, di, 1, gp * tc, IN_REGISTERS)
-                if EVEN:  # T_2j(t) = T_j(u), u = T_2(t): the pass runs over j to DEGREE // 2
-                    u = tc2 * tc - 1.0
-                    u2 = u + u
-                    dpoly += dcoef[0] + dcoef[1] * u
-                    if TOKEN_GATES:
-                        poly += coef[2] * u
-                    terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2, gp * u, IN_REGISTERS)
-                    t_prev = tl.full((BT, BC), 1.0, tl.float32)
-                    t_cur = u
-                    for j in tl.static_range(2, DEGREE // 2 + 1):
-                        t_next = u2 * t_cur - t_prev
-                        t_prev = t_cur
-                        t_cur = t_next
-                        if TOKEN_GATES:
-                            poly += coef[2 * j] * t_cur
-                        if j < DEGREE // 2:
-                            dpoly += dcoef[j] * t_cur
-                        terms, acc_coeff = _accumulate(terms, acc_coeff, di, 2 * j, gp * t_cur, IN_REGISTERS)
-                    dpoly = slope1 + tc * dpoly
-                else:
-                    if DEGREE >= 1:
-                        dpoly += dcoef[0]
-                    if DEGREE >= 2:
-                        dpoly += dcoef[1] * tc
-                    t_prev = tl.full((BT, BC), 1.0, tl.float32)
-                    t_cur = tc
-                    for i in tl.static_range(2, DEGREE + 1):
-                        t_next = tc2 * t_cur - t_prev
-                        t_prev = t_cur
-                        t_cur = t_next
-                        if TOKEN_GATES:  # the value: per element only where the row gate gradients need it
-                            poly += coef[i] * t_cur
-                        if i < DEGREE:
-                            dpoly += dcoef[i] * t_cur
-                        terms, acc_coeff = _accumulate(terms, acc_coeff, di, i, gp * t_cur, IN_REGISTERS)
-                # the clamp's derivative is 0 outside [-1, 1] (t == h / s inside), the linear tail's 1 above s.
-                # Without token gates the gate gradient's sum_t dL/dact * p(t) is sum_i c_i * (the
-                # coefficient terms' sum), added after the loop: here only the linear tail's share.
-                tail = tl.maximum(x - domain, 0.0)
-                poly = poly + tail if TOKEN_GATES else tail
-                dpoly = tl.where(x > domain, 1.0, tl.where(tc == xs, dpoly, 0.0))
+                # Without token gates the gate gradient's sum_t dL/dact * p(t) is sum_i c_i * (the coefficient
+                # terms' sum), added after the loop: ``poly`` is then only the linear tail's share
+                poly, dpoly, terms, acc_coeff = _series_backward(x, gp, coef, dcoef, slope1, inv_domain, domain, 1.0,
+                                                                 terms, acc_coeff, di, DEGREE, EVEN, TOKEN_GATES,
+                                                                 IN_REGISTERS)
                 if SPECTRAL:
                     a = tl.where(is_poly[None, :], poly, a)
                     da = tl.where(is_poly[None, :], dpoly, da)
@@ -692,6 +713,147 @@ if triton is not None:
             else:  # the column reduction, once
                 tl.store(slot + di, tl.sum(acc_coeff, axis=1), mask=di < DEGREE + 1)
                 _gate_slots(slot + DEGREE + 1, acc_gate, cols, m, fb0, n_act, SPEC_IDX, FB_IDX)
+
+    # ------------------------------------------------------------- the polynomial-only FFN, flat
+    # The conversion's default FFN (polynomial columns only, one shared series, scalar gate) is elementwise over
+    # h's elements with the same series everywhere: these kernels run over h as one flat run of elements (no
+    # column tiles, so no masked columns past m at the last tile, no 2-D index arithmetic), each program over
+    # ITERS consecutive blocks of BLOCK elements. ``_flat`` says when.
+
+    @triton.jit
+    def _power_series(coef, DEGREE: tl.constexpr):
+        """e with sum_i c_i T_i(t) = sum_p e_p t^p: Clenshaw's recurrence b_k = c_k + 2 t b_{k+1} - b_{k+2}
+        run on the coefficient tuples of the polynomials b_k (b_k has degree DEGREE - k), once per program."""
+        zero = coef[0] * 0.0
+        b1 = ()
+        b2 = ()
+        for p in tl.static_range(DEGREE + 1):
+            b1 = b1 + (zero,)
+            b2 = b2 + (zero,)
+        for step in tl.static_range(DEGREE):  # k = DEGREE - step, down to 1
+            b0 = ()
+            for p in tl.static_range(DEGREE + 1):
+                if p > step:  # beyond b_k's degree
+                    b0 = b0 + (zero,)
+                elif p == 0:
+                    b0 = b0 + (coef[DEGREE - step] - b2[0],)
+                else:
+                    b0 = b0 + (2.0 * b1[p - 1] - b2[p],)
+            b2 = b1
+            b1 = b0
+        e = ()
+        for p in tl.static_range(DEGREE + 1):  # c_0 + t b_1 - b_2
+            if p == 0:
+                e = e + (coef[0] - b2[0],)
+            else:
+                e = e + (b1[p - 1] - b2[p],)
+        return e
+
+    @triton.jit
+    def _flat_forward_kernel(h_ptr, out_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, n, domain, DEGREE: tl.constexpr,
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr, HORNER: tl.constexpr):
+        """act = g * (sum_i c_i T_i(clamp(h / s)) + relu(h - s)) over n elements, the gate folded into the
+        series once per program. ``HORNER``: the series in powers of t (``_power_series``, Horner's rule:
+        one multiply-add per degree, where Clenshaw's recurrence takes two), else Clenshaw."""
+        pid = tl.program_id(0)
+        domain = tl.cast(domain, tl.float32)  # fp64 in compiled graphs (the schema says float)
+        inv_domain = 1.0 / domain
+        g = tl.load(gate_ptr).to(tl.float32)
+        coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, 0, True, DEGREE, False)
+        scaled = ()
+        for i in tl.static_range(DEGREE + 1):
+            scaled = scaled + (coef[i] * g,)
+        if HORNER:
+            series = _power_series(scaled, DEGREE)
+        else:
+            series = scaled
+        start = pid.to(tl.int64) * (ITERS * BLOCK)
+        idx = tl.arange(0, BLOCK)
+        for it in range(0, ITERS):
+            offs = start + it * BLOCK + idx
+            ok = offs < n
+            x = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tc = tl.minimum(tl.maximum(x * inv_domain, -1.0), 1.0)
+            if HORNER:
+                p = series[DEGREE] + tl.zeros_like(tc)
+                for step in tl.static_range(DEGREE):
+                    p = p * tc + series[DEGREE - 1 - step]
+            else:
+                p = _clenshaw(tc, series, DEGREE)
+            a = p + g * tl.maximum(x - domain, 0.0)
+            tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _flat_backward_kernel(h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain,
+                              DEGREE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                              PREFETCH: tl.constexpr):
+        """dL/dh over n elements, and this program's row of partial sums ``[g * sum dL/da T_i(t), i <= DEGREE |
+        sum dL/da * (p(t) + relu(h - s))]`` (``_reduce_kernel`` sums the rows into the gradients of the
+        coefficients and of the gate). One of two loops for the whole program, by the mask (``_odd_terms_masked``)."""
+        args = (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain)
+        if DEGREE >= 4:
+            if _odd_terms_masked(coeff_mask_ptr, DEGREE):
+                _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, True)
+            else:
+                _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, False)
+        else:
+            _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, False)
+
+    @triton.jit
+    def _flat_backward_program(args, DEGREE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+                               PREFETCH: tl.constexpr, EVEN: tl.constexpr):
+        """``_flat_backward_kernel``'s loop: the coefficient terms in registers (one BLOCK tile per
+        coefficient, summed once after the loop), the gate g folded into the derivative's coefficients
+        (dL/dh = dL/dact * g p'), the next block's loads issued before this one's arithmetic (``PREFETCH``)."""
+        (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain) = args
+        pid = tl.program_id(0)
+        domain = tl.cast(domain, tl.float32)
+        inv_domain = 1.0 / domain
+        g = tl.load(gate_ptr).to(tl.float32)
+        coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, 0, True, DEGREE, False)
+        if EVEN:  # as in _backward_program
+            dcoef = _derivative_coefficients(_even_series(coef, DEGREE), 4.0 * inv_domain * g, DEGREE // 2)
+            slope1 = coef[1] * inv_domain * g
+        else:
+            dcoef = _derivative_coefficients(coef, inv_domain * g, DEGREE)
+            slope1 = 0.0
+        terms = ()
+        for i in tl.static_range(DEGREE + 1):
+            terms = terms + (tl.zeros((BLOCK,), dtype=tl.float32),)
+        tail_terms = tl.zeros((BLOCK,), dtype=tl.float32)
+        start = pid.to(tl.int64) * (ITERS * BLOCK)
+        idx = tl.arange(0, BLOCK)
+        if PREFETCH:
+            ok = start + idx < n
+            x_next = tl.load(h_ptr + start + idx, mask=ok, other=0.0)
+            go_next = tl.load(gout_ptr + start + idx, mask=ok, other=0.0)
+        for it in range(0, ITERS):
+            offs = start + it * BLOCK + idx
+            ok = offs < n
+            if PREFETCH:
+                x_raw, go_raw = x_next, go_next
+                ok_next = (offs + BLOCK < n) & (it + 1 < ITERS)
+                x_next = tl.load(h_ptr + offs + BLOCK, mask=ok_next, other=0.0)
+                go_next = tl.load(gout_ptr + offs + BLOCK, mask=ok_next, other=0.0)
+            else:
+                x_raw = tl.load(h_ptr + offs, mask=ok, other=0.0)
+                go_raw = tl.load(gout_ptr + offs, mask=ok, other=0.0)
+            x = x_raw.to(tl.float32)
+            go = go_raw.to(tl.float32)  # zero past n (masked loads): adds nothing to the sums
+            tail, da, terms, _ = _series_backward(x, go, coef, dcoef, slope1, inv_domain, domain, g, terms, 0.0, 0,
+                                                  DEGREE, EVEN, False, True)
+            tail_terms += go * tail
+            tl.store(gh_ptr + offs, (go * da).to(gh_ptr.dtype.element_ty), mask=ok)
+        row = part_ptr + pid * (DEGREE + 2)
+        gate_sum = tl.sum(tail_terms, axis=0)
+        for i in tl.static_range(DEGREE + 1):
+            if EVEN and i % 2 == 1 and i > 1:  # terms the pass skipped are zero
+                tl.store(row + i, 0.0)
+            else:
+                coeff_sum = tl.sum(terms[i], axis=0)
+                gate_sum += coef[i] * coeff_sum
+                tl.store(row + i, coeff_sum * g)
+        tl.store(row + DEGREE + 1, gate_sum)
 
     @triton.jit
     def _reduce_kernel(part_ptr, coeff_mask_ptr, gc_ptr, gg_ptr, gk_ptr, n_prog, n_part, slot0, slot_width,
@@ -908,6 +1070,8 @@ if triton is not None:
         out = h.new_empty(batch, tokens, n_act)
         if batch * tokens == 0 or n_act == 0:
             return out
+        if _flat(h, coeffs, k, r, n_gates, degree):
+            return _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct)
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt, bc, n_tiles_t, n_tiles_c, bs = _forward_plan(tokens, n_act, lay["window"])
         _launcher(_forward_kernel, (batch * n_tiles_t, n_tiles_c), direct, FORWARD_TILE["warps"])(
@@ -930,6 +1094,8 @@ if triton is not None:
         h = h.contiguous()  # grad_h (empty_like) then has h's strides, and the rows are one flat run
         grad = grad.contiguous()
         coeffs = coeffs.contiguous()
+        if _flat(h, coeffs, k, r, n_gates, degree):
+            return _flat_backward(grad, h, coeffs, coeff_mask, gates, domain, degree, direct)
         batch, tokens, n_down = h.shape
         n_act, n_seg = m + k + r, (m > 0) + (k > 0) + (r > 0)
         per_neuron = coeffs.numel() > degree + 1
@@ -977,17 +1143,66 @@ if triton is not None:
         # per-neuron coefficients: 128 neighbouring outputs (contiguous in a row) per program
         n_slots = max(n_tiles_c + n_tiles_f, 1)  # taps are read from the first slot's pass
         block = 128 if per_neuron else 1
-        br = min(1024, max(16, REDUCE_STEP // block))  # rows per step; fewer for fewer programs, not when traced
-        br = min(br, _pow2(part.shape[0])) if type(part.shape[0]) is int else br  # (next_power_of_2 of a symbolic
-        # size costs minutes of sympy)
         _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct)(
             part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
             part.shape[0], n_part, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
-            DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=br,
+            DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=_reduce_rows(part.shape[0], block),
         )
         if n_gates:
             grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
         return grad_h, grad_coeffs, grad_gates, grad_gates.new_empty(0) if grad_kernel is None else grad_kernel
+
+    def _reduce_rows(programs, block: int):
+        """``_reduce_kernel``'s rows per step for ``programs`` rows of partial sums and ``block`` outputs per
+        program: REDUCE_STEP loads per slot (16 to 1,024 rows), fewer where there are fewer rows (not when
+        traced: next_power_of_2 of a symbolic size costs minutes of sympy)."""
+        br = min(1024, max(16, REDUCE_STEP // block))
+        return min(br, _pow2(programs)) if type(programs) is int else br
+
+    def _flat(h, coeffs, k, r, n_gates, degree) -> bool:
+        """Whether the flat kernels run this call: polynomial columns only (no spectral, feedback or token-gate
+        columns), one shared series, h one contiguous run of elements, ``FLAT_TILE["enabled"]``."""
+        return (FLAT_TILE["enabled"] and not (k or r or n_gates) and coeffs.numel() == degree + 1
+                and h.is_contiguous())
+
+    def _flat_iters(n, block: int, iters: int, device) -> int:
+        """Blocks per program: ``iters``, or fewer where n has fewer than ``iters`` blocks per SM (decode, small
+        prefills: more programs at once rather than a few long ones); as given for symbolic sizes."""
+        if type(n) is not int:
+            return iters
+        sms = _sm_count(device) if device.type == "cuda" else 2
+        return max(1, min(iters, _cdiv(n, block) // sms))
+
+    def _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct):
+        n = h.numel()
+        block = FLAT_TILE["forward_block"]
+        iters = _flat_iters(n, block, FLAT_TILE["forward_iters"], h.device)
+        _launcher(_flat_forward_kernel, (_cdiv(n, block * iters),), direct, FLAT_TILE["forward_warps"])(
+            h, out, coeffs, coeff_mask, gates, n, domain, DEGREE=degree, BLOCK=block, ITERS=iters,
+            HORNER=FLAT_TILE["horner"] and degree <= POWER_BASIS_MAX_DEGREE,
+        )
+        return out
+
+    def _flat_backward(grad, h, coeffs, coeff_mask, gates, domain, degree, direct):
+        """``_backward`` of the flat case: dL/dh and one row of partial sums per program
+        (``[coefficients | gate]``, the layout ``_part_layout`` gives one column tile), summed by ``_reduce_kernel``."""
+        n = h.numel()
+        block = FLAT_TILE["backward_block"]
+        iters = _flat_iters(n, block, FLAT_TILE["backward_iters"], h.device)
+        programs = _cdiv(n, block * iters)
+        part = torch.empty(programs, degree + 2, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h)
+        _launcher(_flat_backward_kernel, (programs,), direct, FLAT_TILE["backward_warps"])(
+            h, grad, grad_h, coeffs, coeff_mask, gates, part, n, domain, DEGREE=degree, BLOCK=block, ITERS=iters,
+            PREFETCH=FLAT_TILE["prefetch"],
+        )
+        grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
+        slot0, slot_width, kern_off, n_part = _part_layout(h.shape[-1], 0, 1, degree, 1, False, 1)
+        _launcher(_reduce_kernel, (degree + 2,), direct)(
+            part, coeff_mask, grad_coeffs, grad_gates, grad_gates, programs, n_part, slot0, slot_width, kern_off,
+            degree + 1, 1, 0, DEGREE=degree, PER_NEURON=False, N_SLOTS=1, BLOCK=1, BR=_reduce_rows(programs, 1),
+        )
+        return grad_h, grad_coeffs, grad_gates, grad_gates.new_empty(0)
 
     def _backward_columns(bt: int, per_neuron: bool = False) -> int:
         """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed

@@ -37,6 +37,12 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 3)  # 4 token tiles: two programs end on a masked step
+    # the flat kernels (polynomial-only FFN, shared series): 16 elements a block, 2 / 3 blocks a program, so a
+    # case spans several programs and the last one ends on masked elements and blocks
+    monkeypatch.setitem(fk.FLAT_TILE, "forward_block", 16)
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_block", 16)
+    monkeypatch.setitem(fk.FLAT_TILE, "forward_iters", 2)
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_iters", 3)
 
 
 def kernel_case(test):
@@ -189,6 +195,83 @@ def test_the_parameter_gradients_sum_every_backward_program_over_several_reduce_
     check_against_reference(*make_inputs(1, 80, 13, 0, 5, True, per_neuron, padded=True))
 
 
+@kernel_case
+def test_the_flat_gradients_sum_every_backward_program_over_several_reduce_steps(monkeypatch):
+    """The flat backward's 22 programs (1,040 elements, 48 a program), 16 rows per reduce step: the
+    coefficient and gate gradients add every program's row."""
+    monkeypatch.setattr(fk, "REDUCE_STEP", 16)
+    h, *rest = make_inputs(1, 80, 13, 0, 0, False, False)
+    assert fk._cdiv(h.numel(), 16 * fk._flat_iters(h.numel(), 16, 3, h.device)) == 22
+    check_against_reference(h, *rest)
+
+
+# the flat kernels' settings: the forward by Horner's rule in powers of t or by Clenshaw's recurrence, the
+# backward with its next block's loads prefetched or not
+FLAT_WAYS = {"horner-prefetched": dict(horner=True, prefetch=True), "clenshaw": dict(horner=False, prefetch=False)}
+
+
+@kernel_case
+@pytest.mark.parametrize("way", FLAT_WAYS.values(), ids=FLAT_WAYS.keys())
+@pytest.mark.parametrize("series", SERIES)
+@pytest.mark.parametrize("degree", [2, 6])
+def test_the_flat_kernels_match_reference_for_every_series(degree, series, way, monkeypatch):
+    """The polynomial-only FFN with one shared series runs the flat kernels (``_flat``): output, dL/dh and
+    the coefficient and gate gradients equal the reference, for the even series (the backward's half-degree
+    loop), every term, and an odd term on (the general loop), either way of evaluating the series."""
+    for key, value in way.items():
+        monkeypatch.setitem(fk.FLAT_TILE, key, value)
+    inputs = make_inputs(2, 7, 19, 0, 0, False, False, degree=degree, series=series)
+    assert fk._flat(inputs[0], inputs[1], 0, 0, 0, degree)
+    check_against_reference(*inputs)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_flat_kernels_in_half_precision_with_large_inputs_stay_finite(dtype):
+    h, *rest = make_inputs(2, 5, 21, 0, 0, False, False, dtype=dtype)
+    with torch.no_grad():  # beyond the polynomial's domain: the linear tail, up to |h| = 1e4
+        h[0, 1:3] = torch.linspace(-1e4, 1e4, h.shape[-1], device=h.device).to(dtype)
+    check_against_reference(h, *rest, dtype=dtype)
+
+
+@pytest.mark.skipif(fk.triton is None, reason="the launches exist only with triton")
+@pytest.mark.parametrize("layout", ["shared", "per-neuron", "spectral", "token-gates", "strided-h"])
+def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_the_flat_kernels(layout, monkeypatch):
+    """``_flat``: polynomial columns only, one shared series and a contiguous h take the flat kernels (forward,
+    backward, the reduction); per-neuron series, other segments or token gates the tiled ones, and so does the
+    forward of a strided h."""
+    launched = []
+    monkeypatch.setattr(fk, "_launcher", lambda kernel, *a, **k: launched.append(kernel.fn.__name__ if hasattr(
+        kernel, "fn") else kernel.__name__) or (lambda *args, **meta: None))
+    spectral = 3 if layout == "spectral" else 0
+    h, coeffs, coeff_mask, gates, _, _, meta = make_inputs(2, 8, 12, spectral, 0, layout == "token-gates",
+                                                           layout == "per-neuron")
+    if layout == "strided-h":
+        h = torch.cat([h, h], dim=-1)[..., :12]
+    fk._forward(h, coeffs, coeff_mask, gates, None, None, None, *meta.values(), False, direct=True)
+    fk._backward(torch.ones_like(h[..., : 12 + spectral]), h, coeffs, coeff_mask, gates, None, None, None,
+                 *meta.values())
+    if layout == "shared":
+        assert launched == ["_flat_forward_kernel", "_flat_backward_kernel", "_reduce_kernel"]
+    elif layout == "strided-h":  # the backward makes h contiguous first (the forward reads the strides as they are)
+        assert launched == ["_forward_kernel", "_flat_backward_kernel", "_reduce_kernel"]
+    else:
+        assert launched == ["_forward_kernel", "_backward_kernel", "_reduce_kernel"]
+
+
+@pytest.mark.skipif(fk.triton is None, reason="the flat kernels' plan exists only with triton")
+def test_the_flat_kernels_run_fewer_blocks_a_program_where_a_call_has_few_blocks_per_sm(monkeypatch):
+    """``_flat_iters``: a program runs the set blocks where there are that many per SM (8,192 x 1,216 elements
+    on 132 SMs: 73 blocks of 1,024 per SM), fewer for decode and small prefills (one block a program for one
+    token: its blocks spread over SMs), and the set number for symbolic sizes."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setitem(fk._SM_COUNTS, cuda, 132)  # no GPU needed: the count the device query would have cached
+    assert fk._flat_iters(8192 * 1216, 1024, 8, cuda) == 8
+    assert fk._flat_iters(1216, 1024, 8, cuda) == 1
+    assert fk._flat_iters(64 * 1216, 1024, 8, cuda) == 1 and fk._flat_iters(512 * 1216, 1024, 8, cuda) == 4
+    assert fk._flat_iters(100, 16, 3, torch.device("cpu")) == 3  # 7 blocks, 2 "SMs" on the CPU
+
+
 @needs_kernels
 def test_every_reduce_launch_shape_the_probe_times_sums_like_torch(capsys):
     """``benchmarks.probe_reduce``'s configurations (one, two or 16 outputs per program; rows per step below
@@ -261,11 +344,26 @@ def test_a_series_with_odd_terms_takes_the_general_path_and_matches_reference(ca
 
 
 @kernel_case
-def test_registered_ops_match_reference(monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["tiled", "flat"])
+def test_registered_ops_match_reference(flat, monkeypatch):
     """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
-    the same check through them."""
+    the same check through them, on the tiled and on the flat kernels."""
     monkeypatch.setattr(fk, "EAGER_DIRECT", False)
-    check_against_reference(*make_inputs(2, 5, 13, 4, 5, True, True, padded=True))
+    if flat:
+        check_against_reference(*make_inputs(2, 5, 13, 0, 0, False, False))
+    else:
+        check_against_reference(*make_inputs(2, 5, 13, 4, 5, True, True, padded=True))
+
+
+@kernel_case
+@pytest.mark.parametrize("way", BACKWARD_WAYS.values(), ids=BACKWARD_WAYS.keys())
+def test_the_polynomial_only_ffn_on_the_tiled_kernels_matches_reference(way, monkeypatch):
+    """With the flat kernels off (``FLAT_TILE["enabled"]``), the FFN they would run takes the tiled ones:
+    the same check, every way of running the backward's loop."""
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", False)
+    for key, value in way.items():
+        monkeypatch.setitem(fk.BACKWARD_TILE, key, value)
+    check_against_reference(*make_inputs(2, 5, 19, 0, 0, False, False))
 
 
 @kernel_case
@@ -336,6 +434,15 @@ def test_opcheck(way, monkeypatch):
     torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation_stateful, args)
 
 
+@kernel_case
+def test_opcheck_flat():
+    h, coeffs, coeff_mask, gates, _, _, meta = make_inputs(2, 3, 7, 0, 0, False, False)
+    tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
+    torch.library.opcheck(torch.ops.sparse_gpt2.ffn_activation, (h.requires_grad_(), coeffs.requires_grad_(),
+                                                                 coeff_mask, gates.requires_grad_(), None, None, None,
+                                                                 *tail))
+
+
 @needs_kernels
 @pytest.mark.parametrize(
     "overrides",
@@ -343,8 +450,9 @@ def test_opcheck(way, monkeypatch):
         dict(sparse_components=["polynomial", "spectral", "feedback"]),
         dict(sparse_components=["polynomial", "feedback"], gate_kind="token", poly_coefficients="per_neuron"),
         dict(gate_kind="token"),  # all five: tensor and micro beside the kernel, their token gates after it
+        dict(sparse_components=["polynomial"]),  # the conversion's default: the flat kernels
     ],
-    ids=["default", "token-per-neuron", "all-token"],
+    ids=["default", "token-per-neuron", "all-token", "polynomial-only"],
 )
 def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(overrides):
     """The whole model with the kernel in its FFNs: logits and parameter gradients equal the
