@@ -90,6 +90,9 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
     p.add_argument("--forward-tile", default=None,
                    help="time with this forward kernel tile instead of ffn_kernels.FORWARD_TILE, as "
                         "TOKENSxCOLUMNSxWARPS (parse_forward_tiles), e.g. 16x128x4")
+    p.add_argument("--flat-tile", default=None,
+                   help="time with these flat-kernel settings instead of ffn_kernels.FLAT_TILE (the polynomial-only "
+                        "FFN): 'off' (the tiled kernels) or fwd:BLOCKxWARPSxITERS[h]+bwd:BLOCKxWARPSxITERS[p] (parse_flat_tile)")
     return p
 
 
@@ -159,8 +162,61 @@ def parse_forward_tiles(spec: str, flag: str = "--forward-sweep") -> list[dict]:
     return tiles
 
 
+def flat_tile(tile: dict):
+    """``ffn_kernels.FLAT_TILE`` updated by ``tile`` inside the block, as it was after it."""
+    return _kernel_tile("FLAT_TILE", tile)
+
+
+def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
+    """Flat-kernel settings, comma-separated: ``fwd:BLOCKxWARPSxITERS[h]`` (the forward; ``h``: Horner's rule),
+    ``bwd:BLOCKxWARPSxITERS[p]`` (the backward; ``p``: prefetched loads), or ``off`` (the tiled kernels), each as
+    an ``ffn_kernels.FLAT_TILE`` update."""
+    items = []
+    for c in (c.strip() for c in spec.split(",")):
+        if not c:
+            continue
+        if c == "off":
+            items.append(dict(enabled=False))
+            continue
+        found = re.fullmatch(r"(fwd:(\d+)x(\d+)x(\d+)(h?)|bwd:(\d+)x(\d+)x(\d+)(p?))", c)
+        sizes = [int(n) for n in found.groups()[1:4] + found.groups()[5:8] if n] if found else []
+        if not found or 0 in sizes:
+            raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxITERS[h], bwd:BLOCKxWARPSxITERS[p] or off, "
+                             "such as fwd:1024x4x4h or bwd:1024x4x8p")
+        side, option = ("forward", "horner") if c.startswith("fwd") else ("backward", "prefetch")
+        block, warps, iters = sizes
+        if block & (block - 1):
+            raise SystemExit(f"{flag}: {c!r}: BLOCK must be a power of two")
+        item = {"enabled": True, f"{side}_block": block, f"{side}_warps": warps, f"{side}_iters": iters,
+                option: c[-1] in "hp"}
+        items.append(item)
+    return items
+
+
+def flat_item_name(item: dict) -> str:
+    """The ``parse_flat_tile_items`` spelling of one item."""
+    if not item.get("enabled", True):
+        return "off"
+    if "forward_block" in item:
+        side, prefix, flag = "forward", "fwd", "h" if item.get("horner") else ""
+    else:
+        side, prefix, flag = "backward", "bwd", "p" if item.get("prefetch") else ""
+    return f"{prefix}:{item[side + '_block']}x{item[side + '_warps']}x{item[side + '_iters']}{flag}"
+
+
+def parse_flat_tile(spec: str, flag: str = "--flat-tile") -> list[dict]:
+    """``--flat-tile``: ``off``, or a forward and / or a backward item of ``parse_flat_tile_items`` joined by
+    ``+`` (``fwd:1024x4x4h+bwd:1024x4x8p``), as one ``ffn_kernels.FLAT_TILE`` update (in a list of one)."""
+    update = {}
+    for part in spec.split("+"):
+        for item in parse_flat_tile_items(part, flag):
+            update.update(item)
+    return [update]
+
+
 # the kernel tiles a run may set: (flag and settings key, ffn_kernels table, parser of the flag)
-KERNEL_TILES = (("backward_tile", "BACKWARD_TILE", parse_tiles), ("forward_tile", "FORWARD_TILE", parse_forward_tiles))
+KERNEL_TILES = (("backward_tile", "BACKWARD_TILE", parse_tiles), ("forward_tile", "FORWARD_TILE", parse_forward_tiles),
+                ("flat_tile", "FLAT_TILE", parse_flat_tile))
 
 
 def csv(value, cast=str):

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import backward_tile, forward_tile, parse_forward_tiles, parse_tiles, tile_name  # noqa: E402
+from benchmarks.harness import (backward_tile, flat_item_name, flat_tile, forward_tile, parse_flat_tile_items,  # noqa: E402
+                                parse_forward_tiles, parse_tiles, tile_name)
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
@@ -165,11 +166,14 @@ def max_err(a, b):
 
 
 def check_correctness(device, tokens, d=768, m=300, k=48, r=16):
-    """Kernel vs reference on the device: output and gradients, two layouts, fp32 and bf16."""
+    """Kernel vs reference on the device: output and gradients, fp32 and bf16, three layouts: all three
+    segments with and without token gates and per-neuron coefficients (the tiled kernels), and the
+    polynomial-only FFN with one series (the flat kernels)."""
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
+    layouts = ((k, r, False, False, False), (k, r, True, True, True), (0, 0, False, False, False))
     for dtype in (torch.float32, torch.bfloat16):
-        for token_gates, per_neuron, padded in ((False, False, False), (True, True, True)):
+        for k, r, token_gates, per_neuron, padded in layouts:
             mod = SparseMLP(d, m, k, r, token_gates, per_neuron).to(device)
             meta = mod.meta
             batch, seq = 4, tokens // 4
@@ -180,15 +184,15 @@ def check_correctness(device, tokens, d=768, m=300, k=48, r=16):
             if padded:
                 mask = torch.ones(batch, seq, dtype=torch.long, device=device)
                 mask[-1, : seq // 3] = 0
-            leaves = [h.requires_grad_(), mod.coeffs, mod.gates, mod.fb_kernel]
+            leaves = [h.requires_grad_(), mod.coeffs, mod.gates] + ([mod.fb_kernel] if r else [])
             args = (mod.coeffs, mod.coeff_mask, mod.gates, mod.fb_kernel, None, mask)
             want = fk.sparse_ffn_activation_reference(h, *args, **meta)
             gy = torch.randn_like(want)
             want_g = torch.autograd.grad(want, leaves, gy)
             got = fk.sparse_ffn_activation(h, *args, **meta)
             got_g = torch.autograd.grad(got, leaves, gy)
-            row = dict(dtype=str(dtype).split(".")[-1], token_gates=token_gates, per_neuron=per_neuron, padded=padded,
-                       finite=bool(torch.isfinite(got).all()), act=max_err(got, want))
+            row = dict(dtype=str(dtype).split(".")[-1], k=k, r=r, token_gates=token_gates, per_neuron=per_neuron,
+                       padded=padded, finite=bool(torch.isfinite(got).all()), act=max_err(got, want))
             for name, a, b in zip(("grad_h", "grad_coeffs", "grad_gates", "grad_fb_kernel"), got_g, want_g):
                 row[name] = max_err(a, b)
                 row[name + "_scale"] = b.float().abs().max().item()
@@ -294,6 +298,63 @@ def forward_alone(device, dtype, d, tokens, ratio, token_gates, sweep, polynomia
     return row
 
 
+def flat_alone(device, dtype, d, tokens, ratio, sweep):
+    """The polynomial-only FFN's op by itself at width d: forward (``_forward``) and backward (``_backward``,
+    the reduction included) on the tiled kernels (``FLAT_TILE["enabled"]`` off) and on the flat kernels under
+    each item of ``sweep`` (``harness.parse_flat_tile_items``: a ``fwd:`` item times the forward, a ``bwd:``
+    item the backward), their wall time per call and each kernel's GPU time, against the ideal's ``gelu`` and
+    ``gelu_backward`` (tanh) of the same width."""
+    (m, k, r), h, par, tail = op_inputs(device, dtype, d, tokens, ratio, False, polynomial_only=True)
+    grad = torch.randn_like(h)
+    gelu_h = h.contiguous()
+
+    def fwd():
+        return fk._forward(h, *par, None, None, *tail, False, direct=True)
+
+    def bwd():
+        return fk._backward(grad, h, *par, None, None, *tail, direct=True)
+
+    def gelu():
+        return F.gelu(gelu_h, approximate="tanh")
+
+    def gelu_backward():
+        return torch.ops.aten.gelu_backward(grad, gelu_h, approximate="tanh")
+
+    gpu = torch.cuda.is_available()
+    row = dict(d=d, m=m, gelu_ms=cuda_time(gelu), gelu_backward_ms=cuda_time(gelu_backward))
+    if gpu:
+        row["gelu_kernel_ms"], row["gelu_backward_kernel_ms"] = kernel_ms(gelu), kernel_ms(gelu_backward)
+    entries = []
+    for item in [dict(enabled=False)] + list(sweep):
+        with flat_tile(item):
+            for side, fn in (("forward", fwd), ("backward", bwd)):
+                if item.get("enabled", True) and f"{side}_block" not in item:
+                    continue  # a flat item times its own side; the tiled kernels ('off') both
+                entry = dict(item=flat_item_name(item), side=side, ms=cuda_time(fn))
+                if gpu:
+                    entry["kernel_ms"] = kernel_ms(fn)
+                    entry["kernels_ms"] = sum(entry["kernel_ms"].values())
+                entries.append(entry)
+    row["sweep"] = entries
+    return row
+
+
+def fastest_flat(result: dict) -> str:
+    """The sweep's flat forward and backward items whose kernels took the least GPU time, as ``--flat-tile``
+    (``fwd:...+bwd:...``); ``off`` where the tiled kernels were faster on both sides."""
+    best = {}
+    for row in result.get("flat", []):
+        for entry in row.get("sweep", []):
+            if entry.get("kernels_ms") is not None:
+                side = entry["side"]
+                if side not in best or entry["kernels_ms"] < best[side]["kernels_ms"]:
+                    best[side] = entry
+    if not best:
+        raise SystemExit("kernel_microbench --fastest-flat-of: no flat sweep entry with a GPU time")
+    items = [best[side]["item"] for side in ("forward", "backward") if side in best and best[side]["item"] != "off"]
+    return "+".join(items) if items else "off"
+
+
 def kernel_ms(fn, calls=10) -> dict:
     """GPU time per call of each kernel ``fn`` launches (``torch.profiler``, mean of ``calls`` calls)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -320,6 +381,15 @@ SWEEP = ("1x512x2rf,1x256x1rfs12,1x256x1rfs6,2x128x1rfs12,4x64x1rfs12,2x64x1rfs2
 # The forward tiles --forward-sweep times by default: the default (32 x 64, 4 warps: 16 elements a thread), and
 # tiles of 4 to 16 elements a thread, wider rows (longer contiguous loads) and more warps.
 FORWARD_SWEEP = "32x64x4,16x64x4,16x128x4,8x128x4,8x256x4,32x128x8,16x256x8,64x64x8,8x64x2,4x256x4"
+
+
+# The flat-kernel settings --flat-sweep times by default: the default forward (1,024 elements a block, 4 warps, 4
+# blocks a program, Horner) and backward (1,024, 4 warps, 8 blocks, prefetched), each against other blocks per
+# program, elements per thread (4 to 16) and warps, Clenshaw's recurrence, loads not prefetched (`kernel_registers`
+# on sm_90: the backward at 8 elements a thread takes 128 registers, 4 resident per SM; at 4, 80 and 6).
+FLAT_SWEEP = ("fwd:1024x4x4h,fwd:1024x4x1h,fwd:1024x4x8h,fwd:2048x4x4h,fwd:2048x8x4h,fwd:512x4x4h,fwd:4096x8x2h,"
+              "fwd:1024x4x4,bwd:1024x4x8p,bwd:1024x4x4p,bwd:1024x4x16p,bwd:512x4x8p,bwd:512x4x16p,bwd:512x2x8p,"
+              "bwd:1024x8x8p,bwd:256x1x16p,bwd:1024x4x8,bwd:2048x8x8p")
 
 
 def fastest_tile(result: dict) -> str:
@@ -422,6 +492,11 @@ def main(argv=None):
                         "column tile, s: per SM); '' for none")
     p.add_argument("--forward-sweep", default=FORWARD_SWEEP,
                    help="forward tiles TOKENSxCOLUMNSxWARPS timed at the first width (empty: none)")
+    p.add_argument("--flat-sweep", default=FLAT_SWEEP,
+                   help="flat-kernel settings timed at the first width on the polynomial-only FFN's op, against the tiled "
+                        "kernels and gelu: fwd:BLOCKxWARPSxITERS[h] / bwd:BLOCKxWARPSxITERS[p] items (empty: none)")
+    p.add_argument("--fastest-flat-of", default=None, metavar="FILE",
+                   help="print the fastest flat forward and backward of FILE's flat sweep, for --flat-tile, and exit")
     p.add_argument("--fastest-of", default=None, metavar="FILE",
                    help="print the fastest tile of FILE's sweep (a results file of this script) and exit")
     p.add_argument("--host", action="store_true", help="also the op's host time per call (CPU, launch stubbed)")
@@ -431,6 +506,12 @@ def main(argv=None):
                         "TRITON_INTERPRET=1, else the reference)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
+    if args.fastest_flat_of:
+        try:
+            print(fastest_flat(json.loads(Path(args.fastest_flat_of).read_text())))
+        except (OSError, json.JSONDecodeError) as exc:
+            sys.exit(f"kernel_microbench --fastest-flat-of: cannot read {args.fastest_flat_of}: {exc}")
+        return
     if args.fastest_of:
         try:
             print(fastest_tile(json.loads(Path(args.fastest_of).read_text())))
@@ -439,6 +520,7 @@ def main(argv=None):
         return
     sweep = parse_tiles(args.sweep)
     forward_sweep = parse_forward_tiles(args.forward_sweep)
+    flat_sweep = parse_flat_tile_items(args.flat_sweep)
     t0 = time.perf_counter()
     if args.smoke:
         device, dtype = "cpu", torch.float32
@@ -446,6 +528,7 @@ def main(argv=None):
         TIMING.update(inner=1, reps=2, max_warmup=2)
         sweep = parse_tiles("8x16x4,4x16x4rfp3")
         forward_sweep = parse_forward_tiles("4x16x4,8x8x2")
+        flat_sweep = parse_flat_tile_items("fwd:64x4x2h,fwd:32x2x1,bwd:64x4x2p,bwd:32x1x3")
     else:
         if not torch.cuda.is_available() or fk.triton is None:
             sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")
@@ -456,7 +539,8 @@ def main(argv=None):
                   triton=getattr(fk.triton, "__version__", None), kernels=fk.use_kernel(torch.zeros(1, device=device)),
                   tokens=args.tokens, ratio=args.ratio, dtype=str(dtype).split(".")[-1], degree=DEGREE, window=WINDOW,
                   token_gates=args.token_gates, polynomial_only=args.polynomial_only, forward_tile=dict(fk.FORWARD_TILE),
-                  backward_tile=dict(fk.BACKWARD_TILE), rows=[], forward=[], backward=[], skipped=[])
+                  backward_tile=dict(fk.BACKWARD_TILE), flat_tile=dict(fk.FLAT_TILE), rows=[], forward=[], backward=[],
+                  flat=[], skipped=[])
     small = dict(d=64, m=40, k=4, r=4) if args.smoke else {}
     result["correctness"] = check_correctness(device, 16 if args.smoke else 2048, **small)
     if result["kernels"]:
@@ -514,6 +598,16 @@ def main(argv=None):
                 main_ms = c.get("kernel_ms", {}).get("_forward_kernel")
                 print(f"    forward tile {c['tokens']}x{c['columns']}x{c['warps']}: {c['forward_ms']:.4f} ms"
                       + (f", _forward_kernel {main_ms:.4f} ms" if main_ms is not None else ""), flush=True)
+        if mode == "eager" and flat_sweep and result["kernels"] and not over_budget("flat sweep"):
+            row = flat_alone(device, dtype, dims[0], args.tokens, args.ratio, flat_sweep)
+            result["flat"].append(row)
+            gelu_k = (f" (kernels {sum(row['gelu_kernel_ms'].values()):.4f} / "
+                      f"{sum(row['gelu_backward_kernel_ms'].values()):.4f} ms)") if "gelu_kernel_ms" in row else ""
+            print(f"polynomial-only op alone d={dims[0]} m={row['m']}: gelu {row['gelu_ms']:.4f} ms, gelu_backward "
+                  f"{row['gelu_backward_ms']:.4f} ms{gelu_k}", flush=True)
+            for c in row["sweep"]:
+                print(f"    {c['side']:8s} {c['item']:16s} {c['ms']:.4f} ms"
+                      + (f", kernels {c['kernels_ms']:.4f} ms {c['kernel_ms']}" if "kernels_ms" in c else ""), flush=True)
         if mode == "eager":  # the backward by itself, and the tile sweep at the first width
             for i, d in enumerate(dims):
                 if not result["kernels"] or over_budget(f"backward alone d={d}"):

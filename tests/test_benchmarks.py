@@ -458,6 +458,49 @@ def test_fastest_tile_is_the_one_whose_polynomial_backward_kernel_took_least_gpu
         fastest_tile({"backward": [{"sweep": [dict(tokens=4, columns=8, warps=1, backward_ms=1.0)]}]})
 
 
+def test_fastest_flat_is_the_forward_and_backward_whose_kernels_took_least_gpu_time():
+    """``--fastest-flat-of`` reads a flat sweep: the fastest forward and backward items by their kernels' GPU
+    time (wall time does not count), spelled for ``--flat-tile``; ``off`` when the tiled kernels won both."""
+    from benchmarks.kernel_microbench import fastest_flat
+
+    def entry(item, side, kernels_ms, ms=1.0):
+        return dict(item=item, side=side, ms=ms, kernels_ms=kernels_ms)
+
+    sweep = [entry("off", "forward", 0.017), entry("off", "backward", 0.036), entry("fwd:1024x4x4h", "forward", 0.011),
+             entry("fwd:2048x8x4h", "forward", 0.012, ms=0.001), entry("bwd:1024x4x8p", "backward", 0.025),
+             entry("bwd:512x4x8p", "backward", 0.021)]
+    assert fastest_flat({"flat": [{"sweep": sweep}]}) == "fwd:1024x4x4h+bwd:512x4x8p"
+    tiled_wins = [entry("off", "forward", 0.01), entry("off", "backward", 0.01), entry("fwd:1024x4x4h", "forward", 0.02)]
+    assert fastest_flat({"flat": [{"sweep": tiled_wins}]}) == "off"
+    with pytest.raises(SystemExit, match="no flat sweep entry"):
+        fastest_flat({"flat": [{"sweep": [dict(item="off", side="forward", ms=1.0)]}]})
+
+
+def test_flat_tile_flag_sets_the_flat_kernels_and_the_settings_record_it(monkeypatch):
+    import argparse
+
+    from benchmarks import harness as H
+    from modeling_sparse_gpt2 import ffn_kernels as fk
+
+    monkeypatch.setattr(fk, "FLAT_TILE", dict(fk.FLAT_TILE))
+    p = H.add_common_args(argparse.ArgumentParser(), output=None)
+    S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "fwd:2048x8x2+bwd:512x2x16p"]), budget_s=1.0)
+    assert fk.FLAT_TILE == S["flat_tile"]
+    assert (fk.FLAT_TILE["forward_block"], fk.FLAT_TILE["forward_warps"], fk.FLAT_TILE["forward_iters"]) == (2048, 8, 2)
+    assert fk.FLAT_TILE["horner"] is False and fk.FLAT_TILE["prefetch"] is True and fk.FLAT_TILE["enabled"] is True
+    assert fk.FLAT_TILE["backward_block"] == 512 and fk.FLAT_TILE["backward_iters"] == 16
+    monkeypatch.setattr(fk, "FLAT_TILE", dict(fk.FLAT_TILE, enabled=False, forward_block=64))  # a fresh process
+    H.configure_torch(S)
+    assert fk.FLAT_TILE == S["flat_tile"]
+    S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "off"]), budget_s=1.0)
+    assert fk.FLAT_TILE["enabled"] is False and S["flat_tile"]["enabled"] is False
+    for bad, says in (("fwd:1024x4x4p", "is not fwd:"), ("bwd:1000x4x8p", "power of two"), ("fwd:1024x4", "is not")):
+        with pytest.raises(SystemExit, match=f"--flat-tile: .*{says}"):
+            H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", bad]), budget_s=1.0)
+    assert [H.flat_item_name(i) for i in H.parse_flat_tile_items("fwd:1024x4x4h,bwd:256x1x16,off")] == [
+        "fwd:1024x4x4h", "bwd:256x1x16", "off"]
+
+
 def test_backward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monkeypatch):
     import argparse
 
