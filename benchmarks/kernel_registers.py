@@ -30,11 +30,11 @@ from .kernel_microbench import SWEEP
 TARGET_ARCH = 90
 REGISTERS_PER_SM, WARPS_PER_SM, MAX_REGISTERS = 65536, 64, 255
 BF16_POINTERS = {"h_ptr", "out_ptr", "gout_ptr", "gh_ptr"}  # the activations; the rest fp32, the mask int64
-# Arguments a real launch at GPT-2's shapes passes as multiples of 16, which triton specializes on (``tt.divisibility``:
-# torch's allocations are 16-byte aligned; the flat kernels' element count and the rows' strides are multiples of
-# 16 there). Without these hints the compiled code would load and store element by element where the GPU's does
-# not (16-byte vector loads need the alignment proven).
-ALIGNED_INTS = {"n", "stride_hb", "stride_ht", "stride_gb", "stride_gt", "stride_ob", "stride_ot"}
+# Arguments a real launch at GPT-2's shapes passes as multiples of 16, which triton specializes on (``tt.divisibility``):
+# torch's allocations are 16-byte aligned, and the flat kernels' element count, the rows' strides, the segment widths
+# m, k, r and the rows T are multiples of 16 at the benchmarks' shapes. Without these hints the compiled code would
+# load and store element by element where the GPU's does not (16-byte vector loads need the alignment proven).
+ALIGNED_INTS = {"n", "m", "k", "r", "T", "stride_hb", "stride_ht", "stride_gb", "stride_gt", "stride_ob", "stride_ot"}
 
 
 def signature(kernel) -> dict:
@@ -50,9 +50,35 @@ def signature(kernel) -> dict:
     return sig
 
 
-def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None = None) -> dict:
+def loop_instructions(cubin: bytes) -> list[int]:
+    """Instructions in each loop of a compiled kernel (the SASS between a label and the branch back to it,
+    ``nvdisasm`` of triton's bundle), in the order they appear: a static cost per trip, not a timing."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        listing = subprocess.run([nvdisasm, "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    labels, count, loops = {}, 0, []
+    for line in listing.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = count
+            continue
+        if re.search(r"/\*[0-9a-f]+\*/\s+\S", line):
+            count += 1
+            back = re.search(r"BRA\s+[`(]*\.?(L_x_\d+)", line)
+            if back and back.group(1) in labels:
+                loops.append(count - labels[back.group(1)])
+    return loops
+
+
+def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None = None,
+                  elements_per_trip: int | None = None) -> dict:
     """Compile ``kernel`` for sm_90 with ``constants`` (and the register cap its launch passes) and
-    return ptxas's registers and spills."""
+    return ptxas's registers and spills; with ``elements_per_trip`` (elements a thread handles per trip of
+    the kernel's loops), also each loop's SASS instructions per element."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,7 +101,11 @@ def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None =
         return int(found.group(1)) if found else 0
 
     regs = number(r"Used (\d+) registers")
-    return dict(registers=regs, spill_store_bytes=number(r"(\d+) bytes spill stores"),
+    loops = {}
+    if elements_per_trip:
+        loops = dict(loop_instructions_per_element=[round(n / elements_per_trip, 1)
+                                                    for n in loop_instructions(compiled.asm["cubin"])])
+    return dict(**loops, registers=regs, spill_store_bytes=number(r"(\d+) bytes spill stores"),
                 spill_load_bytes=number(r"(\d+) bytes spill loads"), shared_bytes=compiled.metadata.shared,
                 warps=num_warps, resident_per_sm=min(REGISTERS_PER_SM // (max(regs, 1) * 32 * num_warps),
                                                      WARPS_PER_SM // num_warps))
@@ -107,6 +137,14 @@ def main(argv=None):
                      **compile_stats(fk._forward_kernel, dict(flags, WINDOW=1, HAS_MASK=False, HAS_STATE=False,
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), fwd["warps"])))
+    flat = dict(fk.FLAT_TILE)
+    for side, kernel, option in (("forward", fk._flat_forward_kernel, "HORNER"),
+                                 ("backward", fk._flat_backward_kernel, "PREFETCH")):
+        block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
+        value = flat["horner"] and args.degree <= fk.POWER_BASIS_MAX_DEGREE if side == "forward" else flat["prefetch"]
+        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, ITERS=flat[f"{side}_iters"],
+                                           **{option: value}), warps, elements_per_trip=block // (32 * warps))
+        rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
     for tile in tiles:
         with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve
             # them), and the programs per SM its register cap follows (the default's where the tile names none)
@@ -115,19 +153,22 @@ def main(argv=None):
         constants = dict(flags, BT=tile["tokens"], BC=tile["columns"], DP=dp, IN_REGISTERS=tile["in_registers"],
                          SPECTRAL=args.spectral, PREFETCH=tile["prefetch"])
         stats = compile_stats(fk._backward_kernel, constants, tile["warps"],
-                              fk._register_cap(tile["warps"], tile["programs_per_sm"]))
+                              fk._register_cap(tile["warps"], tile["programs_per_sm"]),
+                              elements_per_trip=tile["tokens"] * tile["columns"] // (32 * tile["warps"]))
         rows.append(dict(kernel="_backward_kernel", tokens=tile["tokens"], columns=tile["columns"],
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
     print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}, "
           f"spectral {args.spectral}")
-    print(f"{'kernel':18s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}")
+    print(f"{'kernel':22s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}  "
+          "loop instructions per element")
     for r in rows:
-        tile = tile_name(r)
-        print(f"{r['kernel']:18s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
-              f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}")
+        tile = tile_name(r) if r["kernel"] != "_forward_kernel" else f"{r['tokens']}x{r['columns']}x{r['warps']}"
+        tile = f"{r['columns']}x{r['warps']}" if r["kernel"].startswith("_flat") else tile
+        print(f"{r['kernel']:22s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
+              f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}  {r.get('loop_instructions_per_element', '')}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,
                   per_neuron=args.per_neuron, token_gates=args.token_gates, spectral=args.spectral, forward_tile=fwd,
-                  backward_tile=dict(fk.BACKWARD_TILE), rows=rows)
+                  backward_tile=dict(fk.BACKWARD_TILE), flat_tile=flat, rows=rows)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))

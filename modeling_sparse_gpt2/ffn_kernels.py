@@ -49,6 +49,16 @@ once); ``_reduce_kernel`` sums ``part`` over the programs and the column tiles' 
 parameters' gradients (times the mask for the coefficients), in a fixed order. The token-gate gradient of a row is a sum over columns, which the column tiles split,
 so each column tile writes its per-row partial and one ``sum`` over the column tiles adds them.
 
+The polynomial-only FFN with one shared series and a scalar gate (the conversion's default) is one
+elementwise function over all of h's elements, so it has its own two kernels (``_flat``): the forward and
+the backward run over h as one contiguous run of elements, BLOCK at a time, ITERS blocks a program
+(``FLAT_TILE``). There is no column tile to fill (the tiled backward's 512-column tiles compute 1,536
+columns for m = 1,216, a quarter of them masked), the loads are 16-byte vectors, the gate is folded into
+the series, the forward evaluates it in powers of t by Horner's rule (the power coefficients made once
+per program from the Chebyshev ones; one multiply-add per degree where Clenshaw's recurrence takes two;
+up to ``POWER_BASIS_MAX_DEGREE``, where the basis change's rounding stays near fp32's), and each backward
+program writes one row of partial sums for the same ``_reduce_kernel``.
+
 Dispatch (``use_kernel``): the Triton ops run on CUDA when triton is installed, and on CPU tensors
 when ``TRITON_INTERPRET=1`` was set before triton was imported (Triton's interpreter; this is how
 CI tests them). Everywhere else ``sparse_ffn_activation`` is ``sparse_ffn_activation_reference``

@@ -545,9 +545,16 @@ def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(t
 
     out = tmp_path / "regs.json"
     result = kernel_registers.main(["--tiles", "4x128x4r", "--output", str(out)])
-    forward, backward = result["rows"]
+    forward, flat_forward, flat_backward, backward = result["rows"]
     assert forward["kernel"] == "_forward_kernel" and backward["in_registers"] is True
+    assert (flat_forward["kernel"], flat_backward["kernel"]) == ("_flat_forward_kernel", "_flat_backward_kernel")
     for row in result["rows"]:
         assert 0 < row["registers"] <= 255 and row["resident_per_sm"] >= 1
-    assert backward["spill_store_bytes"] == backward["spill_load_bytes"] == 0
+    for row in (backward, flat_forward, flat_backward):
+        assert row["spill_store_bytes"] == row["spill_load_bytes"] == 0
+    # the loops' static cost per element: the flat backward's even-series loop is the cheaper one, and both
+    # flat kernels' loops are cheaper than the tiled backward's (vector loads, no column masks)
+    even, general = flat_backward["loop_instructions_per_element"][:2]
+    assert even < general < backward["loop_instructions_per_element"][1]
+    assert flat_forward["loop_instructions_per_element"][0] < even
     assert json.loads(out.read_text())["rows"] == result["rows"]
