@@ -92,7 +92,8 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
                         "TOKENSxCOLUMNSxWARPS (parse_forward_tiles), e.g. 16x128x4")
     p.add_argument("--flat-tile", default=None,
                    help="time with these flat-kernel settings instead of ffn_kernels.FLAT_TILE (the polynomial-only "
-                        "FFN): 'off' (the tiled kernels) or fwd:BLOCKxWARPSxITERS[h]+bwd:BLOCKxWARPSxITERS[p] (parse_flat_tile)")
+                        "FFN): 'off' (the tiled kernels) or fwd:BLOCKxWARPSxPER_SM[h]+bwd:BLOCKxWARPSxPER_SM[p] "
+                        "(parse_flat_tile)")
     return p
 
 
@@ -168,9 +169,9 @@ def flat_tile(tile: dict):
 
 
 def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
-    """Flat-kernel settings, comma-separated: ``fwd:BLOCKxWARPSxITERS[h]`` (the forward; ``h``: Horner's rule),
-    ``bwd:BLOCKxWARPSxITERS[p]`` (the backward; ``p``: prefetched loads), or ``off`` (the tiled kernels), each as
-    an ``ffn_kernels.FLAT_TILE`` update."""
+    """Flat-kernel settings, comma-separated: ``fwd:BLOCKxWARPSxPER_SM[h]`` (the forward: elements a block, warps
+    and programs per SM; ``h``: Horner's rule), ``bwd:BLOCKxWARPSxPER_SM[p]`` (the backward; ``p``: prefetched
+    loads), or ``off`` (the tiled kernels), each as an ``ffn_kernels.FLAT_TILE`` update."""
     items = []
     for c in (c.strip() for c in spec.split(",")):
         if not c:
@@ -181,13 +182,13 @@ def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
         found = re.fullmatch(r"(fwd:(\d+)x(\d+)x(\d+)(h?)|bwd:(\d+)x(\d+)x(\d+)(p?))", c)
         sizes = [int(n) for n in found.groups()[1:4] + found.groups()[5:8] if n] if found else []
         if not found or 0 in sizes:
-            raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxITERS[h], bwd:BLOCKxWARPSxITERS[p] or off, "
-                             "such as fwd:1024x4x4h or bwd:1024x4x8p")
+            raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxPER_SM[h], bwd:BLOCKxWARPSxPER_SM[p] or off, "
+                             "such as fwd:1024x4x16h or bwd:1024x4x4p")
         side, option = ("forward", "horner") if c.startswith("fwd") else ("backward", "prefetch")
-        block, warps, iters = sizes
+        block, warps, per_sm = sizes
         if block & (block - 1):
             raise SystemExit(f"{flag}: {c!r}: BLOCK must be a power of two")
-        item = {"enabled": True, f"{side}_block": block, f"{side}_warps": warps, f"{side}_iters": iters,
+        item = {"enabled": True, f"{side}_block": block, f"{side}_warps": warps, f"{side}_per_sm": per_sm,
                 option: c[-1] in "hp"}
         items.append(item)
     return items
@@ -201,12 +202,12 @@ def flat_item_name(item: dict) -> str:
         side, prefix, flag = "forward", "fwd", "h" if item.get("horner") else ""
     else:
         side, prefix, flag = "backward", "bwd", "p" if item.get("prefetch") else ""
-    return f"{prefix}:{item[side + '_block']}x{item[side + '_warps']}x{item[side + '_iters']}{flag}"
+    return f"{prefix}:{item[side + '_block']}x{item[side + '_warps']}x{item[side + '_per_sm']}{flag}"
 
 
 def parse_flat_tile(spec: str, flag: str = "--flat-tile") -> list[dict]:
     """``--flat-tile``: ``off``, or a forward and / or a backward item of ``parse_flat_tile_items`` joined by
-    ``+`` (``fwd:1024x4x4h+bwd:1024x4x8p``), as one ``ffn_kernels.FLAT_TILE`` update (in a list of one)."""
+    ``+`` (``fwd:1024x4x16h+bwd:1024x4x4p``), as one ``ffn_kernels.FLAT_TILE`` update (in a list of one)."""
     update = {}
     for part in spec.split("+"):
         for item in parse_flat_tile_items(part, flag):

@@ -383,13 +383,14 @@ SWEEP = ("1x512x2rf,1x256x1rfs12,1x256x1rfs6,2x128x1rfs12,4x64x1rfs12,2x64x1rfs2
 FORWARD_SWEEP = "32x64x4,16x64x4,16x128x4,8x128x4,8x256x4,32x128x8,16x256x8,64x64x8,8x64x2,4x256x4"
 
 
-# The flat-kernel settings --flat-sweep times by default: the default forward (1,024 elements a block, 4 warps, 4
-# blocks a program, Horner) and backward (1,024, 4 warps, 8 blocks, prefetched), each against other blocks per
-# program, elements per thread (4 to 16) and warps, Clenshaw's recurrence, loads not prefetched (`kernel_registers`
-# on sm_90: the backward at 8 elements a thread takes 128 registers, 4 resident per SM; at 4, 80 and 6).
-FLAT_SWEEP = ("fwd:1024x4x4h,fwd:1024x4x1h,fwd:1024x4x8h,fwd:2048x4x4h,fwd:2048x8x4h,fwd:512x4x4h,fwd:4096x8x2h,"
-              "fwd:1024x4x4,bwd:1024x4x8p,bwd:1024x4x4p,bwd:1024x4x16p,bwd:512x4x8p,bwd:512x4x16p,bwd:512x2x8p,"
-              "bwd:1024x8x8p,bwd:256x1x16p,bwd:1024x4x8,bwd:2048x8x8p")
+# The flat-kernel settings --flat-sweep times by default: the default forward (1,024 elements a block, 4 warps, 16
+# programs per SM, Horner) and backward (1,024, 4 warps, 4 per SM, prefetched), each against other programs per SM,
+# elements per thread (4 to 16) and warps, Clenshaw's recurrence, loads not prefetched (`kernel_registers` on sm_90:
+# the forward takes 31-32 registers, 16 programs of 4 warps resident per SM; the backward at 8 elements a thread 128,
+# 4 resident; at 4 elements 80, 6; 256 x 1 warp 128, 16).
+FLAT_SWEEP = ("fwd:1024x4x16h,fwd:1024x4x8h,fwd:1024x4x4h,fwd:2048x4x8h,fwd:2048x8x4h,fwd:512x4x16h,fwd:4096x8x4h,"
+              "fwd:1024x4x16,bwd:1024x4x4p,bwd:1024x4x2p,bwd:512x4x6p,bwd:512x4x4p,bwd:512x2x8p,bwd:1024x8x3p,"
+              "bwd:256x1x16p,bwd:1024x4x4,bwd:2048x8x2p")
 
 
 def fastest_tile(result: dict) -> str:
@@ -494,7 +495,7 @@ def main(argv=None):
                    help="forward tiles TOKENSxCOLUMNSxWARPS timed at the first width (empty: none)")
     p.add_argument("--flat-sweep", default=FLAT_SWEEP,
                    help="flat-kernel settings timed at the first width on the polynomial-only FFN's op, against the tiled "
-                        "kernels and gelu: fwd:BLOCKxWARPSxITERS[h] / bwd:BLOCKxWARPSxITERS[p] items (empty: none)")
+                        "kernels and gelu: fwd:BLOCKxWARPSxPER_SM[h] / bwd:BLOCKxWARPSxPER_SM[p] items (empty: none)")
     p.add_argument("--fastest-flat-of", default=None, metavar="FILE",
                    help="print the fastest flat forward and backward of FILE's flat sweep, for --flat-tile, and exit")
     p.add_argument("--fastest-of", default=None, metavar="FILE",
@@ -528,7 +529,7 @@ def main(argv=None):
         TIMING.update(inner=1, reps=2, max_warmup=2)
         sweep = parse_tiles("8x16x4,4x16x4rfp3")
         forward_sweep = parse_forward_tiles("4x16x4,8x8x2")
-        flat_sweep = parse_flat_tile_items("fwd:64x4x2h,fwd:32x2x1,bwd:64x4x2p,bwd:32x1x3")
+        flat_sweep = parse_flat_tile_items("fwd:64x4x2h,fwd:32x2x1,bwd:64x4x2p,bwd:32x1x3")  # per "SM": 2 on the CPU
     else:
         if not torch.cuda.is_available() or fk.triton is None:
             sys.exit("kernel_microbench: needs a CUDA GPU and triton (or --smoke)")

@@ -142,8 +142,8 @@ def main(argv=None):
                                  ("backward", fk._flat_backward_kernel, "PREFETCH")):
         block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
         value = flat["horner"] and args.degree <= fk.POWER_BASIS_MAX_DEGREE if side == "forward" else flat["prefetch"]
-        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, ITERS=flat[f"{side}_iters"],
-                                           **{option: value}), warps, elements_per_trip=block // (32 * warps))
+        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **{option: value}), warps,
+                              elements_per_trip=block // (32 * warps))
         rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
     for tile in tiles:
         with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve

@@ -51,8 +51,8 @@ so each column tile writes its per-row partial and one ``sum`` over the column t
 
 The polynomial-only FFN with one shared series and a scalar gate (the conversion's default) is one
 elementwise function over all of h's elements, so it has its own two kernels (``_flat``): the forward and
-the backward run over h as one contiguous run of elements, BLOCK at a time, ITERS blocks a program
-(``FLAT_TILE``). There is no column tile to fill (the tiled backward's 512-column tiles compute 1,536
+the backward run over h as one contiguous run of elements, BLOCK at a time, each program over its own
+contiguous share of the blocks, one wave of programs (``FLAT_TILE``). There is no column tile to fill (the tiled backward's 512-column tiles compute 1,536
 columns for m = 1,216, a quarter of them masked), the loads are 16-byte vectors, the gate is folded into
 the series, the forward evaluates it in powers of t by Horner's rule (the power coefficients made once
 per program from the Chebyshev ones; one multiply-add per degree where Clenshaw's recurrence takes two;
@@ -104,12 +104,13 @@ FORWARD_TILE = {"tokens": 32, "columns": 64, "warps": 4}
 BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16, "token_programs": None,
                  "programs_per_sm": 6, "in_registers": True, "prefetch": True}
 # The polynomial-only FFN with one shared series (the conversion's default; ``_flat``) runs flat kernels over h's
-# elements: BLOCK elements a step, ITERS consecutive steps a program (fewer where there are fewer blocks than
-# ITERS per SM, as at decode), ``warps`` warps; the forward in powers of t by Horner's rule (``horner``, up to
-# polynomial.POWER_BASIS_MAX_DEGREE), the backward with the next block's loads prefetched. ``enabled``: False
-# runs that FFN on the tiled kernels above instead.
-FLAT_TILE = {"enabled": True, "forward_block": 1024, "forward_warps": 4, "forward_iters": 4, "horner": True,
-             "backward_block": 1024, "backward_warps": 4, "backward_iters": 8, "prefetch": True}
+# elements: BLOCK elements a step, ``warps`` warps a program, ``per_sm`` programs per SM (one wave: each program
+# walks its own contiguous share of the blocks, so no partial second wave); the forward in powers of t by Horner's
+# rule (``horner``, up to polynomial.POWER_BASIS_MAX_DEGREE), the backward with the next block's loads prefetched.
+# sm_90 (``kernel_registers``): the forward 31 registers (16 resident programs per SM), the backward 128 (4).
+# ``enabled``: False runs that FFN on the tiled kernels above instead.
+FLAT_TILE = {"enabled": True, "forward_block": 1024, "forward_warps": 4, "forward_per_sm": 16, "horner": True,
+             "backward_block": 1024, "backward_warps": 4, "backward_per_sm": 4, "prefetch": True}
 # Partial sums per slot that a ``_reduce_kernel`` program loads per step (BLOCK outputs x REDUCE_STEP // BLOCK
 # rows, 16 to 1,024 rows): one step holds every backward program's row at GPT-2's sizes (264 or 528 programs).
 REDUCE_STEP = 4096
@@ -728,7 +729,7 @@ if triton is not None:
     # The conversion's default FFN (polynomial columns only, one shared series, scalar gate) is elementwise over
     # h's elements with the same series everywhere: these kernels run over h as one flat run of elements (no
     # column tiles, so no masked columns past m at the last tile, no 2-D index arithmetic), each program over
-    # ITERS consecutive blocks of BLOCK elements. ``_flat`` says when.
+    # n_iter consecutive blocks of BLOCK elements. ``_flat`` says when.
 
     @triton.jit
     def _power_series(coef, DEGREE: tl.constexpr):
@@ -760,8 +761,8 @@ if triton is not None:
         return e
 
     @triton.jit
-    def _flat_forward_kernel(h_ptr, out_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, n, domain, DEGREE: tl.constexpr,
-                             BLOCK: tl.constexpr, ITERS: tl.constexpr, HORNER: tl.constexpr):
+    def _flat_forward_kernel(h_ptr, out_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, n, n_iter, domain,
+                             DEGREE: tl.constexpr, BLOCK: tl.constexpr, HORNER: tl.constexpr):
         """act = g * (sum_i c_i T_i(clamp(h / s)) + relu(h - s)) over n elements, the gate folded into the
         series once per program. ``HORNER``: the series in powers of t (``_power_series``, Horner's rule:
         one multiply-add per degree, where Clenshaw's recurrence takes two), else Clenshaw."""
@@ -777,9 +778,9 @@ if triton is not None:
             series = _power_series(scaled, DEGREE)
         else:
             series = scaled
-        start = pid.to(tl.int64) * (ITERS * BLOCK)
+        start = pid.to(tl.int64) * n_iter * BLOCK
         idx = tl.arange(0, BLOCK)
-        for it in range(0, ITERS):
+        for it in range(0, n_iter):
             offs = start + it * BLOCK + idx
             ok = offs < n
             x = tl.load(h_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -794,28 +795,27 @@ if triton is not None:
             tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _flat_backward_kernel(h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain,
-                              DEGREE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                              PREFETCH: tl.constexpr):
+    def _flat_backward_kernel(h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, n_iter,
+                              domain, DEGREE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
         """dL/dh over n elements, and this program's row of partial sums ``[g * sum dL/da T_i(t), i <= DEGREE |
         sum dL/da * (p(t) + relu(h - s))]`` (``_reduce_kernel`` sums the rows into the gradients of the
         coefficients and of the gate). One of two loops for the whole program, by the mask (``_odd_terms_masked``)."""
-        args = (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain)
+        args = (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, n_iter, domain)
         if DEGREE >= 4:
             if _odd_terms_masked(coeff_mask_ptr, DEGREE):
-                _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, True)
+                _flat_backward_program(args, DEGREE, BLOCK, PREFETCH, True)
             else:
-                _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, False)
+                _flat_backward_program(args, DEGREE, BLOCK, PREFETCH, False)
         else:
-            _flat_backward_program(args, DEGREE, BLOCK, ITERS, PREFETCH, False)
+            _flat_backward_program(args, DEGREE, BLOCK, PREFETCH, False)
 
     @triton.jit
-    def _flat_backward_program(args, DEGREE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-                               PREFETCH: tl.constexpr, EVEN: tl.constexpr):
+    def _flat_backward_program(args, DEGREE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                               EVEN: tl.constexpr):
         """``_flat_backward_kernel``'s loop: the coefficient terms in registers (one BLOCK tile per
         coefficient, summed once after the loop), the gate g folded into the derivative's coefficients
         (dL/dh = dL/dact * g p'), the next block's loads issued before this one's arithmetic (``PREFETCH``)."""
-        (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, domain) = args
+        (h_ptr, gout_ptr, gh_ptr, coeff_ptr, coeff_mask_ptr, gate_ptr, part_ptr, n, n_iter, domain) = args
         pid = tl.program_id(0)
         domain = tl.cast(domain, tl.float32)
         inv_domain = 1.0 / domain
@@ -831,18 +831,18 @@ if triton is not None:
         for i in tl.static_range(DEGREE + 1):
             terms = terms + (tl.zeros((BLOCK,), dtype=tl.float32),)
         tail_terms = tl.zeros((BLOCK,), dtype=tl.float32)
-        start = pid.to(tl.int64) * (ITERS * BLOCK)
+        start = pid.to(tl.int64) * n_iter * BLOCK
         idx = tl.arange(0, BLOCK)
         if PREFETCH:
             ok = start + idx < n
             x_next = tl.load(h_ptr + start + idx, mask=ok, other=0.0)
             go_next = tl.load(gout_ptr + start + idx, mask=ok, other=0.0)
-        for it in range(0, ITERS):
+        for it in range(0, n_iter):
             offs = start + it * BLOCK + idx
             ok = offs < n
             if PREFETCH:
                 x_raw, go_raw = x_next, go_next
-                ok_next = (offs + BLOCK < n) & (it + 1 < ITERS)
+                ok_next = (offs + BLOCK < n) & (it + 1 < n_iter)
                 x_next = tl.load(h_ptr + offs + BLOCK, mask=ok_next, other=0.0)
                 go_next = tl.load(gout_ptr + offs + BLOCK, mask=ok_next, other=0.0)
             else:
@@ -1175,20 +1175,24 @@ if triton is not None:
         return (FLAT_TILE["enabled"] and not (k or r or n_gates) and coeffs.numel() == degree + 1
                 and h.is_contiguous())
 
-    def _flat_iters(n, block: int, iters: int, device) -> int:
-        """Blocks per program: ``iters``, or fewer where n has fewer than ``iters`` blocks per SM (decode, small
-        prefills: more programs at once rather than a few long ones); as given for symbolic sizes."""
-        if type(n) is not int:
-            return iters
-        sms = _sm_count(device) if device.type == "cuda" else 2
-        return max(1, min(iters, _cdiv(n, block) // sms))
+    def _flat_grid(n, block: int, per_sm: int, device) -> tuple:
+        """(programs, blocks per program) of a flat kernel over n elements: ``per_sm`` programs per SM, one
+        wave, each over a contiguous share of the blocks (the last share may be shorter), or one program per
+        block where there are fewer (decode, small prefills); for symbolic sizes ``per_sm`` per SM (no guard
+        on n: a program past the blocks does nothing, or writes zero partial sums)."""
+        blocks = _cdiv(n, block)
+        programs = per_sm * (_sm_count(device) if device.type == "cuda" else 2)
+        if type(blocks) is not int:
+            return programs, _cdiv(blocks, programs)
+        steps = _cdiv(blocks, max(1, min(programs, blocks)))
+        return _cdiv(blocks, steps), steps
 
     def _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct):
         n = h.numel()
         block = FLAT_TILE["forward_block"]
-        iters = _flat_iters(n, block, FLAT_TILE["forward_iters"], h.device)
-        _launcher(_flat_forward_kernel, (_cdiv(n, block * iters),), direct, FLAT_TILE["forward_warps"])(
-            h, out, coeffs, coeff_mask, gates, n, domain, DEGREE=degree, BLOCK=block, ITERS=iters,
+        programs, steps = _flat_grid(n, block, FLAT_TILE["forward_per_sm"], h.device)
+        _launcher(_flat_forward_kernel, (programs,), direct, FLAT_TILE["forward_warps"])(
+            h, out, coeffs, coeff_mask, gates, n, steps, domain, DEGREE=degree, BLOCK=block,
             HORNER=FLAT_TILE["horner"] and degree <= POWER_BASIS_MAX_DEGREE,
         )
         return out
@@ -1198,12 +1202,11 @@ if triton is not None:
         (``[coefficients | gate]``, the layout ``_part_layout`` gives one column tile), summed by ``_reduce_kernel``."""
         n = h.numel()
         block = FLAT_TILE["backward_block"]
-        iters = _flat_iters(n, block, FLAT_TILE["backward_iters"], h.device)
-        programs = _cdiv(n, block * iters)
+        programs, steps = _flat_grid(n, block, FLAT_TILE["backward_per_sm"], h.device)
         part = torch.empty(programs, degree + 2, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         _launcher(_flat_backward_kernel, (programs,), direct, FLAT_TILE["backward_warps"])(
-            h, grad, grad_h, coeffs, coeff_mask, gates, part, n, domain, DEGREE=degree, BLOCK=block, ITERS=iters,
+            h, grad, grad_h, coeffs, coeff_mask, gates, part, n, steps, domain, DEGREE=degree, BLOCK=block,
             PREFETCH=FLAT_TILE["prefetch"],
         )
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)

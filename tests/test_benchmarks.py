@@ -486,9 +486,9 @@ def test_flat_tile_flag_sets_the_flat_kernels_and_the_settings_record_it(monkeyp
     p = H.add_common_args(argparse.ArgumentParser(), output=None)
     S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "fwd:2048x8x2+bwd:512x2x16p"]), budget_s=1.0)
     assert fk.FLAT_TILE == S["flat_tile"]
-    assert (fk.FLAT_TILE["forward_block"], fk.FLAT_TILE["forward_warps"], fk.FLAT_TILE["forward_iters"]) == (2048, 8, 2)
+    assert (fk.FLAT_TILE["forward_block"], fk.FLAT_TILE["forward_warps"], fk.FLAT_TILE["forward_per_sm"]) == (2048, 8, 2)
     assert fk.FLAT_TILE["horner"] is False and fk.FLAT_TILE["prefetch"] is True and fk.FLAT_TILE["enabled"] is True
-    assert fk.FLAT_TILE["backward_block"] == 512 and fk.FLAT_TILE["backward_iters"] == 16
+    assert fk.FLAT_TILE["backward_block"] == 512 and fk.FLAT_TILE["backward_per_sm"] == 16
     monkeypatch.setattr(fk, "FLAT_TILE", dict(fk.FLAT_TILE, enabled=False, forward_block=64))  # a fresh process
     H.configure_torch(S)
     assert fk.FLAT_TILE == S["flat_tile"]

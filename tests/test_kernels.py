@@ -37,12 +37,12 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.BACKWARD_TILE, "columns", 8)
     monkeypatch.setitem(fk.BACKWARD_TILE, "feedback_columns", 4)
     monkeypatch.setitem(fk.BACKWARD_TILE, "token_programs", 3)  # 4 token tiles: two programs end on a masked step
-    # the flat kernels (polynomial-only FFN, shared series): 16 elements a block, 2 / 3 blocks a program, so a
-    # case spans several programs and the last one ends on masked elements and blocks
+    # the flat kernels (polynomial-only FFN, shared series): 16 elements a block, 2 / 3 programs per "SM" (2 on
+    # the CPU), so a case spans several programs of several blocks and the last one ends on masked elements
     monkeypatch.setitem(fk.FLAT_TILE, "forward_block", 16)
     monkeypatch.setitem(fk.FLAT_TILE, "backward_block", 16)
-    monkeypatch.setitem(fk.FLAT_TILE, "forward_iters", 2)
-    monkeypatch.setitem(fk.FLAT_TILE, "backward_iters", 3)
+    monkeypatch.setitem(fk.FLAT_TILE, "forward_per_sm", 2)
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_per_sm", 3)
 
 
 def kernel_case(test):
@@ -197,11 +197,12 @@ def test_the_parameter_gradients_sum_every_backward_program_over_several_reduce_
 
 @kernel_case
 def test_the_flat_gradients_sum_every_backward_program_over_several_reduce_steps(monkeypatch):
-    """The flat backward's 22 programs (1,040 elements, 48 a program), 16 rows per reduce step: the
-    coefficient and gate gradients add every program's row."""
+    """The flat backward's 22 programs (1,040 elements, 3 blocks of 16 a program), 16 rows per reduce step:
+    the coefficient and gate gradients add every program's row."""
     monkeypatch.setattr(fk, "REDUCE_STEP", 16)
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_per_sm", 11)
     h, *rest = make_inputs(1, 80, 13, 0, 0, False, False)
-    assert fk._cdiv(h.numel(), 16 * fk._flat_iters(h.numel(), 16, 3, h.device)) == 22
+    assert fk._flat_grid(h.numel(), 16, 11, h.device) == (22, 3)
     check_against_reference(h, *rest)
 
 
@@ -260,16 +261,19 @@ def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the flat kernels' plan exists only with triton")
-def test_the_flat_kernels_run_fewer_blocks_a_program_where_a_call_has_few_blocks_per_sm(monkeypatch):
-    """``_flat_iters``: a program runs the set blocks where there are that many per SM (8,192 x 1,216 elements
-    on 132 SMs: 73 blocks of 1,024 per SM), fewer for decode and small prefills (one block a program for one
-    token: its blocks spread over SMs), and the set number for symbolic sizes."""
+def test_the_flat_kernels_launch_one_wave_of_programs_over_contiguous_shares_of_the_blocks(monkeypatch):
+    """``_flat_grid``: ``per_sm`` programs per SM at most (8,192 x 1,216 elements in blocks of 1,024 on 132 SMs:
+    4 per SM -> 512 programs of 19 blocks, every block covered, no program without one), one program per block
+    where there are fewer blocks (decode: one token, 2 blocks)."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setitem(fk._SM_COUNTS, cuda, 132)  # no GPU needed: the count the device query would have cached
-    assert fk._flat_iters(8192 * 1216, 1024, 8, cuda) == 8
-    assert fk._flat_iters(1216, 1024, 8, cuda) == 1
-    assert fk._flat_iters(64 * 1216, 1024, 8, cuda) == 1 and fk._flat_iters(512 * 1216, 1024, 8, cuda) == 4
-    assert fk._flat_iters(100, 16, 3, torch.device("cpu")) == 3  # 7 blocks, 2 "SMs" on the CPU
+    for n, per_sm, want in ((8192 * 1216, 4, (512, 19)), (8192 * 1216, 16, (1946, 5)), (1216, 4, (2, 1)),
+                            (64 * 1216, 16, (76, 1)), (100, 3, (4, 2))):
+        device = cuda if n > 100 else torch.device("cpu")  # 2 "SMs" on the CPU
+        programs, steps = fk._flat_grid(n, 16 if n == 100 else 1024, per_sm, device)
+        assert (programs, steps) == want
+        blocks = fk._cdiv(n, 16 if n == 100 else 1024)
+        assert (programs - 1) * steps < blocks <= programs * steps  # every block, no idle program
 
 
 @needs_kernels
