@@ -143,7 +143,7 @@ def main(argv=None):
         block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
         value = flat["horner"] and args.degree <= fk.POWER_BASIS_MAX_DEGREE if side == "forward" else flat["prefetch"]
         stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **{option: value}), warps,
-                              elements_per_trip=block // (32 * warps))
+                              fk._register_cap(warps, flat[f"{side}_per_sm"]), elements_per_trip=block // (32 * warps))
         rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
     for tile in tiles:
         with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve

@@ -50,7 +50,8 @@ parameters' gradients (times the mask for the coefficients), in a fixed order. T
 so each column tile writes its per-row partial and one ``sum`` over the column tiles adds them.
 
 The polynomial-only FFN with one shared series and a scalar gate (the conversion's default) is one
-elementwise function over all of h's elements, so it has its own two kernels (``_flat``): the forward and
+elementwise function over all of h's elements, so it has its own two kernels (``_flat``; opt-in,
+``FLAT_TILE["enabled"]``, until they are timed on a GPU): the forward and
 the backward run over h as one contiguous run of elements, BLOCK at a time, each program over its own
 contiguous share of the blocks, one wave of programs (``FLAT_TILE``). There is no column tile to fill (the tiled backward's 512-column tiles compute 1,536
 columns for m = 1,216, a quarter of them masked), the loads are 16-byte vectors, the gate is folded into
@@ -107,9 +108,12 @@ BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16
 # elements: BLOCK elements a step, ``warps`` warps a program, ``per_sm`` programs per SM (one wave: each program
 # walks its own contiguous share of the blocks, so no partial second wave); the forward in powers of t by Horner's
 # rule (``horner``, up to polynomial.POWER_BASIS_MAX_DEGREE), the backward with the next block's loads prefetched.
-# sm_90 (``kernel_registers``): the forward 31 registers (16 resident programs per SM), the backward 128 (4).
-# ``enabled``: False runs that FFN on the tiled kernels above instead.
-FLAT_TILE = {"enabled": True, "forward_block": 1024, "forward_warps": 4, "forward_per_sm": 16, "horner": True,
+# Both launch with registers capped so that per_sm programs fit an SM (``_register_cap``; sm_90, ``kernel_registers``:
+# the forward takes 28 of its 32, the backward 128, where uncapped it took 168 and 3 programs fit, not 4).
+# ``enabled``: off until the flat kernels are timed on a GPU beside the tiled ones (docs/benchmarks.md §3.17: tested
+# equal to the reference, and cheaper per element in their compiled code, but not yet measured), so that FFN runs on
+# the tiled kernels above unless a caller turns them on (``--flat-tile`` in the benchmarks).
+FLAT_TILE = {"enabled": False, "forward_block": 1024, "forward_warps": 4, "forward_per_sm": 16, "horner": True,
              "backward_block": 1024, "backward_warps": 4, "backward_per_sm": 4, "prefetch": True}
 # Partial sums per slot that a ``_reduce_kernel`` program loads per step (BLOCK outputs x REDUCE_STEP // BLOCK
 # rows, 16 to 1,024 rows): one step holds every backward program's row at GPT-2's sizes (264 or 528 programs).
@@ -1190,8 +1194,9 @@ if triton is not None:
     def _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct):
         n = h.numel()
         block = FLAT_TILE["forward_block"]
-        programs, steps = _flat_grid(n, block, FLAT_TILE["forward_per_sm"], h.device)
-        _launcher(_flat_forward_kernel, (programs,), direct, FLAT_TILE["forward_warps"])(
+        per_sm, warps = FLAT_TILE["forward_per_sm"], FLAT_TILE["forward_warps"]
+        programs, steps = _flat_grid(n, block, per_sm, h.device)
+        _launcher(_flat_forward_kernel, (programs,), direct, warps, _register_cap(warps, per_sm))(
             h, out, coeffs, coeff_mask, gates, n, steps, domain, DEGREE=degree, BLOCK=block,
             HORNER=FLAT_TILE["horner"] and degree <= POWER_BASIS_MAX_DEGREE,
         )
@@ -1202,10 +1207,11 @@ if triton is not None:
         (``[coefficients | gate]``, the layout ``_part_layout`` gives one column tile), summed by ``_reduce_kernel``."""
         n = h.numel()
         block = FLAT_TILE["backward_block"]
-        programs, steps = _flat_grid(n, block, FLAT_TILE["backward_per_sm"], h.device)
+        per_sm, warps = FLAT_TILE["backward_per_sm"], FLAT_TILE["backward_warps"]
+        programs, steps = _flat_grid(n, block, per_sm, h.device)
         part = torch.empty(programs, degree + 2, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
-        _launcher(_flat_backward_kernel, (programs,), direct, FLAT_TILE["backward_warps"])(
+        _launcher(_flat_backward_kernel, (programs,), direct, warps, _register_cap(warps, per_sm))(
             h, grad, grad_h, coeffs, coeff_mask, gates, part, n, steps, domain, DEGREE=degree, BLOCK=block,
             PREFETCH=FLAT_TILE["prefetch"],
         )

@@ -45,6 +45,12 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.FLAT_TILE, "backward_per_sm", 3)
 
 
+@pytest.fixture
+def flat_on(monkeypatch):
+    """The flat kernels switched on (``FLAT_TILE["enabled"]``: off by default until they are timed on a GPU)."""
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", True)
+
+
 def kernel_case(test):
     """A kernel case: runs where the kernels do, on the small tiles."""
     return needs_kernels(pytest.mark.usefixtures("small_tiles")(test))
@@ -196,6 +202,7 @@ def test_the_parameter_gradients_sum_every_backward_program_over_several_reduce_
 
 
 @kernel_case
+@pytest.mark.usefixtures("flat_on")
 def test_the_flat_gradients_sum_every_backward_program_over_several_reduce_steps(monkeypatch):
     """The flat backward's 22 programs (1,040 elements, 3 blocks of 16 a program), 16 rows per reduce step:
     the coefficient and gate gradients add every program's row."""
@@ -212,6 +219,7 @@ FLAT_WAYS = {"horner-prefetched": dict(horner=True, prefetch=True), "clenshaw": 
 
 
 @kernel_case
+@pytest.mark.usefixtures("flat_on")
 @pytest.mark.parametrize("way", FLAT_WAYS.values(), ids=FLAT_WAYS.keys())
 @pytest.mark.parametrize("series", SERIES)
 @pytest.mark.parametrize("degree", [2, 6])
@@ -227,6 +235,7 @@ def test_the_flat_kernels_match_reference_for_every_series(degree, series, way, 
 
 
 @kernel_case
+@pytest.mark.usefixtures("flat_on")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_the_flat_kernels_in_half_precision_with_large_inputs_stay_finite(dtype):
     h, *rest = make_inputs(2, 5, 21, 0, 0, False, False, dtype=dtype)
@@ -236,14 +245,20 @@ def test_the_flat_kernels_in_half_precision_with_large_inputs_stay_finite(dtype)
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the launches exist only with triton")
-@pytest.mark.parametrize("layout", ["shared", "per-neuron", "spectral", "token-gates", "strided-h"])
+@pytest.mark.parametrize("layout", ["shared", "per-neuron", "spectral", "token-gates", "strided-h", "switched-off"])
 def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_the_flat_kernels(layout, monkeypatch):
     """``_flat``: polynomial columns only, one shared series and a contiguous h take the flat kernels (forward,
-    backward, the reduction); per-neuron series, other segments or token gates the tiled ones, and so does the
-    forward of a strided h."""
-    launched = []
-    monkeypatch.setattr(fk, "_launcher", lambda kernel, *a, **k: launched.append(kernel.fn.__name__ if hasattr(
-        kernel, "fn") else kernel.__name__) or (lambda *args, **meta: None))
+    backward, the reduction) when they are on; per-neuron series, other segments or token gates the tiled ones,
+    and so does the forward of a strided h; switched off (the default for now), the tiled ones too."""
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", layout != "switched-off")
+    launched, caps = [], {}
+
+    def record(kernel, grid, direct, warps=4, maxnreg=None):
+        launched.append(kernel.fn.__name__)
+        caps[kernel.fn.__name__] = maxnreg
+        return lambda *args, **meta: None
+
+    monkeypatch.setattr(fk, "_launcher", record)
     spectral = 3 if layout == "spectral" else 0
     h, coeffs, coeff_mask, gates, _, _, meta = make_inputs(2, 8, 12, spectral, 0, layout == "token-gates",
                                                            layout == "per-neuron")
@@ -252,8 +267,11 @@ def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_
     fk._forward(h, coeffs, coeff_mask, gates, None, None, None, *meta.values(), False, direct=True)
     fk._backward(torch.ones_like(h[..., : 12 + spectral]), h, coeffs, coeff_mask, gates, None, None, None,
                  *meta.values())
-    if layout == "shared":
+    if layout == "shared":  # registers capped so that per_sm programs fit an SM: one wave
         assert launched == ["_flat_forward_kernel", "_flat_backward_kernel", "_reduce_kernel"]
+        for side in ("forward", "backward"):
+            want = fk._register_cap(fk.FLAT_TILE[f"{side}_warps"], fk.FLAT_TILE[f"{side}_per_sm"])
+            assert caps[f"_flat_{side}_kernel"] == want
     elif layout == "strided-h":  # the backward makes h contiguous first (the forward reads the strides as they are)
         assert launched == ["_forward_kernel", "_flat_backward_kernel", "_reduce_kernel"]
     else:
@@ -287,7 +305,8 @@ def test_every_reduce_launch_shape_the_probe_times_sums_like_torch(capsys):
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the direct eager path exists only with triton")
-def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["tiled", "flat"])
+def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(flat, monkeypatch):
     """A training call of the op dispatches no torch op but allocations, forward and backward: the
     mask, the fp32 reads and the parameters' gradients (partial sums reduced, cast back, times the mask)
     are the kernels' work, so eager pays no launches for them and compiled graphs no small kernels.
@@ -305,6 +324,7 @@ def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(monkeyp
 
     monkeypatch.setattr(fk, "_launcher", lambda *launch, **options: lambda *args, **meta: None)
     monkeypatch.setattr(fk, "_plain_eager", lambda h: True)  # the direct path, as a plain eager call takes it
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", flat)
     monkeypatch.setattr(fk, "use_kernel", lambda h: True)
     h, coeffs, coeff_mask, gates, fb_kernel, _, meta = make_inputs(2, 8, 12, 0, 0, False, False)
     leaves = [h.requires_grad_(), coeffs.to(torch.bfloat16).requires_grad_(), gates.requires_grad_()]
@@ -353,6 +373,7 @@ def test_registered_ops_match_reference(flat, monkeypatch):
     """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
     the same check through them, on the tiled and on the flat kernels."""
     monkeypatch.setattr(fk, "EAGER_DIRECT", False)
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", flat)
     if flat:
         check_against_reference(*make_inputs(2, 5, 13, 0, 0, False, False))
     else:
@@ -439,6 +460,7 @@ def test_opcheck(way, monkeypatch):
 
 
 @kernel_case
+@pytest.mark.usefixtures("flat_on")
 def test_opcheck_flat():
     h, coeffs, coeff_mask, gates, _, _, meta = make_inputs(2, 3, 7, 0, 0, False, False)
     tail = (meta["m"], meta["k"], meta["r"], meta["n_gates"], meta["domain"], meta["degree"])
@@ -458,10 +480,13 @@ def test_opcheck_flat():
     ],
     ids=["default", "token-per-neuron", "all-token", "polynomial-only"],
 )
-def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(overrides):
+def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(overrides, monkeypatch):
     """The whole model with the kernel in its FFNs: logits and parameter gradients equal the
-    per-component reference path, and cached decoding (state in the kernel) equals no cache."""
+    per-component reference path, and cached decoding (state in the kernel) equals no cache (the
+    polynomial-only model on the flat kernels)."""
     from conftest import tiny_model
+
+    monkeypatch.setitem(fk.FLAT_TILE, "enabled", True)
 
     model = tiny_model(**overrides).to(DEVICE)
     with torch.no_grad():
