@@ -550,8 +550,10 @@ def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(t
     assert (flat_forward["kernel"], flat_backward["kernel"]) == ("_flat_forward_kernel", "_flat_backward_kernel")
     for row in result["rows"]:
         assert 0 < row["registers"] <= 255 and row["resident_per_sm"] >= 1
-    for row in (backward, flat_forward, flat_backward):
+    for row in (backward, flat_forward):
         assert row["spill_store_bytes"] == row["spill_load_bytes"] == 0
+    # the flat backward, capped at 128 registers so that 4 programs fit an SM, spills one register's word
+    assert flat_backward["registers"] <= 128 and flat_backward["spill_store_bytes"] <= 8
     # the loops' static cost per element: the flat backward's even-series loop is the cheaper one, and both
     # flat kernels' loops are cheaper than the tiled backward's (vector loads, no column masks)
     even, general = flat_backward["loop_instructions_per_element"][:2]
