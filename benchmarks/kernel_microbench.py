@@ -507,18 +507,14 @@ def main(argv=None):
                         "TRITON_INTERPRET=1, else the reference)")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
-    if args.fastest_flat_of:
-        try:
-            print(fastest_flat(json.loads(Path(args.fastest_flat_of).read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            sys.exit(f"kernel_microbench --fastest-flat-of: cannot read {args.fastest_flat_of}: {exc}")
-        return
-    if args.fastest_of:
-        try:
-            print(fastest_tile(json.loads(Path(args.fastest_of).read_text())))
-        except (OSError, json.JSONDecodeError) as exc:
-            sys.exit(f"kernel_microbench --fastest-of: cannot read {args.fastest_of}: {exc}")
-        return
+    for flag, path, pick in (("--fastest-flat-of", args.fastest_flat_of, fastest_flat),
+                             ("--fastest-of", args.fastest_of, fastest_tile)):
+        if path:  # print the pick from an earlier results file, and exit
+            try:
+                print(pick(json.loads(Path(path).read_text())))
+            except (OSError, json.JSONDecodeError) as exc:
+                sys.exit(f"kernel_microbench {flag}: cannot read {path}: {exc}")
+            return
     sweep = parse_tiles(args.sweep)
     forward_sweep = parse_forward_tiles(args.forward_sweep)
     flat_sweep = parse_flat_tile_items(args.flat_sweep)
