@@ -424,9 +424,9 @@ def host_cost(n=1000):
     around it: the wrapper's checks and argument preparation, the dispatch (the direct eager path,
     or the registered ops: ``*_via_ops``), ``wrap_triton``, the output and partial-sum allocations
     and the reductions of the backward. Triton's own launcher cost comes on top of these. Tiny tensors (1 or 16 tokens, 51 columns), one thread, so the torch
-    work itself is small. Rows: the op alone, and the FFN's ``_middle_op`` (coefficient masking,
-    state lookup) of a default-component layer, d = 64.
-    """
+    work itself is small. Rows: the op alone, the FFN's ``_middle_op`` (coefficient masking,
+    state lookup) of a default-component layer, d = 64, and the polynomial-only op (``poly_*``) on the tiled
+    kernels and on the flat ones (§3.17 of the benchmarks page)."""
     from types import SimpleNamespace
 
     from modeling_sparse_gpt2.component_base import FFNContext
@@ -435,6 +435,7 @@ def host_cost(n=1000):
 
     from benchmarks.harness import LaunchStub, one_thread
 
+    flat_default = fk.FLAT_TILE["enabled"]
     with one_thread(), LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
         try:
             mod = SparseMLP(64, 40, 4, 4, token_gates=True)
@@ -466,6 +467,17 @@ def host_cost(n=1000):
             def ffn_fwd_bwd():
                 ffn._middle_op(hf16, FFNContext()).sum().backward()
 
+            poly = SparseMLP(64, 40, 0, 0)  # the polynomial-only FFN: the flat kernels where they are on
+            poly_par = (poly.coeffs, poly.coeff_mask, poly.gates, None)
+            hp16 = torch.randn(1, 16, 40, requires_grad=True)
+
+            def poly_prefill():
+                with torch.no_grad():
+                    fk.sparse_ffn_activation(hp16, *poly_par, None, None, **poly.meta)
+
+            def poly_fwd_bwd():
+                fk.sparse_ffn_activation(hp16, *poly_par, None, None, **poly.meta).sum().backward()
+
             calls = dict(op_decode=op_decode, op_prefill=op_prefill, op_fwd_bwd=op_fwd_bwd, ffn_middle_decode=ffn_decode,
                          ffn_middle_fwd_bwd=ffn_fwd_bwd)
             out = {}
@@ -473,9 +485,16 @@ def host_cost(n=1000):
                 fk.EAGER_DIRECT = direct
                 for name, fn in calls.items():
                     out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, n // 3 if "bwd" in name else n)
+            fk.EAGER_DIRECT = True
+            for flat in (False, True):  # the polynomial-only op on the tiled kernels, then on the flat ones (direct)
+                fk.FLAT_TILE["enabled"] = flat
+                suffix = "flat" if flat else "tiled"
+                out[f"poly_prefill_{suffix}_us"] = host_us(poly_prefill, n)
+                out[f"poly_fwd_bwd_{suffix}_us"] = host_us(poly_fwd_bwd, n // 3)
             return out
         finally:
             fk.EAGER_DIRECT = True
+            fk.FLAT_TILE["enabled"] = flat_default
 
 
 def main(argv=None):
