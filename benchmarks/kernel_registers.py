@@ -50,12 +50,17 @@ def signature(kernel) -> dict:
     return sig
 
 
+def triton_tool(name: str) -> str:
+    """The path of one of the CUDA tools triton bundles (ptxas, nvdisasm)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
 def loop_instructions(cubin: bytes) -> list[int]:
     """Instructions in each loop of a compiled kernel (the SASS between a label and the branch back to it,
     ``nvdisasm`` of triton's bundle), in the order they appear: a static cost per trip, not a timing."""
-    import triton
-
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    nvdisasm = triton_tool("nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
@@ -89,7 +94,7 @@ def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None =
     compiled = triton.compile(ASTSource(kernel, sig, constants, aligned),
                               target=GPUTarget("cuda", TARGET_ARCH, 32),
                               options=dict(num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg))))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = triton_tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -141,7 +146,7 @@ def main(argv=None):
     for side, kernel, option in (("forward", fk._flat_forward_kernel, "HORNER"),
                                  ("backward", fk._flat_backward_kernel, "PREFETCH")):
         block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
-        value = flat["horner"] and args.degree <= fk.POWER_BASIS_MAX_DEGREE if side == "forward" else flat["prefetch"]
+        value = fk._flat_horner(args.degree) if side == "forward" else flat["prefetch"]
         stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **{option: value}), warps,
                               fk._register_cap(warps, flat[f"{side}_per_sm"]), elements_per_trip=block // (32 * warps))
         rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
@@ -162,8 +167,12 @@ def main(argv=None):
     print(f"{'kernel':22s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}  "
           "loop instructions per element")
     for r in rows:
-        tile = tile_name(r) if r["kernel"] != "_forward_kernel" else f"{r['tokens']}x{r['columns']}x{r['warps']}"
-        tile = f"{r['columns']}x{r['warps']}" if r["kernel"].startswith("_flat") else tile
+        if r["kernel"] == "_backward_kernel":
+            tile = tile_name(r)
+        elif r["kernel"] == "_forward_kernel":
+            tile = f"{r['tokens']}x{r['columns']}x{r['warps']}"
+        else:  # a flat kernel: elements a block x warps
+            tile = f"{r['columns']}x{r['warps']}"
         print(f"{r['kernel']:22s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
               f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}  {r.get('loop_instructions_per_element', '')}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,

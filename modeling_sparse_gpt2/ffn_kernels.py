@@ -503,6 +503,19 @@ if triton is not None:
         return terms, acc_coeff
 
     @triton.jit
+    def _series_derivative(coef, scale, DEGREE: tl.constexpr, EVEN: tl.constexpr):
+        """``(dcoef, slope1)`` of ``_series_backward``'s derivative, times ``scale`` (1 / s, dt/dh, and whatever
+        the caller folds in): the Chebyshev derivative coefficients of the series, or with ``EVEN``
+        dp/dh = c_1 scale + t * sum_j e_j T_j(u), e: q's derivative coefficients times 4 scale (du/dt = 4t)."""
+        if EVEN:
+            dcoef = _derivative_coefficients(_even_series(coef, DEGREE), 4.0 * scale, DEGREE // 2)
+            slope1 = coef[1] * scale
+        else:
+            dcoef = _derivative_coefficients(coef, scale, DEGREE)
+            slope1 = 0.0
+        return dcoef, slope1
+
+    @triton.jit
     def _series_backward(x, gp, coef, dcoef, slope1, inv_domain, domain, dtail, terms, acc_coeff, di,
                          DEGREE: tl.constexpr, EVEN: tl.constexpr, VALUE: tl.constexpr, IN_REGISTERS: tl.constexpr):
         """The polynomial's backward per element: one pass over T_i(t), t = clamp(x / s, -1, 1), adds the
@@ -630,12 +643,7 @@ if triton is not None:
         # the coefficient terms' weight per column (zero off the polynomial columns): with token gates
         # g * tau * dL/da; without, dL/da alone, g applied once per program after the loop
         poly_weight = tl.where(is_poly, gate if TOKEN_GATES else 1.0, 0.0)[None, :]
-        if EVEN:  # dp/dh = c_1 / s + t * sum_j e_j T_j(u), e: q's derivative coefficients times 4 / s (du/dt = 4t)
-            dcoef = _derivative_coefficients(_even_series(coef, DEGREE), 4.0 * inv_domain, DEGREE // 2)
-            slope1 = coef[1] * inv_domain
-        else:
-            dcoef = _derivative_coefficients(coef, inv_domain, DEGREE)
-            slope1 = 0.0
+        dcoef, slope1 = _series_derivative(coef, inv_domain, DEGREE, EVEN)
         # sums over tokens, one row per coefficient i (columns on the tile's column axis, so the
         # per-tile token sums add in without a layout change): dL/da * T_i(t), times g * tau with token gates
         acc_coeff = tl.zeros((DP, BC), dtype=tl.float32)
@@ -825,12 +833,7 @@ if triton is not None:
         inv_domain = 1.0 / domain
         g = tl.load(gate_ptr).to(tl.float32)
         coef = _chebyshev_coefficients(coeff_ptr, coeff_mask_ptr, 0, True, DEGREE, False)
-        if EVEN:  # as in _backward_program
-            dcoef = _derivative_coefficients(_even_series(coef, DEGREE), 4.0 * inv_domain * g, DEGREE // 2)
-            slope1 = coef[1] * inv_domain * g
-        else:
-            dcoef = _derivative_coefficients(coef, inv_domain * g, DEGREE)
-            slope1 = 0.0
+        dcoef, slope1 = _series_derivative(coef, inv_domain * g, DEGREE, EVEN)  # g folded into p'
         terms = ()
         for i in tl.static_range(DEGREE + 1):
             terms = terms + (tl.zeros((BLOCK,), dtype=tl.float32),)
@@ -1191,30 +1194,34 @@ if triton is not None:
         steps = _cdiv(blocks, max(1, min(programs, blocks)))
         return _cdiv(blocks, steps), steps
 
+    def _flat_launch(kernel, side: str, n, device, direct: bool) -> tuple:
+        """``(launch, programs, blocks per program, BLOCK)`` of a flat kernel over n elements with ``FLAT_TILE``'s
+        settings for ``side`` (forward / backward): ``_flat_grid``'s one wave, registers capped so it fits."""
+        block, per_sm, warps = (FLAT_TILE[f"{side}_{key}"] for key in ("block", "per_sm", "warps"))
+        programs, steps = _flat_grid(n, block, per_sm, device)
+        return _launcher(kernel, (programs,), direct, warps, _register_cap(warps, per_sm)), programs, steps, block
+
+    def _flat_horner(degree: int) -> bool:
+        """Whether the flat forward evaluates the series by Horner's rule in powers of t (``FLAT_TILE["horner"]``,
+        up to ``POWER_BASIS_MAX_DEGREE``) rather than by Clenshaw's recurrence."""
+        return FLAT_TILE["horner"] and degree <= POWER_BASIS_MAX_DEGREE
+
     def _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct):
         n = h.numel()
-        block = FLAT_TILE["forward_block"]
-        per_sm, warps = FLAT_TILE["forward_per_sm"], FLAT_TILE["forward_warps"]
-        programs, steps = _flat_grid(n, block, per_sm, h.device)
-        _launcher(_flat_forward_kernel, (programs,), direct, warps, _register_cap(warps, per_sm))(
-            h, out, coeffs, coeff_mask, gates, n, steps, domain, DEGREE=degree, BLOCK=block,
-            HORNER=FLAT_TILE["horner"] and degree <= POWER_BASIS_MAX_DEGREE,
-        )
+        launch, _, steps, block = _flat_launch(_flat_forward_kernel, "forward", n, h.device, direct)
+        launch(h, out, coeffs, coeff_mask, gates, n, steps, domain, DEGREE=degree, BLOCK=block,
+               HORNER=_flat_horner(degree))
         return out
 
     def _flat_backward(grad, h, coeffs, coeff_mask, gates, domain, degree, direct):
         """``_backward`` of the flat case: dL/dh and one row of partial sums per program
         (``[coefficients | gate]``, the layout ``_part_layout`` gives one column tile), summed by ``_reduce_kernel``."""
         n = h.numel()
-        block = FLAT_TILE["backward_block"]
-        per_sm, warps = FLAT_TILE["backward_per_sm"], FLAT_TILE["backward_warps"]
-        programs, steps = _flat_grid(n, block, per_sm, h.device)
+        launch, programs, steps, block = _flat_launch(_flat_backward_kernel, "backward", n, h.device, direct)
         part = torch.empty(programs, degree + 2, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
-        _launcher(_flat_backward_kernel, (programs,), direct, warps, _register_cap(warps, per_sm))(
-            h, grad, grad_h, coeffs, coeff_mask, gates, part, n, steps, domain, DEGREE=degree, BLOCK=block,
-            PREFETCH=FLAT_TILE["prefetch"],
-        )
+        launch(h, grad, grad_h, coeffs, coeff_mask, gates, part, n, steps, domain, DEGREE=degree, BLOCK=block,
+               PREFETCH=FLAT_TILE["prefetch"])
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
         slot0, slot_width, kern_off, n_part = _part_layout(h.shape[-1], 0, 1, degree, 1, False, 1)
         _launcher(_reduce_kernel, (degree + 2,), direct)(
