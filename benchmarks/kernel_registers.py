@@ -143,11 +143,12 @@ def main(argv=None):
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), fwd["warps"])))
     flat = dict(fk.FLAT_TILE)
-    for side, kernel, option in (("forward", fk._flat_forward_kernel, "HORNER"),
-                                 ("backward", fk._flat_backward_kernel, "PREFETCH")):
+    row_width = fk._part_layout(0, 0, 1, args.degree, 1, False, 1)[3]  # the flat backward's partial sums
+    for side, kernel, options in (("forward", fk._flat_forward_kernel, dict(HORNER=fk._flat_horner(args.degree))),
+                                  ("backward", fk._flat_backward_kernel,
+                                   dict(PREFETCH=flat["prefetch"], N_PART=row_width))):
         block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
-        value = fk._flat_horner(args.degree) if side == "forward" else flat["prefetch"]
-        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **{option: value}), warps,
+        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **options), warps,
                               fk._register_cap(warps, flat[f"{side}_per_sm"]), elements_per_trip=block // (32 * warps))
         rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
     for tile in tiles:
