@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .harness import backward_tile, parse_tiles, tile_name
+from .harness import backward_tile, flat_item_name, flat_tile, parse_flat_tile_items, parse_tiles, tile_name
 from .kernel_microbench import SWEEP
 
 TARGET_ARCH = 90
@@ -116,6 +116,25 @@ def compile_stats(kernel, constants: dict, num_warps: int, maxnreg: int | None =
                                                      WARPS_PER_SM // num_warps))
 
 
+def flat_row(fk, side: str, degree: int) -> dict:
+    """The flat kernel of ``side`` (forward / backward) compiled as its launch under ``ffn_kernels.FLAT_TILE``
+    compiles it: the register cap for its programs per SM, Horner's rule where ``_flat_horner`` says, the
+    backward's row width from ``_part_layout``."""
+    flat = fk.FLAT_TILE
+    block, warps, per_sm = (flat[f"{side}_{key}"] for key in ("block", "warps", "per_sm"))
+    if side == "forward":
+        kernel, options = fk._flat_forward_kernel, dict(HORNER=fk._flat_horner(degree))
+        item = dict(forward_block=block, forward_warps=warps, forward_per_sm=per_sm, horner=options["HORNER"])
+    else:
+        kernel = fk._flat_backward_kernel
+        options = dict(PREFETCH=flat["prefetch"], N_PART=fk._part_layout(0, 0, 1, degree, 1, False, 1)[3])
+        item = dict(backward_block=block, backward_warps=warps, backward_per_sm=per_sm, prefetch=options["PREFETCH"])
+    stats = compile_stats(kernel, dict(DEGREE=degree, BLOCK=block, **options), warps, fk._register_cap(warps, per_sm),
+                          elements_per_trip=max(1, block // (32 * warps)))
+    return dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, setting=flat_item_name(item),
+                per_sm=per_sm, **stats)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", default=SWEEP,
@@ -125,6 +144,9 @@ def main(argv=None):
     p.add_argument("--token-gates", action="store_true")
     p.add_argument("--spectral", action="store_true",
                    help="spectral columns beside the polynomial ones (default: the conversion's polynomial-only FFN)")
+    p.add_argument("--flat", default="",
+                   help="flat-kernel settings compiled beside the default's, as kernel_microbench --flat-sweep "
+                        "(e.g. its FLAT_SWEEP): fwd:BLOCKxWARPSxPER_SM[h] / bwd:BLOCKxWARPSxPER_SM[p] items")
     p.add_argument("--output", default=None, help="JSON file for the results")
     args = p.parse_args(argv)
     tiles = parse_tiles(args.tiles, flag="--tiles")
@@ -143,14 +165,13 @@ def main(argv=None):
                                                               WRITE_STATE=False, BT=fwd["tokens"], BC=fwd["columns"],
                                                               BS=1), fwd["warps"])))
     flat = dict(fk.FLAT_TILE)
-    row_width = fk._part_layout(0, 0, 1, args.degree, 1, False, 1)[3]  # the flat backward's partial sums
-    for side, kernel, options in (("forward", fk._flat_forward_kernel, dict(HORNER=fk._flat_horner(args.degree))),
-                                  ("backward", fk._flat_backward_kernel,
-                                   dict(PREFETCH=flat["prefetch"], N_PART=row_width))):
-        block, warps = flat[f"{side}_block"], flat[f"{side}_warps"]
-        stats = compile_stats(kernel, dict(DEGREE=args.degree, BLOCK=block, **options), warps,
-                              fk._register_cap(warps, flat[f"{side}_per_sm"]), elements_per_trip=block // (32 * warps))
-        rows.append(dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, **stats))
+    # the default flat settings, then each item of --flat (FLAT_TILE updated by it)
+    items = [({}, "forward"), ({}, "backward")]
+    items += [(item, "forward" if "forward_block" in item else "backward")
+              for item in parse_flat_tile_items(args.flat, "--flat") if item.get("enabled", True)]
+    for item, side in items:
+        with flat_tile(item):
+            rows.append(flat_row(fk, side, args.degree))
     for tile in tiles:
         with backward_tile(tile) as launched:  # the columns _backward launches it with (per-neuron coefficients halve
             # them), and the programs per SM its register cap follows (the default's where the tile names none)
@@ -165,16 +186,16 @@ def main(argv=None):
                          in_registers=tile["in_registers"], prefetch=tile["prefetch"], **stats))
     print(f"sm_{TARGET_ARCH}, degree {args.degree}, per-neuron {args.per_neuron}, token gates {args.token_gates}, "
           f"spectral {args.spectral}")
-    print(f"{'kernel':22s} {'tile':>10s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}  "
+    print(f"{'kernel':22s} {'tile':>15s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s} {'resident/SM':>11s}  "
           "loop instructions per element")
     for r in rows:
         if r["kernel"] == "_backward_kernel":
             tile = tile_name(r)
         elif r["kernel"] == "_forward_kernel":
             tile = f"{r['tokens']}x{r['columns']}x{r['warps']}"
-        else:  # a flat kernel: elements a block x warps
-            tile = f"{r['columns']}x{r['warps']}"
-        print(f"{r['kernel']:22s} {tile:>10s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
+        else:  # a flat kernel: its --flat-tile item (BLOCKxWARPSxPER_SM)
+            tile = r["setting"]
+        print(f"{r['kernel']:22s} {tile:>15s} {r['registers']:5d} {r['spill_store_bytes']:5d}/{r['spill_load_bytes']:<6d}"
               f" {r['shared_bytes']:6d} {r['resident_per_sm']:11d}  {r.get('loop_instructions_per_element', '')}")
     result = dict(target=f"sm_{TARGET_ARCH}", triton=fk.triton.__version__, degree=args.degree,
                   per_neuron=args.per_neuron, token_gates=args.token_gates, spectral=args.spectral, forward_tile=fwd,

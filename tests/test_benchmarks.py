@@ -560,3 +560,19 @@ def test_kernel_registers_compiles_for_sm90_and_the_register_sums_do_not_spill(t
     assert even < general < backward["loop_instructions_per_element"][1]
     assert flat_forward["loop_instructions_per_element"][0] < even
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_kernel_registers_compiles_each_flat_setting_so_that_its_wave_fits_an_sm():
+    """``--flat`` compiles flat-kernel settings beside the default's, each with the register cap its launch
+    passes: every setting's programs per SM fit on one SM at once (the flat grid is one wave of them), and a
+    setting with fewer programs per SM is allowed more registers."""
+    from benchmarks import kernel_registers
+
+    result = kernel_registers.main(["--tiles", "", "--flat", "bwd:1024x4x2p,bwd:512x4x6,fwd:512x2x16h"])
+    rows = {row["setting"]: row for row in result["rows"] if row["kernel"].startswith("_flat")}
+    assert {"bwd:1024x4x2p", "bwd:512x4x6", "fwd:512x2x16h"} <= set(rows)
+    assert rows["fwd:512x2x16h"]["kernel"] == "_flat_forward_kernel"
+    assert rows["bwd:512x4x6"]["kernel"] == "_flat_backward_kernel"
+    for row in rows.values():
+        assert row["resident_per_sm"] >= row["per_sm"], row
+    assert rows["bwd:1024x4x2p"]["registers"] > 128 >= rows["bwd:1024x4x4p"]["registers"]
