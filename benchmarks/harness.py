@@ -92,8 +92,8 @@ def add_common_args(p: argparse.ArgumentParser, output: str):
                         "TOKENSxCOLUMNSxWARPS (parse_forward_tiles), e.g. 16x128x4")
     p.add_argument("--flat-tile", default=None,
                    help="time with these flat-kernel settings instead of ffn_kernels.FLAT_TILE (the polynomial-only "
-                        "FFN): 'off' (the tiled kernels) or fwd:BLOCKxWARPSxPER_SM[h]+bwd:BLOCKxWARPSxPER_SM[p] "
-                        "(parse_flat_tile)")
+                        "FFN): 'off' (the tiled kernels) or fwd:BLOCKxWARPSxPER_SM[h]+bwd:BLOCKxWARPSxPER_SM[p], "
+                        "either side 'fwd:off' / 'bwd:off' for the tiled kernel there (parse_flat_tile)")
     return p
 
 
@@ -168,46 +168,60 @@ def flat_tile(tile: dict):
     return _kernel_tile("FLAT_TILE", tile)
 
 
+FLAT_SIDES = (("forward", "fwd", "horner", "h"), ("backward", "bwd", "prefetch", "p"))  # side, prefix, option, flag
+
+
 def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
-    """Flat-kernel settings, comma-separated: ``fwd:BLOCKxWARPSxPER_SM[h]`` (the forward: elements a block, warps
-    and programs per SM; ``h``: Horner's rule), ``bwd:BLOCKxWARPSxPER_SM[p]`` (the backward; ``p``: prefetched
-    loads), or ``off`` (the tiled kernels), each as an ``ffn_kernels.FLAT_TILE`` update."""
+    """Flat-kernel settings, comma-separated: ``fwd:BLOCKxWARPSxPER_SM[h]`` (the flat forward on: elements a block,
+    warps and programs per SM; ``h``: Horner's rule), ``bwd:BLOCKxWARPSxPER_SM[p]`` (the flat backward on; ``p``:
+    prefetched loads), ``fwd:off`` / ``bwd:off`` (that side on the tiled kernels), or ``off`` (both sides tiled),
+    each as an ``ffn_kernels.FLAT_TILE`` update."""
     items = []
     for c in (c.strip() for c in spec.split(",")):
         if not c:
             continue
         if c == "off":
-            items.append(dict(enabled=False))
+            items.append(dict(forward_on=False, backward_on=False))
             continue
-        found = re.fullmatch(r"(fwd:(\d+)x(\d+)x(\d+)(h?)|bwd:(\d+)x(\d+)x(\d+)(p?))", c)
-        sizes = [int(n) for n in found.groups()[1:4] + found.groups()[5:8] if n] if found else []
-        if not found or 0 in sizes:
-            raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxPER_SM[h], bwd:BLOCKxWARPSxPER_SM[p] or off, "
-                             "such as fwd:1024x4x16h or bwd:1024x4x4p")
-        side, option = ("forward", "horner") if c.startswith("fwd") else ("backward", "prefetch")
+        found = re.fullmatch(r"(fwd|bwd):(?:(off)|(\d+)x(\d+)x(\d+)([hp]?))", c)
+        sides = {prefix: (side, option, letter) for side, prefix, option, letter in FLAT_SIDES}
+        side, option, letter = sides[found.group(1)] if found else (None, None, None)
+        sizes = [int(n) for n in found.groups()[2:5] if n] if found else []
+        if not found or 0 in sizes or (found.group(6) and found.group(6) != letter):
+            raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxPER_SM[h], bwd:BLOCKxWARPSxPER_SM[p], fwd:off, "
+                             "bwd:off or off, such as fwd:1024x4x16h or bwd:1024x4x4p")
+        if found.group(2):
+            items.append({f"{side}_on": False})
+            continue
         block, warps, per_sm = sizes
         if block & (block - 1):
             raise SystemExit(f"{flag}: {c!r}: BLOCK must be a power of two")
-        item = {"enabled": True, f"{side}_block": block, f"{side}_warps": warps, f"{side}_per_sm": per_sm,
-                option: c[-1] in "hp"}
-        items.append(item)
+        items.append({f"{side}_on": True, f"{side}_block": block, f"{side}_warps": warps, f"{side}_per_sm": per_sm,
+                      option: found.group(6) == letter})
     return items
 
 
 def flat_item_name(item: dict) -> str:
     """The ``parse_flat_tile_items`` spelling of one item."""
-    if not item.get("enabled", True):
-        return "off"
-    if "forward_block" in item:
-        side, prefix, flag = "forward", "fwd", "h" if item.get("horner") else ""
-    else:
-        side, prefix, flag = "backward", "bwd", "p" if item.get("prefetch") else ""
-    return f"{prefix}:{item[side + '_block']}x{item[side + '_warps']}x{item[side + '_per_sm']}{flag}"
+    for side, prefix, option, letter in FLAT_SIDES:
+        if f"{side}_block" in item:
+            flag = letter if item.get(option) else ""
+            return f"{prefix}:{item[side + '_block']}x{item[side + '_warps']}x{item[side + '_per_sm']}{flag}"
+    if item == {"forward_on": False} or item == {"backward_on": False}:
+        return ("fwd" if "forward_on" in item else "bwd") + ":off"
+    return "off"
+
+
+def flat_item_side(item: dict):
+    """The side (forward / backward) one ``parse_flat_tile_items`` item sets, or None for ``off`` (both)."""
+    sides = [side for side, *_ in FLAT_SIDES if f"{side}_on" in item]
+    return sides[0] if len(sides) == 1 else None
 
 
 def parse_flat_tile(spec: str, flag: str = "--flat-tile") -> list[dict]:
     """``--flat-tile``: ``off``, or a forward and / or a backward item of ``parse_flat_tile_items`` joined by
-    ``+`` (``fwd:1024x4x16h+bwd:1024x4x4p``), as one ``ffn_kernels.FLAT_TILE`` update (in a list of one)."""
+    ``+`` (``fwd:1024x4x16h+bwd:1024x4x4p``, ``fwd:1024x4x16h+bwd:off``), as one ``ffn_kernels.FLAT_TILE`` update
+    (in a list of one)."""
     update = {}
     for part in spec.split("+"):
         for item in parse_flat_tile_items(part, flag):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import (backward_tile, flat_item_name, flat_tile, forward_tile, parse_flat_tile_items,  # noqa: E402
+from benchmarks.harness import (backward_tile, flat_item_name, flat_item_side, flat_tile, forward_tile, parse_flat_tile_items,  # noqa: E402
                                 parse_forward_tiles, parse_tiles, tile_name)
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
@@ -300,10 +300,10 @@ def forward_alone(device, dtype, d, tokens, ratio, token_gates, sweep, polynomia
 
 def flat_alone(device, dtype, d, tokens, ratio, sweep):
     """The polynomial-only FFN's op by itself at width d: forward (``_forward``) and backward (``_backward``,
-    the reduction included) on the tiled kernels (``FLAT_TILE["enabled"]`` off) and on the flat kernels under
-    each item of ``sweep`` (``harness.parse_flat_tile_items``: a ``fwd:`` item times the forward, a ``bwd:``
-    item the backward), their wall time per call and each kernel's GPU time, against the ideal's ``gelu`` and
-    ``gelu_backward`` (tanh) of the same width."""
+    the reduction included) on the tiled kernels (``off``) and on the flat kernels under each item of ``sweep``
+    (``harness.parse_flat_tile_items``: a ``fwd:`` item times the forward, a ``bwd:`` item the backward), their
+    wall time per call and each kernel's GPU time, against the ideal's ``gelu`` and ``gelu_backward`` (tanh) of
+    the same width."""
     (m, k, r), h, par, tail = op_inputs(device, dtype, d, tokens, ratio, False, polynomial_only=True)
     grad = torch.randn_like(h)
     gelu_h = h.contiguous()
@@ -325,11 +325,11 @@ def flat_alone(device, dtype, d, tokens, ratio, sweep):
     if gpu:
         row["gelu_kernel_ms"], row["gelu_backward_kernel_ms"] = kernel_ms(gelu), kernel_ms(gelu_backward)
     entries = []
-    for item in [dict(enabled=False)] + list(sweep):
+    for item in parse_flat_tile_items("off") + list(sweep):
         with flat_tile(item):
             for side, fn in (("forward", fwd), ("backward", bwd)):
-                if item.get("enabled", True) and f"{side}_block" not in item:
-                    continue  # a flat item times its own side; the tiled kernels ('off') both
+                if flat_item_side(item) not in (None, side):
+                    continue  # an item times its own side; the tiled kernels ('off') both
                 entry = dict(item=flat_item_name(item), side=side, ms=cuda_time(fn))
                 if gpu:
                     entry["kernel_ms"] = kernel_ms(fn)
@@ -340,8 +340,9 @@ def flat_alone(device, dtype, d, tokens, ratio, sweep):
 
 
 def fastest_flat(result: dict) -> str:
-    """The sweep's flat forward and backward items whose kernels took the least GPU time, as ``--flat-tile``
-    (``fwd:...+bwd:...``); ``off`` where the tiled kernels were faster on both sides."""
+    """The sweep's fastest forward and backward, each the flat item or the tiled kernels (``off``) whose kernels
+    took the least GPU time, as ``--flat-tile``: ``fwd:...+bwd:...``, ``fwd:off`` / ``bwd:off`` for a side where
+    the tiled kernels were faster, ``off`` where they were on both."""
     best = {}
     for row in result.get("flat", []):
         for entry in row.get("sweep", []):
@@ -351,8 +352,9 @@ def fastest_flat(result: dict) -> str:
                     best[side] = entry
     if not best:
         raise SystemExit("kernel_microbench --fastest-flat-of: no flat sweep entry with a GPU time")
-    items = [best[side]["item"] for side in ("forward", "backward") if side in best and best[side]["item"] != "off"]
-    return "+".join(items) if items else "off"
+    items = [best[side]["item"] if best[side]["item"] != "off" else f"{prefix}:off"
+             for side, prefix in (("forward", "fwd"), ("backward", "bwd")) if side in best]
+    return "off" if all(item.endswith(":off") for item in items) else "+".join(items)
 
 
 def kernel_ms(fn, calls=10) -> dict:
@@ -435,7 +437,7 @@ def host_cost(n=1000):
 
     from benchmarks.harness import LaunchStub, one_thread
 
-    flat_default = fk.FLAT_TILE["enabled"]
+    flat_default = dict(fk.FLAT_TILE)
     with one_thread(), LaunchStub([fk]):  # the kernels path forced on, Triton's launches no-ops
         try:
             mod = SparseMLP(64, 40, 4, 4, token_gates=True)
@@ -487,14 +489,14 @@ def host_cost(n=1000):
                     out[f"{name}{'' if direct else '_via_ops'}_us"] = host_us(fn, n // 3 if "bwd" in name else n)
             fk.EAGER_DIRECT = True
             for flat in (False, True):  # the polynomial-only op on the tiled kernels, then on the flat ones (direct)
-                fk.FLAT_TILE["enabled"] = flat
+                fk.FLAT_TILE.update(forward_on=flat, backward_on=flat)
                 suffix = "flat" if flat else "tiled"
                 out[f"poly_prefill_{suffix}_us"] = host_us(poly_prefill, n)
                 out[f"poly_fwd_bwd_{suffix}_us"] = host_us(poly_fwd_bwd, n // 3)
             return out
         finally:
             fk.EAGER_DIRECT = True
-            fk.FLAT_TILE["enabled"] = flat_default
+            fk.FLAT_TILE.update(flat_default)
 
 
 def main(argv=None):

@@ -24,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .harness import backward_tile, flat_item_name, flat_tile, parse_flat_tile_items, parse_tiles, tile_name
+from .harness import (backward_tile, flat_item_name, flat_item_side, flat_tile, parse_flat_tile_items, parse_tiles,
+                      tile_name)
 from .kernel_microbench import SWEEP
 
 TARGET_ARCH = 90
@@ -167,8 +168,8 @@ def main(argv=None):
     flat = dict(fk.FLAT_TILE)
     # the default flat settings, then each item of --flat (FLAT_TILE updated by it)
     items = [({}, "forward"), ({}, "backward")]
-    items += [(item, "forward" if "forward_block" in item else "backward")
-              for item in parse_flat_tile_items(args.flat, "--flat") if item.get("enabled", True)]
+    items += [(item, flat_item_side(item)) for item in parse_flat_tile_items(args.flat, "--flat")
+              if item.get(f"{flat_item_side(item)}_on")]  # the flat ones: 'off' items compile nothing
     for item, side in items:
         with flat_tile(item):
             rows.append(flat_row(fk, side, args.degree))

@@ -50,8 +50,8 @@ parameters' gradients (times the mask for the coefficients), in a fixed order. T
 so each column tile writes its per-row partial and one ``sum`` over the column tiles adds them.
 
 The polynomial-only FFN with one shared series and a scalar gate (the conversion's default) is one
-elementwise function over all of h's elements, so it has its own two kernels (``_flat``; opt-in,
-``FLAT_TILE["enabled"]``, until they are timed on a GPU): the forward and
+elementwise function over all of h's elements, so it has its own two kernels (``_flat``; opt-in, each
+side by ``FLAT_TILE["forward_on"]`` / ``["backward_on"]``, until they are timed on a GPU): the forward and
 the backward run over h as one contiguous run of elements, BLOCK at a time, each program over its own
 contiguous share of the blocks, one wave of programs (``FLAT_TILE``). There is no column tile to fill (the tiled backward's 512-column tiles compute 1,536
 columns for m = 1,216, a quarter of them masked), the loads are 16-byte vectors, the gate is folded into
@@ -110,11 +110,13 @@ BACKWARD_TILE = {"tokens": 1, "columns": 512, "warps": 2, "feedback_columns": 16
 # rule (``horner``, up to polynomial.POWER_BASIS_MAX_DEGREE), the backward with the next block's loads prefetched.
 # Both launch with registers capped so that per_sm programs fit an SM (``_register_cap``; sm_90, ``kernel_registers``:
 # the forward takes 28 of its 32, the backward 128, where uncapped it took 168 and 3 programs fit, not 4).
-# ``enabled``: off until the flat kernels are timed on a GPU beside the tiled ones (docs/benchmarks.md §3.17: tested
-# equal to the reference, and cheaper per element in their compiled code, but not yet measured), so that FFN runs on
-# the tiled kernels above unless a caller turns them on (``--flat-tile`` in the benchmarks).
-FLAT_TILE = {"enabled": False, "forward_block": 1024, "forward_warps": 4, "forward_per_sm": 16, "horner": True,
-             "backward_block": 1024, "backward_warps": 4, "backward_per_sm": 4, "prefetch": True}
+# ``forward_on`` / ``backward_on``: whether that side runs flat (the two are independent: the flat backward needs
+# only h, so either side may win its own sweep). Off until the flat kernels are timed on a GPU beside the tiled
+# ones (docs/benchmarks.md §3.17: tested equal to the reference, and cheaper per element in their compiled code,
+# but not yet measured), so that FFN runs on the tiled kernels above unless a caller turns them on (``--flat-tile``
+# in the benchmarks).
+FLAT_TILE = {"forward_on": False, "forward_block": 1024, "forward_warps": 4, "forward_per_sm": 16, "horner": True,
+             "backward_on": False, "backward_block": 1024, "backward_warps": 4, "backward_per_sm": 4, "prefetch": True}
 # Partial sums per slot that a ``_reduce_kernel`` program loads per step (BLOCK outputs x REDUCE_STEP // BLOCK
 # rows, 16 to 1,024 rows): one step holds every backward program's row at GPT-2's sizes (264 or 528 programs).
 REDUCE_STEP = 4096
@@ -1091,7 +1093,7 @@ if triton is not None:
         out = h.new_empty(batch, tokens, n_act)
         if batch * tokens == 0 or n_act == 0:
             return out
-        if _flat(h, coeffs, k, r, n_gates, degree):
+        if _flat("forward", h, coeffs, k, r, n_gates, degree):
             return _flat_forward(h, out, coeffs, coeff_mask, gates, domain, degree, direct)
         lay = _layout(h, fb_kernel, fb_state, token_mask, m, k, r)
         bt, bc, n_tiles_t, n_tiles_c, bs = _forward_plan(tokens, n_act, lay["window"])
@@ -1115,7 +1117,7 @@ if triton is not None:
         h = h.contiguous()  # grad_h (empty_like) then has h's strides, and the rows are one flat run
         grad = grad.contiguous()
         coeffs = coeffs.contiguous()
-        if _flat(h, coeffs, k, r, n_gates, degree):
+        if _flat("backward", h, coeffs, k, r, n_gates, degree):
             return _flat_backward(grad, h, coeffs, coeff_mask, gates, domain, degree, direct)
         batch, tokens, n_down = h.shape
         n_act, n_seg = m + k + r, (m > 0) + (k > 0) + (r > 0)
@@ -1180,10 +1182,11 @@ if triton is not None:
         br = min(1024, max(16, REDUCE_STEP // block))
         return min(br, _pow2(programs)) if type(programs) is int else br
 
-    def _flat(h, coeffs, k, r, n_gates, degree) -> bool:
-        """Whether the flat kernels run this call: polynomial columns only (no spectral, feedback or token-gate
-        columns), one shared series, h one contiguous run of elements, ``FLAT_TILE["enabled"]``."""
-        return (FLAT_TILE["enabled"] and not (k or r or n_gates) and coeffs.numel() == degree + 1
+    def _flat(side: str, h, coeffs, k, r, n_gates, degree) -> bool:
+        """Whether the flat kernel of ``side`` (forward / backward) runs this call: polynomial columns only (no
+        spectral, feedback or token-gate columns), one shared series, h one contiguous run of elements, and
+        ``FLAT_TILE[side + "_on"]``."""
+        return (FLAT_TILE[f"{side}_on"] and not (k or r or n_gates) and coeffs.numel() == degree + 1
                 and h.is_contiguous())
 
     def _flat_grid(n, block: int, per_sm: int, device) -> tuple:

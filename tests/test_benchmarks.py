@@ -460,7 +460,8 @@ def test_fastest_tile_is_the_one_whose_polynomial_backward_kernel_took_least_gpu
 
 def test_fastest_flat_is_the_forward_and_backward_whose_kernels_took_least_gpu_time():
     """``--fastest-flat-of`` reads a flat sweep: the fastest forward and backward items by their kernels' GPU
-    time (wall time does not count), spelled for ``--flat-tile``; ``off`` when the tiled kernels won both."""
+    time (wall time does not count), spelled for ``--flat-tile``; ``fwd:off`` / ``bwd:off`` for a side the tiled
+    kernels won, ``off`` when they won both."""
     from benchmarks.kernel_microbench import fastest_flat
 
     def entry(item, side, kernels_ms, ms=1.0):
@@ -472,6 +473,12 @@ def test_fastest_flat_is_the_forward_and_backward_whose_kernels_took_least_gpu_t
     assert fastest_flat({"flat": [{"sweep": sweep}]}) == "fwd:1024x4x4h+bwd:512x4x8p"
     tiled_wins = [entry("off", "forward", 0.01), entry("off", "backward", 0.01), entry("fwd:1024x4x4h", "forward", 0.02)]
     assert fastest_flat({"flat": [{"sweep": tiled_wins}]}) == "off"
+    backward_tiled = [entry("off", "forward", 0.02), entry("off", "backward", 0.01), entry("fwd:1024x4x4h", "forward", 0.01),
+                      entry("bwd:1024x4x4p", "backward", 0.02)]
+    assert fastest_flat({"flat": [{"sweep": backward_tiled}]}) == "fwd:1024x4x4h+bwd:off"
+    forward_tiled = [entry("off", "forward", 0.01), entry("off", "backward", 0.03), entry("fwd:1024x4x4h", "forward", 0.02),
+                     entry("bwd:1024x4x4p", "backward", 0.02)]
+    assert fastest_flat({"flat": [{"sweep": forward_tiled}]}) == "fwd:off+bwd:1024x4x4p"
     with pytest.raises(SystemExit, match="no flat sweep entry"):
         fastest_flat({"flat": [{"sweep": [dict(item="off", side="forward", ms=1.0)]}]})
 
@@ -487,18 +494,21 @@ def test_flat_tile_flag_sets_the_flat_kernels_and_the_settings_record_it(monkeyp
     S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "fwd:2048x8x2+bwd:512x2x16p"]), budget_s=1.0)
     assert fk.FLAT_TILE == S["flat_tile"]
     assert (fk.FLAT_TILE["forward_block"], fk.FLAT_TILE["forward_warps"], fk.FLAT_TILE["forward_per_sm"]) == (2048, 8, 2)
-    assert fk.FLAT_TILE["horner"] is False and fk.FLAT_TILE["prefetch"] is True and fk.FLAT_TILE["enabled"] is True
+    assert fk.FLAT_TILE["horner"] is False and fk.FLAT_TILE["prefetch"] is True
+    assert fk.FLAT_TILE["forward_on"] is True and fk.FLAT_TILE["backward_on"] is True
     assert fk.FLAT_TILE["backward_block"] == 512 and fk.FLAT_TILE["backward_per_sm"] == 16
-    monkeypatch.setattr(fk, "FLAT_TILE", dict(fk.FLAT_TILE, enabled=False, forward_block=64))  # a fresh process
+    monkeypatch.setattr(fk, "FLAT_TILE", dict(fk.FLAT_TILE, forward_on=False, forward_block=64))  # a fresh process
     H.configure_torch(S)
     assert fk.FLAT_TILE == S["flat_tile"]
     S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "off"]), budget_s=1.0)
-    assert fk.FLAT_TILE["enabled"] is False and S["flat_tile"]["enabled"] is False
+    assert fk.FLAT_TILE["forward_on"] is fk.FLAT_TILE["backward_on"] is False and S["flat_tile"] == fk.FLAT_TILE
+    S = H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", "fwd:512x4x8h+bwd:off"]), budget_s=1.0)
+    assert (fk.FLAT_TILE["forward_on"], fk.FLAT_TILE["backward_on"], fk.FLAT_TILE["forward_block"]) == (True, False, 512)
     for bad, says in (("fwd:1024x4x4p", "is not fwd:"), ("bwd:1000x4x8p", "power of two"), ("fwd:1024x4", "is not")):
         with pytest.raises(SystemExit, match=f"--flat-tile: .*{says}"):
             H.common_settings(p.parse_args(["--device", "cpu", "--flat-tile", bad]), budget_s=1.0)
-    assert [H.flat_item_name(i) for i in H.parse_flat_tile_items("fwd:1024x4x4h,bwd:256x1x16,off")] == [
-        "fwd:1024x4x4h", "bwd:256x1x16", "off"]
+    spec = "fwd:1024x4x4h,bwd:256x1x16,off,fwd:off,bwd:off"
+    assert [H.flat_item_name(i) for i in H.parse_flat_tile_items(spec)] == spec.split(",")
 
 
 def test_backward_tile_flag_sets_the_kernel_tile_and_the_settings_record_it(monkeypatch):

@@ -45,10 +45,15 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(fk.FLAT_TILE, "backward_per_sm", 3)
 
 
+def switch_flat(monkeypatch, on: bool):
+    """The flat kernels on or off, both sides (``FLAT_TILE``: off by default until they are timed on a GPU)."""
+    monkeypatch.setitem(fk.FLAT_TILE, "forward_on", on)
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_on", on)
+
+
 @pytest.fixture
 def flat_on(monkeypatch):
-    """The flat kernels switched on (``FLAT_TILE["enabled"]``: off by default until they are timed on a GPU)."""
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", True)
+    switch_flat(monkeypatch, True)
 
 
 def kernel_case(test):
@@ -230,7 +235,8 @@ def test_the_flat_kernels_match_reference_for_every_series(degree, series, way, 
     for key, value in way.items():
         monkeypatch.setitem(fk.FLAT_TILE, key, value)
     inputs = make_inputs(2, 7, 19, 0, 0, False, False, degree=degree, series=series)
-    assert fk._flat(inputs[0], inputs[1], 0, 0, 0, degree)
+    assert fk._flat("forward", inputs[0], inputs[1], 0, 0, 0, degree)
+    assert fk._flat("backward", inputs[0], inputs[1], 0, 0, 0, degree)
     check_against_reference(*inputs)
 
 
@@ -245,12 +251,15 @@ def test_the_flat_kernels_in_half_precision_with_large_inputs_stay_finite(dtype)
 
 
 @pytest.mark.skipif(fk.triton is None, reason="the launches exist only with triton")
-@pytest.mark.parametrize("layout", ["shared", "per-neuron", "spectral", "token-gates", "strided-h", "switched-off"])
+@pytest.mark.parametrize("layout", ["shared", "per-neuron", "spectral", "token-gates", "strided-h", "switched-off",
+                                    "forward-only", "backward-only"])
 def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_the_flat_kernels(layout, monkeypatch):
     """``_flat``: polynomial columns only, one shared series and a contiguous h take the flat kernels (forward,
     backward, the reduction) when they are on; per-neuron series, other segments or token gates the tiled ones,
-    and so does the forward of a strided h; switched off (the default for now), the tiled ones too."""
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", layout != "switched-off")
+    and so does the forward of a strided h; switched off (the default for now), the tiled ones too; each side
+    is switched by itself (``forward_on``, ``backward_on``)."""
+    monkeypatch.setitem(fk.FLAT_TILE, "forward_on", layout not in ("switched-off", "backward-only"))
+    monkeypatch.setitem(fk.FLAT_TILE, "backward_on", layout not in ("switched-off", "forward-only"))
     launched, caps = [], {}
 
     def record(kernel, grid, direct, warps=4, maxnreg=None):
@@ -272,8 +281,10 @@ def test_only_the_polynomial_only_ffn_with_one_series_and_contiguous_h_launches_
         for side in ("forward", "backward"):
             want = fk._register_cap(fk.FLAT_TILE[f"{side}_warps"], fk.FLAT_TILE[f"{side}_per_sm"])
             assert caps[f"_flat_{side}_kernel"] == want
-    elif layout == "strided-h":  # the backward makes h contiguous first (the forward reads the strides as they are)
+    elif layout in ("strided-h", "backward-only"):  # (strided: the backward makes h contiguous first)
         assert launched == ["_forward_kernel", "_flat_backward_kernel", "_reduce_kernel"]
+    elif layout == "forward-only":
+        assert launched == ["_flat_forward_kernel", "_backward_kernel", "_reduce_kernel"]
     else:
         assert launched == ["_forward_kernel", "_backward_kernel", "_reduce_kernel"]
 
@@ -324,7 +335,7 @@ def test_the_op_makes_no_tensors_from_the_parameters_forward_or_backward(flat, m
 
     monkeypatch.setattr(fk, "_launcher", lambda *launch, **options: lambda *args, **meta: None)
     monkeypatch.setattr(fk, "_plain_eager", lambda h: True)  # the direct path, as a plain eager call takes it
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", flat)
+    switch_flat(monkeypatch, flat)
     monkeypatch.setattr(fk, "use_kernel", lambda h: True)
     h, coeffs, coeff_mask, gates, fb_kernel, _, meta = make_inputs(2, 8, 12, 0, 0, False, False)
     leaves = [h.requires_grad_(), coeffs.to(torch.bfloat16).requires_grad_(), gates.requires_grad_()]
@@ -373,7 +384,7 @@ def test_registered_ops_match_reference(flat, monkeypatch):
     """Plain eager calls skip the dispatcher; compiled and traced code calls the registered ops:
     the same check through them, on the tiled and on the flat kernels."""
     monkeypatch.setattr(fk, "EAGER_DIRECT", False)
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", flat)
+    switch_flat(monkeypatch, flat)
     if flat:
         check_against_reference(*make_inputs(2, 5, 13, 0, 0, False, False))
     else:
@@ -383,9 +394,9 @@ def test_registered_ops_match_reference(flat, monkeypatch):
 @kernel_case
 @pytest.mark.parametrize("way", BACKWARD_WAYS.values(), ids=BACKWARD_WAYS.keys())
 def test_the_polynomial_only_ffn_on_the_tiled_kernels_matches_reference(way, monkeypatch):
-    """With the flat kernels off (``FLAT_TILE["enabled"]``), the FFN they would run takes the tiled ones:
+    """With the flat kernels off (``FLAT_TILE``), the FFN they would run takes the tiled ones:
     the same check, every way of running the backward's loop."""
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", False)
+    switch_flat(monkeypatch, False)
     for key, value in way.items():
         monkeypatch.setitem(fk.BACKWARD_TILE, key, value)
     check_against_reference(*make_inputs(2, 5, 19, 0, 0, False, False))
@@ -486,7 +497,7 @@ def test_the_model_on_the_kernel_equals_the_reference_path_and_decodes_like_it(o
     polynomial-only model on the flat kernels)."""
     from conftest import tiny_model
 
-    monkeypatch.setitem(fk.FLAT_TILE, "enabled", True)
+    switch_flat(monkeypatch, True)
 
     model = tiny_model(**overrides).to(DEVICE)
     with torch.no_grad():
