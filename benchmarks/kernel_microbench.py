@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import (backward_tile, flat_item_name, flat_item_side, flat_tile, forward_tile, parse_flat_tile_items,  # noqa: E402
-                                parse_forward_tiles, parse_tiles, tile_name)
+from benchmarks.harness import (backward_tile, flat_item_name, flat_item_side, flat_tile, forward_tile,  # noqa: E402
+                                parse_flat_tile_items, parse_forward_tiles, parse_tiles, tile_name)
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
