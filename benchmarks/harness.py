@@ -169,6 +169,7 @@ def flat_tile(tile: dict):
 
 
 FLAT_SIDES = (("forward", "fwd", "horner", "h"), ("backward", "bwd", "prefetch", "p"))  # side, prefix, option, flag
+FLAT_PREFIXES = {prefix: (side, option, letter) for side, prefix, option, letter in FLAT_SIDES}
 
 
 def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
@@ -184,8 +185,7 @@ def parse_flat_tile_items(spec: str, flag: str = "--flat-sweep") -> list[dict]:
             items.append(dict(forward_on=False, backward_on=False))
             continue
         found = re.fullmatch(r"(fwd|bwd):(?:(off)|(\d+)x(\d+)x(\d+)([hp]?))", c)
-        sides = {prefix: (side, option, letter) for side, prefix, option, letter in FLAT_SIDES}
-        side, option, letter = sides[found.group(1)] if found else (None, None, None)
+        side, option, letter = FLAT_PREFIXES[found.group(1)] if found else (None, None, None)
         sizes = [int(n) for n in found.groups()[2:5] if n] if found else []
         if not found or 0 in sizes or (found.group(6) and found.group(6) != letter):
             raise SystemExit(f"{flag}: {c!r} is not fwd:BLOCKxWARPSxPER_SM[h], bwd:BLOCKxWARPSxPER_SM[p], fwd:off, "

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import (backward_tile, flat_item_name, flat_item_side, flat_tile, forward_tile,  # noqa: E402
-                                parse_flat_tile_items, parse_forward_tiles, parse_tiles, tile_name)
+from benchmarks.harness import (FLAT_SIDES, backward_tile, flat_item_name, flat_item_side, flat_tile,  # noqa: E402
+                                forward_tile, parse_flat_tile_items, parse_forward_tiles, parse_tiles, tile_name)
 from modeling_sparse_gpt2 import ffn_kernels as fk  # noqa: E402
 
 DEGREE, DOMAIN, WINDOW = 8, 4.0, 4
@@ -353,7 +353,7 @@ def fastest_flat(result: dict) -> str:
     if not best:
         raise SystemExit("kernel_microbench --fastest-flat-of: no flat sweep entry with a GPU time")
     items = [best[side]["item"] if best[side]["item"] != "off" else f"{prefix}:off"
-             for side, prefix in (("forward", "fwd"), ("backward", "bwd")) if side in best]
+             for side, prefix, *_ in FLAT_SIDES if side in best]
     return "off" if all(item.endswith(":off") for item in items) else "+".join(items)
 
 
@@ -387,9 +387,8 @@ FORWARD_SWEEP = "32x64x4,16x64x4,16x128x4,8x128x4,8x256x4,32x128x8,16x256x8,64x6
 
 # The flat-kernel settings --flat-sweep times by default: the default forward (1,024 elements a block, 4 warps, 16
 # programs per SM, Horner) and backward (1,024, 4 warps, 4 per SM, prefetched), each against other programs per SM,
-# elements per thread (4 to 16) and warps, Clenshaw's recurrence, loads not prefetched (`kernel_registers` on sm_90:
-# the forward takes 31-32 registers, 16 programs of 4 warps resident per SM; the backward at 8 elements a thread 128,
-# 4 resident; at 4 elements 80, 6; 256 x 1 warp 128, 16).
+# elements per thread (4 to 16) and warps, Clenshaw's recurrence, loads not prefetched (each one's registers, spills
+# and loop instructions on sm_90: `kernel_registers --flat`, docs/benchmarks.md §3.17).
 FLAT_SWEEP = ("fwd:1024x4x16h,fwd:1024x4x8h,fwd:1024x4x4h,fwd:2048x4x8h,fwd:2048x8x4h,fwd:512x4x16h,fwd:4096x8x4h,"
               "fwd:1024x4x16,bwd:1024x4x4p,bwd:1024x4x2p,bwd:512x4x6p,bwd:512x4x4p,bwd:512x2x8p,bwd:1024x8x3p,"
               "bwd:256x1x16p,bwd:1024x4x4,bwd:2048x8x2p")

@@ -124,16 +124,16 @@ def flat_row(fk, side: str, degree: int) -> dict:
     flat = fk.FLAT_TILE
     block, warps, per_sm = (flat[f"{side}_{key}"] for key in ("block", "warps", "per_sm"))
     if side == "forward":
-        kernel, options = fk._flat_forward_kernel, dict(HORNER=fk._flat_horner(degree))
-        item = dict(forward_block=block, forward_warps=warps, forward_per_sm=per_sm, horner=options["HORNER"])
+        kernel, option, options = fk._flat_forward_kernel, "horner", dict(HORNER=fk._flat_horner(degree))
     else:
-        kernel = fk._flat_backward_kernel
+        kernel, option = fk._flat_backward_kernel, "prefetch"
         options = dict(PREFETCH=flat["prefetch"], N_PART=fk._part_layout(0, 0, 1, degree, 1, False, 1)[3])
-        item = dict(backward_block=block, backward_warps=warps, backward_per_sm=per_sm, prefetch=options["PREFETCH"])
     stats = compile_stats(kernel, dict(DEGREE=degree, BLOCK=block, **options), warps, fk._register_cap(warps, per_sm),
                           elements_per_trip=max(1, block // (32 * warps)))
-    return dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None, setting=flat_item_name(item),
-                per_sm=per_sm, **stats)
+    setting = {key: value for key, value in flat.items() if key.startswith(side)}  # named as compiled:
+    setting[option] = options[option.upper()]  # Horner only up to POWER_BASIS_MAX_DEGREE
+    return dict(kernel=kernel.fn.__name__, tokens=1, columns=block, in_registers=None,
+                setting=flat_item_name(setting), per_sm=per_sm, **stats)
 
 
 def main(argv=None):

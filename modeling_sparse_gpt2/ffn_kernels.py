@@ -1158,29 +1158,34 @@ if triton is not None:
                 WINDOW=window, HAS_MASK=lay["has_mask"], HAS_STATE=lay["has_state"], BT=bt, BC=bcf, WP=_pow2(window),
                 **flags,
             )
+        n_slots = max(n_tiles_c + n_tiles_f, 1)  # taps are read from the first slot's pass
+        grads = _reduce(part, coeff_mask, coeffs, gates, fb_kernel, (slot0, slot_width, kern_off, n_part), n_seg,
+                        n_slots, degree, per_neuron, direct)
+        if n_gates:
+            grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
+        return (grad_h, *grads)
+
+    def _reduce(part, coeff_mask, coeffs, gates, fb_kernel, layout, n_seg, n_slots, degree, per_neuron, direct):
+        """``(grad_coeffs, grad_gates, grad_kernel)`` from the backward programs' rows of partial sums ``part``
+        (``layout``: ``_part_layout``'s slot0, slot_width, kern_off, width) by ``_reduce_kernel``; ``grad_kernel``
+        empty without feedback taps. One output per program, every row of every slot in one step where they fit
+        (shared coefficients: on the H200, 264 rows x 3 slots took 2.2 us so, 7.8 us as 16 outputs of one program,
+        2.7 us as torch's sum); per-neuron coefficients: 128 neighbouring outputs (contiguous in a row) per program."""
+        slot0, slot_width, kern_off, n_part = layout
         grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
         grad_kernel = torch.empty_like(fb_kernel) if fb_kernel is not None else None
         n_coef, n_taps = coeffs.numel(), n_part - kern_off
-        # one output per program, every row of every slot in one step where they fit (shared coefficients: on the
-        # H200, 264 rows x 3 slots took 2.2 us so, 7.8 us as 16 outputs of one program, 2.7 us as torch's sum);
-        # per-neuron coefficients: 128 neighbouring outputs (contiguous in a row) per program
-        n_slots = max(n_tiles_c + n_tiles_f, 1)  # taps are read from the first slot's pass
         block = 128 if per_neuron else 1
+        # rows per step: REDUCE_STEP loads per slot (16 to 1,024 rows), fewer where there are fewer rows (not when
+        # traced: next_power_of_2 of a symbolic size costs minutes of sympy)
+        br = min(1024, max(16, REDUCE_STEP // block))
+        br = min(br, _pow2(part.shape[0])) if type(part.shape[0]) is int else br
         _launcher(_reduce_kernel, (_cdiv(n_coef + n_seg + n_taps, block),), direct)(
             part, coeff_mask, grad_coeffs, grad_gates, grad_gates if grad_kernel is None else grad_kernel,
             part.shape[0], n_part, slot0, slot_width, kern_off, n_coef, n_seg, n_taps,
-            DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=_reduce_rows(part.shape[0], block),
+            DEGREE=degree, PER_NEURON=per_neuron, N_SLOTS=n_slots, BLOCK=block, BR=br,
         )
-        if n_gates:
-            grad_h[..., n_act:] = row_part.sum(0).view(batch, tokens, n_seg)
-        return grad_h, grad_coeffs, grad_gates, grad_gates.new_empty(0) if grad_kernel is None else grad_kernel
-
-    def _reduce_rows(programs, block: int):
-        """``_reduce_kernel``'s rows per step for ``programs`` rows of partial sums and ``block`` outputs per
-        program: REDUCE_STEP loads per slot (16 to 1,024 rows), fewer where there are fewer rows (not when
-        traced: next_power_of_2 of a symbolic size costs minutes of sympy)."""
-        br = min(1024, max(16, REDUCE_STEP // block))
-        return min(br, _pow2(programs)) if type(programs) is int else br
+        return grad_coeffs, grad_gates, grad_gates.new_empty(0) if grad_kernel is None else grad_kernel
 
     def _flat(side: str, h, coeffs, k, r, n_gates, degree) -> bool:
         """Whether the flat kernel of ``side`` (forward / backward) runs this call: polynomial columns only (no
@@ -1225,17 +1230,12 @@ if triton is not None:
         (``[coefficients | gate]``, the layout ``_part_layout`` gives one column tile), summed by ``_reduce_kernel``."""
         n = h.numel()
         launch, programs, steps, block = _flat_launch(_flat_backward_kernel, "backward", n, h.device, direct)
-        slot0, slot_width, kern_off, n_part = _part_layout(h.shape[-1], 0, 1, degree, 1, False, 1)
-        part = torch.empty(programs, n_part, dtype=torch.float32, device=h.device)
+        layout = _part_layout(h.shape[-1], 0, 1, degree, 1, False, 1)
+        part = torch.empty(programs, layout[3], dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         launch(h, grad, grad_h, coeffs, coeff_mask, gates, part, n, steps, domain, DEGREE=degree, BLOCK=block,
-               PREFETCH=FLAT_TILE["prefetch"], N_PART=n_part)
-        grad_coeffs, grad_gates = torch.empty_like(coeffs), torch.empty_like(gates)
-        _launcher(_reduce_kernel, (n_part,), direct)(
-            part, coeff_mask, grad_coeffs, grad_gates, grad_gates, programs, n_part, slot0, slot_width, kern_off,
-            degree + 1, 1, 0, DEGREE=degree, PER_NEURON=False, N_SLOTS=1, BLOCK=1, BR=_reduce_rows(programs, 1),
-        )
-        return grad_h, grad_coeffs, grad_gates, grad_gates.new_empty(0)
+               PREFETCH=FLAT_TILE["prefetch"], N_PART=layout[3])
+        return (grad_h, *_reduce(part, coeff_mask, coeffs, gates, None, layout, 1, 1, degree, False, direct))
 
     def _backward_columns(bt: int, per_neuron: bool = False) -> int:
         """The polynomial backward tile's columns for ``bt`` tokens: ``BACKWARD_TILE["columns"]``, narrowed
